@@ -1,0 +1,107 @@
+"""Qwen-VL: embed tokens -> scatter image features -> decoder (+ deepstack) -> logits.
+
+One module serves both families; the config picks the decoder flavour (Qwen3 q/k norm vs
+Qwen2 q/k/v bias), the rotary layout and the vision tower. `extend` is the single path that
+runs new tokens through the decoder, with or without a KV cache: prefill, decode, checking a
+candidate against a cached prefix and a plain forward are all calls of it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ...kv_cache import KVCache
+from .config import QwenVLConfig
+from .rope_index import mrope_axis_per_frequency
+from .text import DecoderLayer, Linear, RMSNorm, text_rotary
+from .vision import VisionTower
+
+
+class QwenVLModel(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        t = cfg.text
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size), dtype) * 0.02)
+        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs) for _ in range(t.num_hidden_layers)])
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
+
+    # ---- pieces -------------------------------------------------------------------------
+
+    def encode_images(self, vision_inputs: dict):
+        """Image tokens (N, hidden) and deepstack features [(N, hidden)] for a request's images."""
+        return self.visual(vision_inputs)
+
+    def embed(self, input_ids, image_tokens=None, image_gather=None):
+        """Token embeddings with image features scattered in at the image-token positions.
+
+        image_gather (B, S) int32: index into `image_tokens` for image positions, -1 elsewhere."""
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        if image_tokens is not None:
+            picked = jnp.take(image_tokens.astype(x.dtype), jnp.maximum(image_gather, 0), axis=0)
+            x = jnp.where(image_gather[..., None] >= 0, picked, x)
+        return x
+
+    def logits(self, hidden):
+        """Float32 logits from final hidden states (tied head reads the embedding table)."""
+        if self.lm_head is None:
+            out = jnp.dot(hidden, self.embed_tokens[...].T)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    # ---- the decoder ----------------------------------------------------------------------
+
+    def decode_hidden(self, x, positions_3bs, mask_bsl, cache: KVCache | None, write_slots=None,
+                      deepstack=None, image_gather=None):
+        """Run the decoder over embeddings x (B, S, E). Returns (final-normed hidden, new cache layers)."""
+        t = self.cfg.text
+        # numpy constants: folded into the trace, not model state.
+        inv_freq = (1.0 / (t.rope_theta ** (np.arange(0, t.head_dim, 2, dtype=np.float32) / t.head_dim))).astype(np.float32)
+        cos, sin = text_rotary(positions_3bs, inv_freq, mrope_axis_per_frequency(t), x.dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = layer(x, cos, sin, mask_bsl, layer_cache, write_slots)
+            if layer_cache is not None:
+                new_keys.append(layer_cache[0])
+                new_values.append(layer_cache[1])
+            if deepstack is not None and i < len(deepstack):
+                # DeepStack: vision features of early tower layers are added to the first
+                # decoder layers' outputs at the image positions.
+                add = jnp.take(deepstack[i].astype(x.dtype), jnp.maximum(image_gather, 0), axis=0)
+                x = x + jnp.where(image_gather[..., None] >= 0, add, 0)
+        return self.norm(x), (tuple(new_keys), tuple(new_values))
+
+    def extend(self, cache: KVCache, input_ids, num_new, positions_3bs=None, image_tokens=None,
+               deepstack=None, image_gather=None):
+        """Append up to S tokens per row to the cache and return (hidden (B, S, E), new cache).
+
+        input_ids (B, S): row b's real new tokens are the first num_new[b]; the rest is padding
+        whose keys land in slots past the row's new length (ignored, later overwritten).
+        positions_3bs defaults to text positions `slot + rope_delta`.
+        """
+        b, s = input_ids.shape
+        slots = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        if positions_3bs is None:
+            pos = slots + cache.rope_delta[:, None]
+            positions_3bs = jnp.broadcast_to(pos[None], (3, b, s))
+        mask = jnp.arange(cache.max_len, dtype=jnp.int32)[None, None, :] <= slots[:, :, None]
+        x = self.embed(input_ids, image_tokens, image_gather)
+        hidden, (keys, values) = self.decode_hidden(x, positions_3bs, mask, cache, slots, deepstack, image_gather)
+        new_cache = cache.replace(keys=keys, values=values, lengths=cache.lengths + jnp.asarray(num_new, jnp.int32))
+        return hidden, new_cache
+
+    def forward(self, input_ids, attention_mask, positions_3bs, image_tokens=None, deepstack=None, image_gather=None):
+        """No-cache forward over a padded batch (left or right padding). Returns float32 logits."""
+        s = input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        mask = causal[None] & attention_mask.astype(bool)[:, None, :]
+        x = self.embed(input_ids, image_tokens, image_gather)
+        hidden, _ = self.decode_hidden(x, positions_3bs, mask, None, None, deepstack, image_gather)
+        return self.logits(hidden)

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random transformers Qwen-VL models (built from dicts, no downloads),
+saved as real checkpoints in a session temp folder, and float32/highest-precision JAX."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+VOCAB = 512
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
+EOS = 504
+
+
+def tiny_config_dict(family: str, *, tie: bool = False, vocab: int = VOCAB, real_token_ids: bool = False) -> dict:
+    """A tiny config.json dict in the nested (current transformers) layout."""
+    ids = (
+        dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+        if real_token_ids
+        else dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                  vision_end_token_id=VISION_END)
+    )
+    eos = 151645 if real_token_ids else EOS
+    if family == "qwen3_vl":
+        return dict(
+            model_type="qwen3_vl",
+            tie_word_embeddings=tie,
+            text_config=dict(
+                vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                max_position_embeddings=4096, eos_token_id=eos, tie_word_embeddings=tie,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                                     mrope_interleaved=True),
+            ),
+            vision_config=dict(
+                depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
+                spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16,
+                deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh",
+            ),
+            **ids,
+        )
+    if family == "qwen2_5_vl":
+        return dict(
+            model_type="qwen2_5_vl",
+            tie_word_embeddings=tie,
+            text_config=dict(
+                vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                eos_token_id=eos, tie_word_embeddings=tie,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+            ),
+            vision_config=dict(
+                depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
+                spatial_merge_size=2, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1],
+                hidden_act="silu", tokens_per_second=2,
+            ),
+            **ids,
+        )
+    raise ValueError(family)
+
+
+def build_torch_model(config_dict: dict, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    d = dict(config_dict)
+    cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    cls = {"qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[cfg.model_type]
+    model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    # Random init leaves norms at 1 / biases at 0; perturb every tensor so each one matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{name: (folder, torch model)} for both families, tied and untied."""
+    out = {}
+    for name, family, tie in (("qwen3_vl", "qwen3_vl", False), ("qwen2_5_vl", "qwen2_5_vl", False),
+                              ("qwen3_vl_tied", "qwen3_vl", True)):
+        folder = tmp_path_factory.mktemp(name)
+        model = build_torch_model(tiny_config_dict(family, tie=tie), seed=len(out))
+        model.save_pretrained(folder)
+        out[name] = (str(folder), model)
+    return out
+
+
+def random_image_inputs(grids, patch_dim, seed=0):
+    rng = np.random.default_rng(seed)
+    grids = np.asarray(grids, np.int64)
+    n = int(grids.prod(-1).sum())
+    return rng.standard_normal((n, patch_dim)).astype(np.float32), grids
+
+
+def image_prompt(rng, grids_per_row, merge=2, text_len=(5, 9)):
+    """Token rows like the chat template makes them: text, <vision_start> image tokens <vision_end>, text."""
+    rows = []
+    for grids in grids_per_row:
+        row = list(rng.integers(0, 400, rng.integers(*text_len)))
+        for t, h, w in grids:
+            row += [VISION_START] + [IMAGE_TOKEN] * (t * h * w // merge**2) + [VISION_END]
+            row += list(rng.integers(0, 400, rng.integers(*text_len)))
+        rows.append(row)
+    return rows
