@@ -1,0 +1,315 @@
+"""Inference: `forward`, and generation as a jitted prefill plus one `lax.while_loop` decode.
+
+The model is split once per call (`nnx.split`) and its state passed to module-level jitted
+functions whose static arguments are the graph definition and the shape buckets, so a
+request whose prompt length, image patch count and token budget fall in seen buckets reuses
+the compiled programs (tunix's sampler does the same). Rows are right-aligned into the KV
+cache (each row's tokens at slots [0, length)), which is what lets the speculative engine
+truncate rows and fork prefixes (see `kv_cache.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .kv_cache import KVCache
+from .models.qwen_vl.model import QwenVLModel
+from .models.qwen_vl.rope_index import get_rope_index, image_token_counts, prepare_vision_inputs
+from .sampling import SamplingParams, sample, token_logprob
+
+# ---- buckets ---------------------------------------------------------------------------------
+
+
+def length_bucket(n: int, minimum: int = 16) -> int:
+    """Powers of two up to 1024, then multiples of 1024."""
+    n = max(int(n), 1)
+    if n <= 1024:
+        return max(minimum, 1 << (n - 1).bit_length())
+    return -(-n // 1024) * 1024
+
+
+def patch_bucket(n: int, unit: int = 4) -> int:
+    """Image patch counts: powers of two (>= 64), then multiples of 4096."""
+    if n <= 4096:
+        b = max(64, 1 << (max(n, 1) - 1).bit_length())
+    else:
+        b = -(-n // 4096) * 4096
+    return -(-b // unit) * unit
+
+
+# ---- host-side batch preparation ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+    """Right-padded prompt rows and everything index-like the jitted prefill needs."""
+
+    input_ids: np.ndarray  # (B, S) int32, right padded
+    num_tokens: np.ndarray  # (B,) int32
+    positions: np.ndarray  # (3, B, S) int32
+    rope_delta: np.ndarray  # (B,) int32
+    image_gather: np.ndarray  # (B, S) int32, -1 for text
+    vision: dict | None  # VisionInputs arrays, or None without images
+
+
+def prepare_batch(model: QwenVLModel, rows: Sequence[Sequence[int]], pixel_values=None, image_grid_thw=None,
+                  *, seq_bucket: int | None = None, pad_id: int = 0) -> PreparedBatch:
+    cfg = model.cfg
+    lengths = np.array([len(r) for r in rows], np.int32)
+    if (lengths == 0).any():
+        raise ValueError("empty prompt: every row needs at least one token")
+    s = seq_bucket or length_bucket(lengths.max())
+    ids = np.full((len(rows), s), pad_id, np.int64)
+    valid = np.zeros((len(rows), s), bool)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+        valid[b, : len(r)] = True
+    is_image = (ids == cfg.image_token_id) & valid
+    grids = None if image_grid_thw is None or len(image_grid_thw) == 0 else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    n_image_tokens = int(is_image.sum())
+    n_expected = int(image_token_counts(grids, cfg.vision.spatial_merge_size).sum()) if grids is not None else 0
+    if n_image_tokens != n_expected:
+        raise ValueError(
+            f"the prompts hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but the images' grids "
+            f"imply {n_expected}; expand each image placeholder with the processor"
+        )
+    positions, delta = get_rope_index(ids, valid, grids, image_token_id=cfg.image_token_id,
+                                      spatial_merge_size=cfg.vision.spatial_merge_size)
+    gather = np.where(is_image, np.cumsum(is_image.ravel()).reshape(is_image.shape) - 1, -1)
+    vision = None
+    if grids is not None:
+        n_patches = int(grids.prod(-1).sum())
+        vin = prepare_vision_inputs(pixel_values, grids, cfg, patch_bucket(n_patches, cfg.vision.merge_unit))
+        vision = {k: v for k, v in dataclasses.asdict(vin).items() if k != "num_valid_tokens"}
+    return PreparedBatch(ids.astype(np.int32), lengths, positions.astype(np.int32), delta.astype(np.int32),
+                         gather.astype(np.int32), vision)
+
+
+# ---- jitted programs --------------------------------------------------------------------------
+
+
+def _encode(model, vision):
+    if vision is None:
+        return None, None
+    tokens, deepstack = model.encode_images(vision)
+    return tokens, deepstack
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward(graphdef, state, input_ids, attention_mask, positions, image_gather, vision):
+    model = nnx.merge(graphdef, state)
+    tokens, deepstack = _encode(model, vision)
+    return model.forward(input_ids, attention_mask, positions, tokens, deepstack, image_gather)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, input_ids, num_tokens, positions, rope_delta, image_gather, vision, cache_len):
+    """Fresh cache + prompt -> (next-token logits (B, V) at each row's last prompt token, cache)."""
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg.text
+    b = input_ids.shape[0]
+    cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=b, max_len=cache_len,
+                           kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=model.embed_tokens.dtype)
+    cache = cache.replace(rope_delta=rope_delta)
+    tokens, deepstack = _encode(model, vision)
+    hidden, cache = model.extend(cache, input_ids, num_tokens, positions, tokens, deepstack, image_gather)
+    last = jnp.take_along_axis(hidden, (num_tokens - 1)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _extend(graphdef, state, cache, input_ids, num_new):
+    """Append text tokens to cached rows -> (logits (B, S, V), cache). Used by the speculative engine."""
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model.extend(cache, input_ids, num_new)
+    return model.logits(hidden), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "out_len"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, logits, rng, stop_mask, max_new, active, params: SamplingParams, out_len: int):
+    """The whole decode as one while_loop.
+
+    Each iteration samples one token per row from `logits`, records it and its log-prob, and,
+    for rows still running, feeds it through the model to get the next logits. A row stops at
+    a stop token or after `max_new[b]` tokens. The cache ends holding every fed token: all
+    generated tokens but each row's last (sampled, never fed), so a continuation starts by
+    feeding that last token.
+    """
+    model = nnx.merge(graphdef, state)
+    b = logits.shape[0]
+    tokens0 = jnp.zeros((b, out_len), jnp.int32)
+    logps0 = jnp.zeros((b, out_len), jnp.float32)
+    n0 = jnp.zeros((b,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, _, _, running, _ = carry
+        return (step < out_len) & jnp.any(running)
+
+    def body(carry):
+        step, cache, logits, tokens, logps, n_gen, running, rng = carry
+        rng, key = jax.random.split(rng)
+        tok = sample(logits, key, params)
+        lp = token_logprob(logits, tok)
+        tokens = tokens.at[:, step].set(jnp.where(running, tok, 0))
+        logps = logps.at[:, step].set(jnp.where(running, lp, 0.0))
+        n_gen = n_gen + running.astype(jnp.int32)
+        running = running & ~stop_mask[tok] & (n_gen < max_new)
+        hidden, cache = model.extend(cache, tok[:, None], running.astype(jnp.int32))
+        logits = model.logits(hidden[:, 0])
+        return step + 1, cache, logits, tokens, logps, n_gen, running, rng
+
+    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng)
+    _, cache, logits, tokens, logps, n_gen, _, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, logps, n_gen, cache, logits
+
+
+# ---- public functions -------------------------------------------------------------------------
+
+
+def _vision_arrays(vision):
+    return None if vision is None else {k: jnp.asarray(v) for k, v in vision.items()}
+
+
+def forward(model: QwenVLModel, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+    """Float32 logits (B, S, V), as transformers' `Qwen*VLForConditionalGeneration(...).logits`.
+
+    input_ids (B, S); attention_mask (B, S) with 0 at padding (left or right); pixel_values
+    (patches, C*T*p*p) and image_grid_thw (images, 3) for the images of all rows in order.
+    Positions come from the attention mask (padding-invariant), as transformers does whenever
+    images are present and in `generate`; for text-only inputs with left padding transformers'
+    plain forward instead counts padding positions.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {ids.shape}")
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    cfg = model.cfg
+    grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    is_image = (ids == cfg.image_token_id) & mask
+    n_expected = 0 if grids is None else int(image_token_counts(grids, cfg.vision.spatial_merge_size).sum())
+    if int(is_image.sum()) != n_expected:
+        raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but image_grid_thw implies {n_expected}")
+    positions, _ = get_rope_index(ids, mask, grids, image_token_id=cfg.image_token_id,
+                                  spatial_merge_size=cfg.vision.spatial_merge_size)
+    gather = np.where(is_image, np.cumsum(is_image.ravel()).reshape(ids.shape) - 1, -1)
+    vision = None
+    if grids is not None:
+        n_patches = int(grids.prod(-1).sum())
+        vin = prepare_vision_inputs(pixel_values, grids, cfg, patch_bucket(n_patches, cfg.vision.merge_unit))
+        vision = _vision_arrays({k: v for k, v in dataclasses.asdict(vin).items() if k != "num_valid_tokens"})
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(positions, jnp.int32),
+                    jnp.asarray(gather, jnp.int32), vision)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]  # log p(token) under the model (no temperature / filtering)
+    finish_reasons: list[str]  # "stop" (stop token or EOS) or "length"
+    prompt_lengths: list[int]
+    cache: KVCache | None = None  # prompt + generated tokens except each row's last
+
+
+class Generator:
+    """Prefill / extend / decode over one model; the building blocks of `generate` and of the
+    speculative engine. Holds the split model; call `refresh()` after changing weights."""
+
+    def __init__(self, model: QwenVLModel):
+        self.model = model
+        self.cfg = model.cfg
+        self.refresh()
+
+    def refresh(self):
+        self.graphdef, self.state = nnx.split(self.model)
+
+    def prefill(self, batch: PreparedBatch, cache_len: int):
+        if cache_len < batch.input_ids.shape[1]:
+            raise ValueError(f"cache_len {cache_len} is shorter than the prompt bucket {batch.input_ids.shape[1]}")
+        return _prefill(self.graphdef, self.state, jnp.asarray(batch.input_ids), jnp.asarray(batch.num_tokens),
+                        jnp.asarray(batch.positions), jnp.asarray(batch.rope_delta), jnp.asarray(batch.image_gather),
+                        _vision_arrays(batch.vision), cache_len=cache_len)
+
+    def extend(self, cache: KVCache, input_ids, num_new):
+        """Feed text tokens (B, S) (row b's first num_new[b] are real) -> (logits (B, S, V), cache)."""
+        return _extend(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(num_new, jnp.int32))
+
+    def decode(self, cache: KVCache, logits, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
+               active=None, out_len=None):
+        b = logits.shape[0]
+        max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,))
+        out_len = out_len or length_bucket(int(max_new.max()))
+        vocab = self.cfg.text.vocab_size
+        stop_mask = np.zeros((vocab,), bool)
+        stop_ids = [i for i in stop_ids if i < vocab]
+        stop_mask[list(stop_ids)] = True
+        active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
+        return _decode(self.graphdef, self.state, cache, logits, jax.random.key(seed), jnp.asarray(stop_mask),
+                       jnp.asarray(max_new), jnp.asarray(active), params=params, out_len=out_len)
+
+
+def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n\n",),
+             seed: int = 0, chat: bool = True, system: str | None = None, return_cache: bool = False) -> GenerationResult:
+    """Generate for a batch of prompts.
+
+    prompts: a string or a list; with `chat=True` each is a user message (its images placed
+    before the text, the assistant turn opened), else an already formatted prompt holding one
+    `<|image_pad|>` per image. images: None, or per prompt None / one image / a list (PIL,
+    path or uint8 array). Generation stops per row at EOS, at any vocabulary token whose
+    text contains a `stop` string, or after `max_new_tokens`.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+        images = None if images is None else [images]
+    images = [None] * len(prompts) if images is None else list(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries")
+    rows, pix, grids = [], [], []
+    for text, imgs in zip(prompts, images):
+        imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])
+        formatted = processor.user_prompt(text, len(imgs), system=system) if chat else text
+        enc = processor.encode(formatted, imgs)
+        rows.append(enc["input_ids"])
+        if enc["pixel_values"] is not None:
+            pix.append(enc["pixel_values"])
+            grids.append(enc["image_grid_thw"])
+    return generate_from_ids(model, rows, np.concatenate(pix) if pix else None, np.concatenate(grids) if grids else None,
+                             processor=processor, max_new_tokens=max_new_tokens,
+                             params=SamplingParams(temperature, top_k, top_p), stop=stop, seed=seed,
+                             return_cache=return_cache)
+
+
+def generate_from_ids(model, rows, pixel_values=None, image_grid_thw=None, *, processor=None, max_new_tokens=256,
+                      params=SamplingParams(), stop: Sequence[str] = ("\n\n",), stop_ids=None, seed=0,
+                      return_cache=False) -> GenerationResult:
+    """`generate` on token rows that already hold expanded image tokens."""
+    gen = Generator(model)
+    pad = processor.pad_token_id if processor is not None else 0
+    batch = prepare_batch(model, rows, pixel_values, image_grid_thw, pad_id=pad)
+    if stop_ids is None:
+        stop_ids = processor.stop_token_ids(tuple(stop)) if processor is not None else tuple(model.cfg.eos_token_id)
+    out_len = length_bucket(max_new_tokens)
+    cache_len = batch.input_ids.shape[1] + out_len
+    logits, cache = gen.prefill(batch, cache_len)
+    tokens, logps, n_gen, cache, _ = gen.decode(cache, logits, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                                params=params, seed=seed, out_len=out_len)
+    tokens, logps, n_gen = np.asarray(tokens), np.asarray(logps), np.asarray(n_gen)
+    stop_set = set(stop_ids)
+    token_ids = [tokens[b, : n_gen[b]].tolist() for b in range(len(rows))]
+    return GenerationResult(
+        texts=[processor.decode(t) if processor is not None else "" for t in token_ids],
+        token_ids=token_ids,
+        logprobs=[logps[b, : n_gen[b]].tolist() for b in range(len(rows))],
+        finish_reasons=["stop" if t and t[-1] in stop_set else "length" for t in token_ids],
+        prompt_lengths=batch.num_tokens.tolist(),
+        cache=cache if return_cache else None,
+    )
