@@ -37,14 +37,28 @@ def filter_logits(logits, params: SamplingParams):
         kth = jax.lax.top_k(logits, params.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if params.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep a token while the mass strictly before it is < top_p (so the top token always stays)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = before < params.top_p
-        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        logits = jnp.where(probs_at_least(jax.nn.softmax(logits, axis=-1), params.top_p), logits, -jnp.inf)
     return logits
+
+
+def probs_at_least(probs, top_p: float, iterations: int = 40):
+    """The top-p nucleus as a mask: tokens whose probability is >= the largest threshold t
+    with mass(p >= t) >= top_p. Found by bisection on t (40 masked sums over the vocabulary)
+    rather than a full sort, which costs tens of ms per step over 152k tokens on a CPU."""
+    def mass(t):
+        return jnp.sum(jnp.where(probs >= t[:, None], probs, 0.0), axis=-1)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        enough = mass(mid) >= top_p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo = jnp.zeros(probs.shape[:-1], probs.dtype)
+    hi = jnp.max(probs, axis=-1)  # mass(max) >= top_p may hold already: then only the top token(s)
+    lo, hi = jax.lax.fori_loop(0, iterations, step, (lo, hi))
+    threshold = jnp.where(mass(hi) >= top_p, hi, lo)
+    return probs >= threshold[:, None]
 
 
 def sample(logits, rng, params: SamplingParams):

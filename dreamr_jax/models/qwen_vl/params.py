@@ -180,3 +180,41 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
     for path, var in flat:
         var.set_value(values[path])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _untransform(array: np.ndarray, how: str, hf_shape_hint=None) -> np.ndarray:
+    if how == "linear":
+        return array.T
+    if how == "conv":
+        return array.T.reshape(hf_shape_hint)
+    return array
+
+
+def save_state(model: QwenVLModel, folder: str, config_dict: dict, *, dtype=None) -> None:
+    """Write the model as a Hugging Face checkpoint (config.json + model.safetensors, current
+    `model.language_model.*` / `model.visual.*` layout) that transformers and `load_model` read.
+
+    Files are written to temporary names and renamed, so a crash never leaves a half checkpoint.
+    """
+    from safetensors.numpy import save_file
+
+    cfg: QwenVLConfig = model.cfg
+    v = cfg.vision
+    conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key, how = _hf_key_for(path)
+        head, rest = key.split(".", 1)
+        hf_key = {"text": "model.language_model.", "visual": "model.visual.", "lm_head": "lm_head."}[head] + rest
+        array = np.asarray(jax.device_get(var.get_value()))
+        if dtype is not None:
+            array = array.astype(dtype)
+        tensors[hf_key] = np.ascontiguousarray(_untransform(array, how, conv_shape))
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(folder, "model.safetensors")
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config_dict, f, indent=2)
+    os.replace(config_path + ".tmp", config_path)
