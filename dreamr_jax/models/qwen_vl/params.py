@@ -102,6 +102,12 @@ def canonical_key(key: str) -> str:
     return key
 
 
+def checkpoint_key(canonical: str) -> str:
+    """A canonical key in the current transformers layout (what error messages show)."""
+    head, rest = canonical.split(".", 1)
+    return {"text": "model.language_model.", "visual": "model.visual.", "lm_head": "lm_head."}[head] + rest
+
+
 def _hf_key_for(path: tuple) -> tuple[str, str]:
     """Our state path -> (canonical HF key, transform name)."""
     parts = [str(p) for p in path]
@@ -153,7 +159,7 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
             else:
                 unexpected.append(f"{raw_key} (in {os.path.basename(reader.path)})")
     errors = []
-    missing = sorted(k for k in wanted if k not in located)
+    missing = sorted(checkpoint_key(k) for k in wanted if k not in located)
     if missing:
         errors.append(f"missing tensors ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
     if unexpected:
@@ -165,7 +171,11 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
         got = (src[0], int(np.prod(src[1:]))) if how == "conv" else src
         got = tuple(reversed(got)) if how in ("linear", "conv") else tuple(got)
         if got != shape:
-            shape_errors.append(f"{raw_key}: checkpoint shape {list(src)} does not fit parameter {'/'.join(map(str, path))} {list(shape)}")
+            want = list(reversed(shape)) if how == "linear" else list(shape)
+            if how == "conv":
+                v = cfg.vision
+                want = [v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size]
+            shape_errors.append(f"{raw_key}: checkpoint shape {list(src)}, the config implies {want}")
     errors += shape_errors
     if errors:
         raise CheckpointError(f"checkpoint {os.path.dirname(files[0])} does not match the {cfg.model_type} config:\n  " + "\n  ".join(errors))
@@ -204,8 +214,7 @@ def save_state(model: QwenVLModel, folder: str, config_dict: dict, *, dtype=None
     tensors = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, how = _hf_key_for(path)
-        head, rest = key.split(".", 1)
-        hf_key = {"text": "model.language_model.", "visual": "model.visual.", "lm_head": "lm_head."}[head] + rest
+        hf_key = checkpoint_key(key)
         array = np.asarray(jax.device_get(var.get_value()))
         if dtype is not None:
             array = array.astype(dtype)
