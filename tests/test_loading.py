@@ -295,3 +295,35 @@ def test_wrong_shape(tiny_checkpoints, tmp_path):
     msg = str(e.value)
     assert MLP_KEY in msg and "[95, 64]" in msg  # the key and the checkpoint's shape
     assert "the config implies [96, 64]" in msg  # and the shape expected, in the checkpoint's orientation
+
+
+def test_hub_id_not_in_cache_offline(monkeypatch, tmp_path):
+    """A hub id goes through the Hugging Face cache; offline with an empty cache: a clear error."""
+    import huggingface_hub.constants
+
+    from dreamr_jax.hub import NotACheckpointError, resolve_checkpoint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(NotACheckpointError, match="Qwen/Qwen3-VL-2B-Instruct"):
+        resolve_checkpoint("Qwen/Qwen3-VL-2B-Instruct")
+
+
+def test_hub_id_found_in_cache_offline(monkeypatch, tmp_path, tiny_checkpoints):
+    """A hub id whose snapshot sits in the Hugging Face cache loads offline."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    folder, torch_model = tiny_checkpoints["qwen3_vl"]
+    revision = "0" * 40
+    snapshot = tmp_path / "models--tiny-org--tiny-qwen3-vl" / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (tmp_path / "models--tiny-org--tiny-qwen3-vl" / "refs").mkdir()
+    (tmp_path / "models--tiny-org--tiny-qwen3-vl" / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    model = load_model("tiny-org/tiny-qwen3-vl")
+    assert model.checkpoint_path == str(snapshot)
