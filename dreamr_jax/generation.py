@@ -132,6 +132,15 @@ def _extend(graphdef, state, cache, input_ids, num_new):
     return model.logits(hidden), cache
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _extend_last(graphdef, state, cache, input_ids, num_new):
+    """Append text tokens -> (logits (B, V) at each row's last new token, cache): no (B, S, V) tensor."""
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model.extend(cache, input_ids, num_new)
+    last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "out_len"), donate_argnames=("cache",))
 def _decode(graphdef, state, cache, logits, rng, stop_mask, max_new, active, params: SamplingParams, out_len: int):
     """The whole decode as one while_loop.
@@ -241,6 +250,11 @@ class Generator:
     def extend(self, cache: KVCache, input_ids, num_new):
         """Feed text tokens (B, S) (row b's first num_new[b] are real) -> (logits (B, S, V), cache)."""
         return _extend(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(num_new, jnp.int32))
+
+    def extend_last(self, cache: KVCache, input_ids, num_new):
+        """Like `extend`, returning only each row's logits after its last new token (B, V)."""
+        return _extend_last(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32),
+                            jnp.asarray(num_new, jnp.int32))
 
     def decode(self, cache: KVCache, logits, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
                active=None, out_len=None):

@@ -44,7 +44,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -96,8 +95,22 @@ def log(*args):
 # ---- memory bandwidth ---------------------------------------------------------------------------
 
 
+def _best(fn, repeats):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure_bandwidth(mib: int, repeats: int = 5) -> dict:
-    """Copy bandwidth in GB/s (1e9 bytes/s), counting read + write (2 x size / time), best of `repeats`."""
+    """Memory bandwidth in GB/s (1e9 bytes/s), best of `repeats`, on a `mib` MiB float32 array.
+
+    Copies count read + write (2 x size / time): numpy `copyto` (one thread) and a jitted jax copy
+    into a donated destination (so no page faults of a fresh output). Reads count the size once:
+    numpy sum (one thread), numpy sum of two halves on two threads, jax sum (XLA's threads)."""
     import jax
     import jax.numpy as jnp
 
@@ -105,46 +118,91 @@ def measure_bandwidth(mib: int, repeats: int = 5) -> dict:
     nbytes = n * 4
     src = np.ones(n, np.float32)
     dst = np.empty_like(src)
-    np.copyto(dst, src)  # touch the pages
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
-    np_copy = 2 * nbytes / min(times) / 1e9
-    # numpy read-only: a sum over the array (one read stream); informational.
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        src.sum()
-        times.append(time.perf_counter() - t0)
-    np_read = nbytes / min(times) / 1e9
+    out = dict(array_mib=mib)
+    out["numpy_copy_gbs"] = 2 * nbytes / _best(lambda: np.copyto(dst, src), repeats) / 1e9
+    out["numpy_read_gbs"] = nbytes / _best(lambda: src.sum(), repeats) / 1e9
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex:
+        halves = (src[: n // 2], src[n // 2:])
+        out["numpy_read_2threads_gbs"] = nbytes / _best(lambda: list(ex.map(np.sum, halves)), repeats) / 1e9
     del src, dst
     gc.collect()
 
     x = jnp.ones((n,), jnp.float32)
-    copy = jax.jit(lambda a: a + 0.0)  # a fused elementwise pass: read + write of n floats
+    box = [jnp.zeros((n,), jnp.float32)]
+    copy = jax.jit(lambda a, o: o.at[:].set(a), donate_argnums=1)
+
+    def do_copy():
+        box[0] = copy(x, box[0])
+        box[0].block_until_ready()
+
+    out["jax_copy_gbs"] = 2 * nbytes / _best(do_copy, repeats) / 1e9
     read = jax.jit(lambda a: jnp.sum(a))
-    copy(x).block_until_ready()
-    read(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        y = copy(x)
-        y.block_until_ready()
-        times.append(time.perf_counter() - t0)
-        del y
-    jax_copy = 2 * nbytes / min(times) / 1e9
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        read(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    jax_read = nbytes / min(times) / 1e9
-    del x
+    out["jax_read_gbs"] = nbytes / _best(lambda: read(x).block_until_ready(), repeats) / 1e9
+    del x, box
     gc.collect()
-    return dict(array_mib=mib, numpy_copy_gbs=np_copy, jax_copy_gbs=jax_copy, numpy_read_gbs=np_read,
-                jax_read_gbs=jax_read)
+    out["copy_gbs"] = max(out["numpy_copy_gbs"], out["jax_copy_gbs"])
+    out["read_gbs"] = max(out["numpy_read_gbs"], out["numpy_read_2threads_gbs"], out["jax_read_gbs"])
+    return out
+
+
+def measure_peak_flops(n: int = 2048, repeats: int = 5) -> dict:
+    """float32 matmul GFLOP/s of an n x n product (jax and torch), for the compute side of the floor."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    ja, ta = jnp.asarray(a), torch.tensor(a)
+    mm = jax.jit(lambda x: x @ x)
+    flops = 2 * n**3
+    out = dict(n=n)
+    out["jax_gflops"] = flops / _best(lambda: mm(ja).block_until_ready(), repeats) / 1e9
+    with torch.inference_mode():
+        out["torch_gflops"] = flops / _best(lambda: ta @ ta, repeats) / 1e9
+    out["gflops"] = max(out["jax_gflops"], out["torch_gflops"])
+    return out
+
+
+class CpuShare:
+    """How much CPU other processes used while a block ran (the machine may be shared).
+
+    busy jiffies of the whole machine (/proc/stat) minus this process's (/proc/self/stat),
+    as a fraction of all CPU time in the interval. Linux only; None elsewhere."""
+
+    def __init__(self):
+        self.other = None
+
+    @staticmethod
+    def _read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        total = sum(v[:8])
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        mine = int(fields[11]) + int(fields[12])  # utime + stime
+        return total, total - idle, mine
+
+    def __enter__(self):
+        try:
+            self._start = self._read()
+        except (OSError, ValueError, IndexError):
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is None:
+            return False
+        try:
+            t1, b1, m1 = self._read()
+        except (OSError, ValueError, IndexError):
+            return False
+        t0, b0, m0 = self._start
+        if t1 > t0:
+            self.other = max(0.0, ((b1 - b0) - (m1 - m0)) / (t1 - t0))
+        return False
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -210,93 +268,120 @@ def count_params(torch_model) -> dict:
     return dict(text=text + lm_head, vision=vision, total=text + lm_head + vision)
 
 
-# ---- dreamr-jax ---------------------------------------------------------------------------------
+# ---- dreamr-jax and transformers runners ----------------------------------------------------------
 
 
-def bench_jax(model, rows: np.ndarray, steps: int, repeats: int, compile_log: list) -> dict:
-    import jax
+class JaxRunner:
+    """dreamr-jax: `Generator.prefill` then `Generator.decode(stop_ids=())`, each timed alone."""
 
-    from dreamr_jax.generation import Generator, length_bucket, prepare_batch
+    def __init__(self, model, rows: np.ndarray, steps: int, compile_log: list):
+        from dreamr_jax.generation import Generator, length_bucket, prepare_batch
 
-    gen = Generator(model)
-    batch = prepare_batch(model, [list(r) for r in rows])
-    out_len = length_bucket(steps)
-    cache_len = batch.input_ids.shape[1] + out_len
+        self.gen = Generator(model)
+        self.batch = prepare_batch(model, [list(r) for r in rows])
+        self.steps = steps
+        self.out_len = length_bucket(steps)
+        self.cache_len = self.batch.input_ids.shape[1] + self.out_len
+        self.compile_log = compile_log
 
-    def run():
-        n_compiles = len(compile_log)
+    def run(self):
+        """-> (prefill s, decode s, tokens (B, steps), n_gen (B,), XLA compiles during the call)."""
+        import jax
+
+        n_compiles = len(self.compile_log)
         t0 = time.perf_counter()
-        logits, cache = gen.prefill(batch, cache_len)
+        logits, cache = self.gen.prefill(self.batch, self.cache_len)
         jax.block_until_ready((logits, cache))
         t1 = time.perf_counter()
-        tokens, logps, n_gen, cache, last = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(),
-                                                       out_len=out_len)
+        tokens, _, n_gen, cache, last = self.gen.decode(cache, logits, max_new_tokens=self.steps, stop_ids=(),
+                                                        out_len=self.out_len)
         jax.block_until_ready((tokens, n_gen, cache, last))
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, np.asarray(tokens), np.asarray(n_gen), len(compile_log) - n_compiles
+        return (t1 - t0, t2 - t1, np.asarray(tokens)[:, : self.steps], np.asarray(n_gen),
+                len(self.compile_log) - n_compiles)
 
-    first_prefill, first_decode, tokens, n_gen, first_compiles = run()
-    prefills, decodes, steady_compiles = [], [], 0
-    for _ in range(repeats):
-        p, d, tok2, _, c = run()
-        prefills.append(p)
-        decodes.append(d)
-        steady_compiles += c
-        assert np.array_equal(tok2, tokens), "dreamr-jax greedy decode is not deterministic"
-    assert (n_gen == steps).all(), f"dreamr-jax generated {n_gen.tolist()} tokens, expected {steps}"
-    prefill, decode = min(prefills), min(decodes)
+
+class TorchRunner:
+    """transformers: greedy `generate` with EOS disabled, exactly n new tokens."""
+
+    def __init__(self, model, rows: np.ndarray):
+        import torch
+
+        self.model = model
+        self.ids = torch.tensor(rows, dtype=torch.long)
+        self.mask = torch.ones_like(self.ids)
+
+    def generate(self, n, **kw):
+        import torch
+
+        with torch.inference_mode():
+            return self.model.generate(input_ids=self.ids, attention_mask=self.mask, do_sample=False,
+                                       max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, **kw)
+
+    def timed(self, n):
+        t0 = time.perf_counter()
+        out = self.generate(n)
+        return time.perf_counter() - t0, out
+
+
+def bench_batch(jmodel, tmodel, rows: np.ndarray, steps: int, repeats: int, compile_log: list) -> dict:
+    """First calls, then `repeats` rounds of (dreamr-jax prefill+decode, transformers generate(N),
+    transformers generate(1)), interleaved so that outside load hits both sides alike; best of each."""
     b = rows.shape[0]
-    return dict(
-        batch=b, prompt_len=int(rows.shape[1]), prompt_bucket=int(batch.input_ids.shape[1]), cache_len=cache_len,
-        out_len=out_len, steps=steps,
-        prefill_s=prefill, decode_s=decode, decode_s_all=decodes, prefill_s_all=prefills,
-        ms_per_step=1e3 * decode / steps,
+    jr = JaxRunner(jmodel, rows, steps, compile_log)
+    tr = TorchRunner(tmodel, rows) if tmodel is not None else None
+    with CpuShare() as share:
+        first_prefill, first_decode, jtokens, n_gen, first_compiles = jr.run()
+    assert (n_gen == steps).all(), f"dreamr-jax generated {n_gen.tolist()} tokens, expected {steps}"
+    samples = dict(jax_prefill=[], jax_decode=[], jax_other_cpu=[], torch_n=[], torch_1=[], torch_other_cpu=[])
+    steady_compiles = 0
+    if tr is not None:
+        t_first, out = tr.timed(steps)
+        ttokens = out[:, rows.shape[1]:].numpy()
+        assert ttokens.shape[1] == steps, f"transformers generated {ttokens.shape[1]} tokens, expected {steps}"
+    for _ in range(repeats):
+        with CpuShare() as share:
+            p, d, tok2, _, c = jr.run()
+        samples["jax_prefill"].append(p)
+        samples["jax_decode"].append(d)
+        samples["jax_other_cpu"].append(share.other)
+        steady_compiles += c
+        assert np.array_equal(tok2, jtokens), "dreamr-jax greedy decode is not deterministic"
+        if tr is not None:
+            with CpuShare() as share:
+                samples["torch_n"].append(tr.timed(steps)[0])
+                samples["torch_1"].append(tr.timed(1)[0])
+            samples["torch_other_cpu"].append(share.other)
+
+    prefill, decode = min(samples["jax_prefill"]), min(samples["jax_decode"])
+    j = dict(
+        prompt_len=int(rows.shape[1]), prompt_bucket=int(jr.batch.input_ids.shape[1]), cache_len=jr.cache_len,
+        out_len=jr.out_len, steps=steps, prefill_s=prefill, decode_s=decode,
+        prefill_s_all=samples["jax_prefill"], decode_s_all=samples["jax_decode"],
+        other_cpu_share_all=samples["jax_other_cpu"],
+        ms_per_step=1e3 * decode / steps,  # the decode call runs `steps` forward passes
         decode_tok_s=b * steps / decode,
         e2e_tok_s=b * steps / (prefill + decode),
         first_prefill_s=first_prefill, first_decode_s=first_decode,
         compile_prefill_s=first_prefill - prefill, compile_decode_s=first_decode - decode,
         compile_s=(first_prefill - prefill) + (first_decode - decode),
         xla_compiles_first_call=first_compiles, xla_compiles_steady=steady_compiles,
-        tokens=tokens[:, :steps],
     )
-
-
-# ---- transformers -------------------------------------------------------------------------------
-
-
-def bench_torch(model, rows: np.ndarray, steps: int, repeats: int) -> dict:
-    import torch
-
-    ids = torch.tensor(rows, dtype=torch.long)
-    mask = torch.ones_like(ids)
-
-    def generate(n, **kw):
-        with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, eos_token_id=None, pad_token_id=0, **kw)
-
-    def timed(n):
-        t0 = time.perf_counter()
-        out = generate(n)
-        return time.perf_counter() - t0, out
-
-    first_n, out = timed(steps)
-    tn, t1 = [], []
-    for _ in range(repeats):
-        tn.append(timed(steps)[0])
-        t1.append(timed(1)[0])
-    new = out[:, rows.shape[1]:].numpy()
-    assert new.shape[1] == steps, f"transformers generated {new.shape[1]} tokens, expected {steps}"
-    t_n, t_1 = min(tn), min(t1)
-    decode = t_n - t_1
-    b = rows.shape[0]
-    return dict(
-        batch=b, steps=steps, generate_n_s=t_n, generate_1_s=t_1, generate_n_s_all=tn, generate_1_s_all=t1,
-        prefill_s=t_1, decode_s=decode, ms_per_step=1e3 * decode / (steps - 1),
-        decode_tok_s=b * (steps - 1) / decode, e2e_tok_s=b * steps / t_n,
-        first_generate_s=first_n, warmup_s=first_n - t_n,
-        tokens=new,
-    ), generate
+    r = dict(batch=b, jax=j)
+    if tr is not None:
+        t_n, t_1 = min(samples["torch_n"]), min(samples["torch_1"])
+        decode_t = t_n - t_1  # (steps - 1) forward passes
+        r["torch"] = dict(
+            steps=steps, generate_n_s=t_n, generate_1_s=t_1, generate_n_s_all=samples["torch_n"],
+            generate_1_s_all=samples["torch_1"], other_cpu_share_all=samples["torch_other_cpu"],
+            prefill_s=t_1, decode_s=decode_t, ms_per_step=1e3 * decode_t / (steps - 1),
+            decode_tok_s=b * (steps - 1) / decode_t, e2e_tok_s=b * steps / t_n,
+            first_generate_s=t_first, warmup_s=t_first - t_n,
+        )
+        r["agreement"] = agreement(jtokens, ttokens, tr.generate)
+        r["ratio_decode"] = j["decode_tok_s"] / r["torch"]["decode_tok_s"]
+        r["ratio_e2e"] = j["e2e_tok_s"] / r["torch"]["e2e_tok_s"]
+    return r
 
 
 def agreement(jax_tokens: np.ndarray, torch_tokens: np.ndarray, torch_generate) -> dict:
@@ -304,11 +389,10 @@ def agreement(jax_tokens: np.ndarray, torch_tokens: np.ndarray, torch_generate) 
     gap between its own pick and dreamr-jax's pick (a small gap = a near-tie, not a bug)."""
     eq = jax_tokens == torch_tokens
     firsts, gaps = [], []
-    div_rows = [b for b in range(eq.shape[0]) if not eq[b].all()]
     scores = None
-    if div_rows:
+    if not eq.all():
         out = torch_generate(jax_tokens.shape[1], output_scores=True, return_dict_in_generate=True)
-        scores = [s.float().numpy() for s in out.scores]  # per step (B, V), processed logits
+        scores = [s.float().numpy() for s in out.scores]  # per step (B, V)
     for b in range(eq.shape[0]):
         if eq[b].all():
             firsts.append(None)
@@ -316,27 +400,35 @@ def agreement(jax_tokens: np.ndarray, torch_tokens: np.ndarray, torch_generate) 
         i = int(np.argmin(eq[b]))
         firsts.append(i)
         s = scores[i][b]
-        top = np.sort(s)[-2:]
         gaps.append(dict(row=b, step=i, torch_token=int(torch_tokens[b, i]), jax_token=int(jax_tokens[b, i]),
                          logit_gap=float(s[torch_tokens[b, i]] - s[jax_tokens[b, i]]),
-                         torch_top2_gap=float(top[1] - top[0]), logit_scale=float(np.abs(s).max())))
+                         logit_scale=float(np.abs(s).max())))
+    # positions up to each row's first divergence (after it the rows feed different tokens)
+    prefix = [eq.shape[1] if f is None else f for f in firsts]
     return dict(fraction_equal=float(eq.mean()), rows_identical=int(sum(f is None for f in firsts)),
-                rows=int(eq.shape[0]), first_divergence=firsts, divergences=gaps)
+                rows=int(eq.shape[0]), first_divergence=firsts, mean_matching_prefix=float(np.mean(prefix)),
+                divergences=gaps)
 
 
 # ---- the floor ----------------------------------------------------------------------------------
 
 
-def memory_floor(text_params: int, t: dict, b: int, cache_len: int, prompt_len: int, steps: int, bw_gbs: float) -> dict:
-    weights = 4 * text_params
+def memory_floor(text_params: int, t: dict, b: int, cache_len: int, prompt_len: int, steps: int, bw: dict,
+                 peak: dict) -> dict:
+    """Bytes one decode step must read, over bandwidth; and its FLOPs over the measured matmul peak."""
+    weights = 4 * text_params  # every text weight once; the tied table is the logits matrix
     per_slot = t["layers"] * 2 * t["kv_heads"] * t["head_dim"] * 4  # K and V, every layer, float32
     kv_alloc = b * cache_len * per_slot
     kv_valid = b * (prompt_len + (steps - 1) / 2) * per_slot  # mean valid length over the decode
-    alloc = weights + kv_alloc
-    valid = weights + kv_valid
-    return dict(weight_bytes=weights, kv_bytes_allocated=kv_alloc, kv_bytes_valid_mean=kv_valid,
-                bytes_per_step=alloc, bytes_per_step_valid=valid, bandwidth_gbs=bw_gbs,
-                floor_ms=1e3 * alloc / (bw_gbs * 1e9), floor_ms_valid=1e3 * valid / (bw_gbs * 1e9))
+    flops = 2 * b * text_params + b * t["layers"] * 4 * t["heads"] * t["head_dim"] * cache_len
+    out = dict(weight_bytes=weights, kv_bytes_allocated=kv_alloc, kv_bytes_valid_mean=kv_valid,
+               bytes_per_step=weights + kv_alloc, bytes_per_step_valid=weights + kv_valid,
+               copy_gbs=bw["copy_gbs"], read_gbs=bw["read_gbs"], flops_per_step=flops, peak_gflops=peak["gflops"])
+    out["floor_ms"] = 1e3 * (weights + kv_alloc) / (bw["copy_gbs"] * 1e9)  # the goal's floor
+    out["floor_ms_valid_kv"] = 1e3 * (weights + kv_valid) / (bw["copy_gbs"] * 1e9)
+    out["floor_ms_read_bw"] = 1e3 * (weights + kv_alloc) / (bw["read_gbs"] * 1e9)  # stricter: read bandwidth
+    out["compute_floor_ms"] = 1e3 * flops / (peak["gflops"] * 1e9)
+    return out
 
 
 # ---- profile of one decode step -----------------------------------------------------------------
@@ -358,7 +450,7 @@ def best_time(fn, *args, repeats=5, min_s=0.3):
     return best
 
 
-def profile_step(model, b: int, cache_len: int, valid_len: int, bw_gbs: float, torch_model=None) -> dict:
+def profile_step(model, b: int, cache_len: int, valid_len: int, bw: dict, torch_model=None) -> dict:
     """Times the pieces of one decode step at batch b, each jitted alone."""
     import jax
     import jax.numpy as jnp
@@ -371,14 +463,12 @@ def profile_step(model, b: int, cache_len: int, valid_len: int, bw_gbs: float, t
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
     tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, 1)), jnp.int32)
-
-    def fresh_cache():
-        c = KVCache.create(num_layers=cfg.num_hidden_layers, batch=b, max_len=cache_len,
+    cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=b, max_len=cache_len,
                            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=jnp.float32)
-        return c.replace(lengths=jnp.full((b,), valid_len, jnp.int32))
+    cache = cache.replace(lengths=jnp.full((b,), valid_len, jnp.int32))
 
     @jax.jit
-    def step(state, cache, tok):  # what one while_loop iteration does (greedy), without the donation
+    def step(state, cache, tok):  # one while_loop iteration (greedy), outside the loop, no donation
         m = nnx.merge(graphdef, state)
         hidden, cache = m.extend(cache, tok, jnp.ones((b,), jnp.int32))
         logits = m.logits(hidden[:, 0])
@@ -387,77 +477,80 @@ def profile_step(model, b: int, cache_len: int, valid_len: int, bw_gbs: float, t
         return nxt, jnp.take_along_axis(lp, nxt[:, None], -1), cache
 
     @jax.jit
-    def layers_only(state, cache, tok):
+    def layers_only(state, cache, tok):  # embed + decoder layers + final norm + cache writes, no logits
         m = nnx.merge(graphdef, state)
-        hidden, cache = m.extend(cache, tok, jnp.ones((b,), jnp.int32))
-        return hidden, cache
+        return m.extend(cache, tok, jnp.ones((b,), jnp.int32))
 
     @jax.jit
-    def logits_tied(emb, h):  # the model's tied head: h @ E.T with E stored (V, E)
-        return jnp.dot(h, emb.T)
+    def logits_tied(table, h):  # the model's tied head: h @ E.T with E stored (V, E)
+        return jnp.dot(h, table.T)
 
     @jax.jit
-    def logits_pre_t(w, h):  # the same product against an (E, V) copy
+    def logits_ev(w, h):  # the same product against an (E, V) copy
         return jnp.dot(h, w)
+
+    @jax.jit
+    def logits_chunked(chunks, h):  # (E, V) split into (n, E, C) vocab chunks, one small GEMM per chunk
+        out = jax.lax.map(lambda w: jnp.dot(h, w), chunks)  # (n, B, C)
+        return out.transpose(1, 0, 2).reshape(h.shape[0], -1)
 
     @jax.jit
     def argmax_logsoftmax(logits):
         nxt = jnp.argmax(logits, -1)
         return nxt, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[:, None], -1)
 
-    cache = fresh_cache()
-    emb = model.embed_tokens[...]
-    head = emb if model.lm_head is None else model.lm_head.kernel[...].T
-    head_t = jnp.asarray(np.ascontiguousarray(np.asarray(head).T))
-    h = jnp.asarray(rng.standard_normal((b, cfg.hidden_size)), jnp.float32)
-    logits = logits_tied(head, h)
+    table = model.embed_tokens[...] if model.lm_head is None else model.lm_head.kernel[...].T  # (V, E)
+    table_np = np.asarray(table)
+    v, e = table_np.shape
+    table_ev = jnp.asarray(np.ascontiguousarray(table_np.T))
+    c = 2048
+    n_chunks = -(-v // c)
+    padded = np.zeros((n_chunks * c, e), np.float32)
+    padded[:v] = table_np
+    chunks = jnp.asarray(np.ascontiguousarray(padded.reshape(n_chunks, c, e).transpose(0, 2, 1)))
+    del padded
+    h = jnp.asarray(rng.standard_normal((b, e)), jnp.float32)
+    logits = logits_tied(table, h)
+    np.testing.assert_allclose(np.asarray(logits_chunked(chunks, h))[:, :v], np.asarray(logits), rtol=1e-3, atol=1e-3)
 
     out = {}
     out["step_ms"] = 1e3 * best_time(step, state, cache, tok)
     out["layers_only_ms"] = 1e3 * best_time(layers_only, state, cache, tok)
-    out["logits_VE_ms"] = 1e3 * best_time(logits_tied, head, h)
-    out["logits_EV_ms"] = 1e3 * best_time(logits_pre_t, head_t, h)
+    out["logits_VE_ms"] = 1e3 * best_time(logits_tied, table, h)
+    out["logits_EV_ms"] = 1e3 * best_time(logits_ev, table_ev, h)
+    out["logits_chunked_ms"] = 1e3 * best_time(logits_chunked, chunks, h)
+    out["logits_chunk"] = c
     out["argmax_logsoftmax_ms"] = 1e3 * best_time(argmax_logsoftmax, logits)
-    head_bytes = 4 * head.size
-    out["logits_VE_gbs"] = head_bytes / (out["logits_VE_ms"] / 1e3) / 1e9
-    out["logits_EV_gbs"] = head_bytes / (out["logits_EV_ms"] / 1e3) / 1e9
+    head_bytes = 4 * v * e
+    for k in ("VE", "EV", "chunked"):
+        out[f"logits_{k}_gbs"] = head_bytes / (out[f"logits_{k}_ms"] / 1e3) / 1e9
     layer_bytes = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.layers)))
     out["layer_weight_bytes"] = layer_bytes
     out["layers_only_gbs"] = layer_bytes / (out["layers_only_ms"] / 1e3) / 1e9
     out["head_bytes"] = head_bytes
-    out["head_floor_ms"] = 1e3 * head_bytes / (bw_gbs * 1e9)
-    out["layers_floor_ms"] = 1e3 * layer_bytes / (bw_gbs * 1e9)
+    out["head_floor_ms"] = 1e3 * head_bytes / (bw["copy_gbs"] * 1e9)
+    out["layers_floor_ms"] = 1e3 * layer_bytes / (bw["copy_gbs"] * 1e9)
 
     # attention alone (one layer, all heads), over the allocated cache vs only the valid slots
     q = jnp.asarray(rng.standard_normal((b, 1, cfg.num_attention_heads, cfg.head_dim)), jnp.float32)
     kv = jnp.asarray(rng.standard_normal((b, cache_len, cfg.num_key_value_heads, cfg.head_dim)), jnp.float32)
     att = jax.jit(lambda q, k, v, m: attention(q, k, v, m, cfg.head_dim ** -0.5))
-    mask_full = jnp.arange(cache_len)[None, None, :] < valid_len
-    mask_full = jnp.broadcast_to(mask_full, (b, 1, cache_len))
-    out["attention_full_cache_ms_per_layer"] = 1e3 * best_time(att, q, kv, kv, mask_full)
+    mask = jnp.broadcast_to(jnp.arange(cache_len)[None, None, :] < valid_len, (b, 1, cache_len))
+    out["attention_full_cache_ms_per_layer"] = 1e3 * best_time(att, q, kv, kv, mask)
     out["attention_valid_only_ms_per_layer"] = 1e3 * best_time(att, q, kv[:, :valid_len], kv[:, :valid_len],
-                                                               mask_full[:, :, :valid_len])
-
-    # one dense matmul of each layer's shape, jax vs torch (are small GEMVs slow in XLA:CPU?)
-    e, f = cfg.hidden_size, cfg.intermediate_size
-    w_up = jnp.asarray(rng.standard_normal((e, f)), jnp.float32)
-    mm = jax.jit(lambda x, w: jnp.dot(x, w))
-    out["jax_matmul_ExF_ms"] = 1e3 * best_time(mm, h, w_up)
+                                                               mask[:, :, :valid_len])
     if torch_model is not None:
         import torch
 
-        th, tw = torch.tensor(np.asarray(h)), torch.tensor(np.asarray(w_up))
-        te = torch.tensor(np.asarray(head))
+        th, te = torch.tensor(np.asarray(h)), torch.tensor(table_np)
         with torch.inference_mode():
-            out["torch_matmul_ExF_ms"] = 1e3 * best_time(lambda: th @ tw)
             out["torch_logits_VE_ms"] = 1e3 * best_time(lambda: torch.nn.functional.linear(th, te))
 
-    # does the compiled decode step transpose / copy the (V, E) table?
+    # does the compiled step transpose / copy the (V, E) table each call?
     hlo = step.lower(state, cache, tok).compile().as_text()
-    v, e = cfg.vocab_size, cfg.hidden_size
-    big = [ln.strip()[:160] for ln in hlo.splitlines()
-           if (f"f32[{e},{v}]" in ln or f"f32[{v},{e}]" in ln) and any(op in ln for op in (" transpose(", " copy("))]
-    out["table_transposes_in_step_hlo"] = big
+    out["table_transposes_in_step_hlo"] = [
+        ln.strip()[:200] for ln in hlo.splitlines()
+        if (f"f32[{e},{v}]" in ln or f"f32[{v},{e}]" in ln) and any(op in ln for op in (" transpose(", " copy("))]
     return out
 
 
@@ -470,92 +563,98 @@ def fmt_row(cells, widths):
 
 def main(argv=None):
     a = parse_args(argv)
+    import flax
     import jax
-
     import torch
     import transformers
 
-    threads = a.threads or os.cpu_count()
-    torch.set_num_threads(threads)
-    import flax
-
-    import dreamr_jax
     from dreamr_jax.loading import load_model
 
+    torch.set_num_threads(a.threads or os.cpu_count())
     compile_log: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compile_log.append(duration) if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, duration, **kw: compile_log.append(duration)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
 
-    env = dict(python=platform.python_version(), jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None)
-               or __import__("jaxlib").__version__, flax=flax.__version__, torch=torch.__version__,
-               transformers=transformers.__version__, numpy=np.__version__, cpu_count=os.cpu_count(),
-               torch_threads=torch.get_num_threads(), jax_devices=[str(d) for d in jax.devices()],
-               machine=platform.machine(), processor=_cpu_name())
+    import jaxlib
+
+    env = dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
+               flax=flax.__version__, torch=torch.__version__, transformers=transformers.__version__,
+               numpy=np.__version__, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+               jax_devices=[str(d) for d in jax.devices()], machine=platform.machine(), cpu=_cpu_name(),
+               mem_gib=_mem_gib(), loadavg_start=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     log(f"# bench_decode: {env}")
     log(f"# args: {vars(a)}")
-
     t0 = time.perf_counter()
-    bw = measure_bandwidth(a.bandwidth_mib)
-    log(f"\n## memory bandwidth ({a.bandwidth_mib} MiB array, best of 5; GB = 1e9 bytes)")
-    log(f"numpy copy {bw['numpy_copy_gbs']:.1f} GB/s (read+write)   jax copy {bw['jax_copy_gbs']:.1f} GB/s (read+write)")
-    log(f"numpy sum  {bw['numpy_read_gbs']:.1f} GB/s (read)         jax sum  {bw['jax_read_gbs']:.1f} GB/s (read)")
-    bw_floor = max(bw["numpy_copy_gbs"], bw["jax_copy_gbs"])
-    log(f"floor uses the best copy figure: {bw_floor:.1f} GB/s")
+
+    with CpuShare() as share:
+        bw = measure_bandwidth(a.bandwidth_mib)
+        peak = measure_peak_flops()
+    log(f"\n## machine: memory bandwidth ({a.bandwidth_mib} MiB float32 array, best of 5; GB = 1e9 bytes), matmul peak")
+    log(f"copy (read+write): numpy {bw['numpy_copy_gbs']:.1f} GB/s, jax {bw['jax_copy_gbs']:.1f} GB/s"
+        f" -> floor bandwidth {bw['copy_gbs']:.1f} GB/s")
+    log(f"read: numpy 1 thread {bw['numpy_read_gbs']:.1f}, numpy 2 threads {bw['numpy_read_2threads_gbs']:.1f}, "
+        f"jax {bw['jax_read_gbs']:.1f} GB/s -> strict floor bandwidth {bw['read_gbs']:.1f} GB/s")
+    log(f"float32 {peak['n']}^2 matmul: jax {peak['jax_gflops']:.0f} GFLOP/s, torch {peak['torch_gflops']:.0f} GFLOP/s"
+        f"   (other processes used {_pct(share.other)} of the CPUs meanwhile)")
 
     cfg = config_dict(a)
     tmodel = build_torch_model(cfg, a.seed)
     params = count_params(tmodel)
-    t = cfg["text_config"]
-    non_embed = params["text"] - a.vocab * a.hidden * (1 if not a.untied else 2)
+    n_embed = a.vocab * a.hidden * (2 if a.untied else 1)
     log(f"\n## model: Qwen3-VL text, hidden {a.hidden}, {a.layers} layers, {a.heads} heads / {a.kv_heads} kv heads, "
         f"head_dim {a.head_dim}, intermediate {a.intermediate}, vocab {a.vocab}, "
-        f"{'untied' if a.untied else 'tied'} embeddings, vision depth 1")
-    log(f"params: text {params['text'] / 1e6:.2f}M (embedding/lm_head {(params['text'] - non_embed) / 1e6:.2f}M, "
-        f"decoder layers + norm {non_embed / 1e6:.2f}M), vision {params['vision'] / 1e6:.3f}M, "
-        f"total {params['total'] / 1e6:.2f}M")
-
+        f"{'untied' if a.untied else 'tied'} embeddings, vision depth 1, float32")
+    log(f"params: text {params['text'] / 1e6:.2f}M (embedding{'+lm_head' if a.untied else ' = lm_head'} "
+        f"{n_embed / 1e6:.2f}M, decoder layers + norms {(params['text'] - n_embed) / 1e6:.2f}M), "
+        f"vision {params['vision'] / 1e6:.3f}M, total {params['total'] / 1e6:.2f}M")
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as folder:
         tmodel.save_pretrained(folder)
         jmodel = load_model(folder, "float32")
-    log(f"built + saved + loaded in {time.perf_counter() - t0:.1f}s")
+    if a.skip_torch:
+        del tmodel
+        tmodel = None
+        gc.collect()
+    log(f"built, saved and loaded in {time.perf_counter() - t0:.1f} s (so far)")
 
     rng = np.random.default_rng(a.seed)
-    # random text tokens below the special-token range (151643+), so no image/vision tokens
+    # random text ids below the special tokens (151643+): no image / vision tokens in the prompt
     all_rows = rng.integers(0, min(a.vocab, 151643), (max(a.batch_sizes), a.prompt_len)).astype(np.int32)
+    t_shape = dict(layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
 
     results = []
     for b in a.batch_sizes:
-        rows = all_rows[:b]
-        log(f"\n## batch {b}: prompt {a.prompt_len} tokens, {a.steps} new tokens")
-        j = bench_jax(jmodel, rows, a.steps, a.repeats, compile_log)
-        log(f"dreamr-jax:   prefill {j['prefill_s'] * 1e3:.1f} ms, decode {j['decode_s']:.3f} s = "
-            f"{j['ms_per_step']:.2f} ms/step = {j['decode_tok_s']:.1f} tok/s "
-            f"(compile {j['compile_s']:.2f} s; XLA compiles first call {j['xla_compiles_first_call']}, "
-            f"steady {j['xla_compiles_steady']})")
-        r = dict(batch=b, jax=j)
-        if not a.skip_torch:
-            tr, generate = bench_torch(tmodel, rows, a.steps, a.repeats)
+        log(f"\n## batch {b}: prompt {a.prompt_len} tokens, {a.steps} new tokens, best of {a.repeats}")
+        r = bench_batch(jmodel, tmodel, all_rows[:b], a.steps, a.repeats, compile_log)
+        j = r["jax"]
+        log(f"dreamr-jax:   prefill {j['prefill_s'] * 1e3:.1f} ms, decode {j['decode_s']:.3f} s / {a.steps} steps = "
+            f"{j['ms_per_step']:.2f} ms/step = {j['decode_tok_s']:.1f} tok/s; compile {j['compile_s']:.2f} s "
+            f"(XLA compiles: first call {j['xla_compiles_first_call']}, later calls {j['xla_compiles_steady']}); "
+            f"samples {_ms(j['decode_s_all'], a.steps)} ms/step, other CPU use {_pcts(j['other_cpu_share_all'])}")
+        if "torch" in r:
+            tr, ag = r["torch"], r["agreement"]
             log(f"transformers: generate(1) {tr['generate_1_s'] * 1e3:.1f} ms, generate({a.steps}) "
                 f"{tr['generate_n_s']:.3f} s -> {tr['ms_per_step']:.2f} ms/step = {tr['decode_tok_s']:.1f} tok/s "
-                f"(first call {tr['warmup_s']:+.2f} s vs steady)")
-            ag = agreement(j["tokens"], tr["tokens"], generate)
+                f"(first call {tr['warmup_s']:+.2f} s vs steady); other CPU use {_pcts(tr['other_cpu_share_all'])}")
             log(f"greedy agreement: {ag['fraction_equal'] * 100:.1f}% of positions equal, "
-                f"{ag['rows_identical']}/{ag['rows']} rows identical")
+                f"{ag['rows_identical']}/{ag['rows']} rows identical, mean matching prefix "
+                f"{ag['mean_matching_prefix']:.1f}/{a.steps}")
             for d in ag["divergences"]:
                 log(f"  row {d['row']} diverges at step {d['step']}: transformers picks {d['torch_token']}, dreamr-jax "
-                    f"{d['jax_token']}; transformers' logit gap between them {d['logit_gap']:.2e} "
-                    f"(|logit| max {d['logit_scale']:.2f})")
-            r["torch"], r["agreement"] = tr, ag
-            r["ratio_decode"] = j["decode_tok_s"] / tr["decode_tok_s"]
-            r["ratio_e2e"] = j["e2e_tok_s"] / tr["e2e_tok_s"]
-        fl = memory_floor(params["text"], dict(layers=a.layers, kv_heads=a.kv_heads, head_dim=a.head_dim), b,
-                          j["cache_len"], a.prompt_len, a.steps, bw_floor)
+                    f"{d['jax_token']}; their logits differ by {d['logit_gap']:.2e} in transformers "
+                    f"(max |logit| {d['logit_scale']:.1f})")
+        fl = memory_floor(params["text"], t_shape, b, j["cache_len"], a.prompt_len, a.steps, bw, peak)
         r["floor"] = fl
         r["step_over_floor"] = j["ms_per_step"] / fl["floor_ms"]
-        log(f"floor: {fl['weight_bytes'] / 1e6:.1f} MB weights + {fl['kv_bytes_allocated'] / 1e6:.2f} MB KV "
-            f"(allocated {j['cache_len']} slots; valid mean {fl['kv_bytes_valid_mean'] / 1e6:.2f} MB) per step / "
-            f"{bw_floor:.1f} GB/s = {fl['floor_ms']:.2f} ms/step -> dreamr-jax step/floor {r['step_over_floor']:.2f}"
-            + (f", transformers step/floor {tr['ms_per_step'] / fl['floor_ms']:.2f}" if not a.skip_torch else ""))
+        r["step_over_floor_read_bw"] = j["ms_per_step"] / fl["floor_ms_read_bw"]
+        log(f"floor: {fl['weight_bytes'] / 1e6:.1f} MB weights + {fl['kv_bytes_allocated'] / 1e6:.2f} MB KV cache "
+            f"({j['cache_len']} slots allocated; valid part {fl['kv_bytes_valid_mean'] / 1e6:.2f} MB on average) "
+            f"per step / {bw['copy_gbs']:.1f} GB/s = {fl['floor_ms']:.2f} ms/step "
+            f"(valid KV only {fl['floor_ms_valid_kv']:.2f}; at read bandwidth {fl['floor_ms_read_bw']:.2f}; "
+            f"compute {fl['flops_per_step'] / 1e9:.2f} GFLOP at {peak['gflops']:.0f} GFLOP/s = "
+            f"{fl['compute_floor_ms']:.2f} ms)")
+        log(f"dreamr-jax step/floor {r['step_over_floor']:.2f} (vs read-bandwidth floor {r['step_over_floor_read_bw']:.2f})"
+            + (f"; transformers step/floor {r['torch']['ms_per_step'] / fl['floor_ms']:.2f}" if "torch" in r else ""))
         results.append(r)
 
     profile = None
@@ -565,27 +664,33 @@ def main(argv=None):
         for r in results:
             b, j = r["batch"], r["jax"]
             valid = a.prompt_len + a.steps // 2
-            p = profile_step(jmodel, b, j["cache_len"], valid, bw_floor, None if a.skip_torch else tmodel)
+            with CpuShare() as share:
+                p = profile_step(jmodel, b, j["cache_len"], valid, bw, tmodel)
+            p["other_cpu_share"] = share.other
             profile[b] = p
-            log(f"batch {b}: full step {p['step_ms']:.2f} ms (in the while_loop: {j['ms_per_step']:.2f} ms) | "
-                f"decoder layers alone {p['layers_only_ms']:.2f} ms ({p['layers_only_gbs']:.1f} GB/s over "
-                f"{p['layer_weight_bytes'] / 1e6:.1f} MB; floor {p['layers_floor_ms']:.2f}) | "
-                f"logits h@E.T {p['logits_VE_ms']:.2f} ms ({p['logits_VE_gbs']:.1f} GB/s; floor {p['head_floor_ms']:.2f}), "
-                f"against an (E,V) copy {p['logits_EV_ms']:.2f} ms ({p['logits_EV_gbs']:.1f} GB/s) | "
-                f"argmax+log_softmax {p['argmax_logsoftmax_ms']:.2f} ms")
-            log(f"         attention per layer: full cache ({j['cache_len']}) {p['attention_full_cache_ms_per_layer']:.3f} ms,"
-                f" valid only ({valid}) {p['attention_valid_only_ms_per_layer']:.3f} ms | matmul ({b},{a.hidden})x"
-                f"({a.hidden},{a.intermediate}): jax {p['jax_matmul_ExF_ms']:.3f} ms"
-                + (f", torch {p['torch_matmul_ExF_ms']:.3f} ms; torch logits {p['torch_logits_VE_ms']:.2f} ms"
-                   if "torch_matmul_ExF_ms" in p else ""))
+            log(f"batch {b}: whole step {p['step_ms']:.2f} ms (inside the decode loop: {j['ms_per_step']:.2f}); "
+                f"embed + decoder layers + cache writes alone {p['layers_only_ms']:.2f} ms "
+                f"({p['layer_weight_bytes'] / 1e6:.1f} MB of layer weights, floor {p['layers_floor_ms']:.2f}); "
+                f"argmax + log_softmax {p['argmax_logsoftmax_ms']:.2f} ms")
+            log(f"         logits ({b},{a.hidden})x({a.hidden},{a.vocab}), floor {p['head_floor_ms']:.2f} ms: "
+                f"h @ E.T as the model does it {p['logits_VE_ms']:.2f} ms ({p['logits_VE_gbs']:.1f} GB/s), "
+                f"against an (E,V) copy {p['logits_EV_ms']:.2f} ms ({p['logits_EV_gbs']:.1f} GB/s), "
+                f"(E,V) in {p['logits_chunk']}-column chunks under lax.map {p['logits_chunked_ms']:.2f} ms "
+                f"({p['logits_chunked_gbs']:.1f} GB/s)"
+                + (f"; torch F.linear {p['torch_logits_VE_ms']:.2f} ms" if "torch_logits_VE_ms" in p else ""))
+            log(f"         attention per layer: whole cache ({j['cache_len']} slots) "
+                f"{p['attention_full_cache_ms_per_layer']:.3f} ms, valid slots only ({valid}) "
+                f"{p['attention_valid_only_ms_per_layer']:.3f} ms; other CPU use {_pct(share.other)}")
             if p["table_transposes_in_step_hlo"]:
-                log(f"         compiled step transposes/copies the vocab table: {p['table_transposes_in_step_hlo']}")
+                log(f"         the compiled step's HLO transposes/copies the vocab table: "
+                    f"{len(p['table_transposes_in_step_hlo'])} ops, e.g. {p['table_transposes_in_step_hlo'][0]}")
+
     from dreamr_jax.generation import _decode, _prefill
 
     jit_cache = dict(prefill=_prefill._cache_size(), decode=_decode._cache_size())
 
-    # ---- summary table ----
-    log("\n## summary (decode = per-step time of the decode loop; tok/s = batch / step time)")
+    log("\n## summary (ms/step: one decode forward pass + greedy pick for the whole batch; "
+        "decode tok/s = batch / ms/step; e2e includes prefill)")
     head = ["impl", "batch", "ms/step", "decode tok/s", "e2e tok/s", "prefill ms", "floor ms", "step/floor",
             "compile s"]
     widths = [12, 5, 8, 12, 9, 10, 8, 10, 9]
@@ -604,37 +709,56 @@ def main(argv=None):
         if "ratio_decode" in r:
             log(f"batch {r['batch']}: dreamr-jax / transformers decode tok/s = {r['ratio_decode']:.2f}x "
                 f"(end-to-end {r['ratio_e2e']:.2f}x); greedy agreement {r['agreement']['fraction_equal'] * 100:.1f}%")
-    log(f"jit cache sizes after the run: {jit_cache} (one entry per batch shape = no recompiles)")
+    log(f"jit cache sizes after the run: {jit_cache} (one entry per batch size = no recompiles)")
     goals = {}
     r1 = next((r for r in results if r["batch"] == 1), None)
     if r1 is not None and "ratio_decode" in r1:
-        goals["batch1_at_least_2x_transformers"] = bool(r1["ratio_decode"] >= 2.0)
+        goals["batch1_dreamr_at_least_2x_transformers"] = bool(r1["ratio_decode"] >= 2.0)
     goals["step_within_1.5x_floor"] = {r["batch"]: bool(r["step_over_floor"] <= 1.5) for r in results}
     log(f"goals: {goals}")
+    env["loadavg_end"] = os.getloadavg()
+    total = time.perf_counter() - t0
 
     if a.json:
-        def clean(o):
-            if isinstance(o, dict):
-                return {str(k): clean(v) for k, v in o.items() if k != "tokens"}
-            if isinstance(o, (list, tuple)):
-                return [clean(v) for v in o]
-            if isinstance(o, (np.integer,)):
-                return int(o)
-            if isinstance(o, (np.floating,)):
-                return float(o)
-            if isinstance(o, np.bool_):
-                return bool(o)
-            return o
-
-        doc = dict(env=env, args=vars(a), bandwidth=bw, floor_bandwidth_gbs=bw_floor, params=params,
-                   config=cfg, results=results, profile=profile, jit_cache_sizes=jit_cache, goals=goals,
-                   total_seconds=time.perf_counter() - t0)
+        doc = dict(env=env, args=vars(a), bandwidth=bw, peak=peak, params=params, config=cfg, results=results,
+                   profile=profile, jit_cache_sizes=jit_cache, goals=goals, total_seconds=total)
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
-            json.dump(clean(doc), f, indent=1)
+            json.dump(_plain(doc), f, indent=1)
         log(f"wrote {a.json}")
-    log(f"total {time.perf_counter() - t0:.0f} s")
+    log(f"total {total:.0f} s")
     return 0
+
+
+def _plain(o):
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return o
+
+
+def _pct(x):
+    return "?" if x is None else f"{100 * x:.0f}%"
+
+
+def _pcts(xs):
+    return "[" + ", ".join(_pct(x) for x in xs) + "]"
+
+
+def _ms(seconds, steps):
+    return "[" + ", ".join(f"{1e3 * s / steps:.2f}" for s in seconds) + "]"
+
+
+def _mem_gib():
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _cpu_name() -> str:

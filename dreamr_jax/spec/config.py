@@ -1,0 +1,54 @@
+"""Settings of step-level speculative reasoning (all of SPEC.md's knobs, with its defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .steps import StepConfig
+from .tbvm import JUDGE_INSTRUCTION, Keywords
+
+METHODS = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
+
+REASONING_INSTRUCTION = (
+    "Solve the problem step by step. Separate the steps with a blank line and put the final answer in "
+    "\\boxed{} (for a multiple-choice question, the letter of the choice)."
+)
+
+SPECREASON_PROMPT = (
+    "Evaluate the last reasoning step solely based on factual correctness and logical validity. Ignore style, "
+    "phrasing, or overall usefulness; only judge whether the step is objectively correct and logically follows "
+    "from prior steps. Assign a score from 0 to 9."
+)
+SPECREASON_PREFIX = "I think the quality score is: "
+
+LOOKAHEAD_PROMPT = (
+    "Do the following two reasoning steps state the same thing? Answer [aligned] if they are semantically "
+    "equivalent, [unaligned] if they are not.\nStep A: {a}\nStep B: {b}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    method: str = "dreamr"
+    alpha: float = 0.7
+    window: int = 4
+    keywords: Keywords = Keywords()
+    steps: StepConfig = StepConfig()
+    draft_temperature: float = 0.0
+    target_temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    instruction: str = REASONING_INSTRUCTION
+    judge_instruction: str = JUDGE_INSTRUCTION
+    specreason_threshold: int = 7  # accept a drafted step when its 0-9 score is >= this
+    lookahead_judge: str = "model"  # "model" | "always" (judge says aligned) | "never"
+    sd_tokens: int = 4  # draft tokens proposed per target verification
+    fallback_chunk: int = 16  # FPSR decodes the target's fallback step in chunks this long
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is not one of {METHODS}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.lookahead_judge not in ("model", "always", "never"):
+            raise ValueError(f"lookahead_judge must be model/always/never, got '{self.lookahead_judge}'")

@@ -1,0 +1,265 @@
+"""The six methods of SPEC.md section 3 behind one interface, each producing a `Trace`.
+
+A `Problem` holds the two roles' contexts for one question; methods only move token
+sequences between them (set_tokens / write / score), so rollback after a rejected step is a
+cache-length change, and every check reuses the target's cached prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..sampling import SamplingParams
+from .config import LOOKAHEAD_PROMPT, SPECREASON_PREFIX, SPECREASON_PROMPT, SpecConfig
+from .roles import Context, Role, write_many
+from .steps import final_answer
+from .tbvm import cpn_rho, judge_suffix, keyword_token_ids
+from .trace import Step, Trace
+
+
+class TokenizerMismatchError(ValueError):
+    """Draft and target do not share a tokenizer."""
+
+
+@dataclasses.dataclass
+class Problem:
+    """One question in flight: the committed steps and each role's context."""
+
+    trace: Trace
+    prompt_ids: list[int]
+    draft_ctx: Context | None = None
+    target_ctx: Context | None = None
+    committed: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+
+    @property
+    def tokens_left(self) -> int:
+        return self.trace.extra["token_budget"] - len(self.committed)
+
+
+class StepEngine:
+    """Shared machinery: the two roles, the token ids every method needs, commit and stop rules."""
+
+    def __init__(self, draft: Role | None, target: Role, processor, config: SpecConfig):
+        self.draft, self.target, self.proc, self.config = draft, target, processor, config
+        tok = processor.tokenizer
+        self.delimiter_ids = tuple(processor.tokens_containing(config.steps.delimiter))
+        self.eos_ids = tuple(processor.eos_token_ids)
+        self.stop_ids = tuple(sorted(set(self.delimiter_ids) | set(self.eos_ids)))
+        self.positive_id, self.negative_id = keyword_token_ids(tok, config.keywords)
+        self.judge_ids = tok.encode(judge_suffix(instruction=config.judge_instruction), add_special_tokens=False)
+        self.specreason_ids = tok.encode(
+            f"<|im_end|>\n<|im_start|>user\n{SPECREASON_PROMPT}<|im_end|>\n<|im_start|>assistant\n{SPECREASON_PREFIX}",
+            add_special_tokens=False)
+        self.digit_ids = [tok.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
+        self.draft_params = SamplingParams(config.draft_temperature, 0, config.top_p if config.draft_temperature else 1.0)
+        self.target_params = SamplingParams(config.target_temperature, 0, config.top_p if config.target_temperature else 1.0)
+
+    # ---- steps --------------------------------------------------------------------------
+
+    def step_budget(self, problem: Problem, *, ahead: int = 0, in_step: int = 0) -> int:
+        """Tokens the next step may still take: the step cap minus what the step already has, and
+        the problem's budget minus uncommitted tokens drafted ahead and the step so far."""
+        return max(1, min(self.config.steps.max_step_tokens - in_step, problem.tokens_left - ahead - in_step))
+
+    def hit_cap(self, tokens: Sequence[int]) -> bool:
+        return bool(tokens) and tokens[-1] not in self.stop_ids and len(tokens) >= self.config.steps.max_step_tokens
+
+    def commit(self, problem: Problem, tokens: list[int], author: str, rho: float | None = None) -> None:
+        """Append a whole step and decide whether reasoning stops."""
+        trace = problem.trace
+        text = self.proc.decode(tokens)
+        trace.steps.append(Step(text=text, token_ids=list(tokens), author=author, rho=rho, hit_cap=self.hit_cap(tokens)))
+        problem.committed.extend(tokens)
+        answer = final_answer(text)
+        if answer is not None:
+            trace.answer, trace.finish_reason, problem.done = answer, "answer", True
+        elif tokens and tokens[-1] in self.eos_ids:
+            trace.finish_reason, problem.done = "eos", True
+        elif problem.tokens_left <= 0:
+            trace.finish_reason, problem.done = "budget", True
+        elif len(trace.steps) >= self.config.steps.max_steps:
+            trace.finish_reason, problem.done = "max_steps", True
+        if problem.done and trace.answer is None:
+            trace.answer = final_answer(trace.text)
+
+    # ---- the target's checks ----------------------------------------------------------------
+
+    def cpn_scores(self, ctx: Context, candidates: Sequence[Sequence[int]]) -> np.ndarray:
+        """rho for each candidate continuation (already-committed-relative), in one batched forward
+        that reuses the target's cached prefix: only candidate + judging suffix are run."""
+        self.target.set_tokens(ctx, ctx.tokens)
+        logits = self.target.score(ctx, [list(c) + self.judge_ids for c in candidates], kind="check")
+        return np.asarray(cpn_rho(logits, self.positive_id, self.negative_id))
+
+    def specreason_score(self, ctx: Context, candidate: Sequence[int]) -> int:
+        logits = self.target.score(ctx, [list(candidate) + self.specreason_ids], kind="check")
+        return int(np.argmax(np.asarray(logits)[0, self.digit_ids]))
+
+
+def check_same_tokenizer(draft_proc, target_proc) -> None:
+    """Draft and target must tokenize identically (SPEC.md section 6)."""
+    a, b = draft_proc.tokenizer, target_proc.tokenizer
+    if a.get_vocab() != b.get_vocab():
+        raise TokenizerMismatchError(
+            f"draft and target tokenizers differ (vocabulary sizes {len(a)} and {len(b)}); "
+            "step-level speculation needs one shared tokenizer")
+    probe = "Step 1: 3 + 4 = 7.\n\nSo \\boxed{7}"
+    if a.encode(probe, add_special_tokens=False) != b.encode(probe, add_special_tokens=False):
+        raise TokenizerMismatchError("draft and target tokenizers encode the same text differently")
+
+
+# ---- methods ------------------------------------------------------------------------------
+
+
+def run_single(engine: StepEngine, problem: Problem, role_name: str) -> None:
+    """`target` / `draft`: one model alone, autoregressive, step by step."""
+    role = engine.target if role_name == "target" else engine.draft
+    ctx = problem.target_ctx if role_name == "target" else problem.draft_ctx
+    while not problem.done:
+        tokens, _ = role.write(ctx, max_tokens=engine.step_budget(problem), stop_ids=engine.stop_ids,
+                               params=engine.target_params if role_name == "target" else engine.draft_params,
+                               seed=engine.config.seed + len(problem.committed), kind="decode")
+        engine.commit(problem, tokens, role_name)
+
+
+def run_specreason(engine: StepEngine, problem: Problem) -> None:
+    """SpecReason: draft one step, the target scores it 0-9, the target rewrites it if too low."""
+    cfg = engine.config
+    while not problem.done:
+        engine.draft.set_tokens(problem.draft_ctx, problem.committed)
+        drafted, _ = engine.draft.write(problem.draft_ctx, max_tokens=engine.step_budget(problem),
+                                        stop_ids=engine.stop_ids, params=engine.draft_params,
+                                        seed=cfg.seed + len(problem.committed), kind="draft")
+        engine.target.set_tokens(problem.target_ctx, problem.committed)
+        score = engine.specreason_score(problem.target_ctx, drafted)
+        problem.trace.drafted_checked += 1
+        if score >= cfg.specreason_threshold and not engine.hit_cap(drafted):
+            problem.trace.drafted_accepted += 1
+            engine.commit(problem, drafted, "draft", rho=score / 9)
+        else:
+            written, _ = engine.target.write(problem.target_ctx, max_tokens=engine.step_budget(problem),
+                                             stop_ids=engine.stop_ids, params=engine.target_params,
+                                             seed=cfg.seed + len(problem.committed), kind="fallback")
+            engine.commit(problem, written, "target", rho=score / 9)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def run_lookahead(engine: StepEngine, problem: Problem) -> None:
+    """Lookahead Reasoning: the draft runs `window` steps ahead; the target writes its own step
+    for every drafted prefix in one batch; drafted steps are kept while they match the target's
+    (normalised exact match, else a one-token judge)."""
+    cfg = engine.config
+    tok = engine.proc.tokenizer
+    aligned_ids = tok.encode("aligned", add_special_tokens=False)[0], tok.encode("un", add_special_tokens=False)[0]
+    while not problem.done:
+        engine.draft.set_tokens(problem.draft_ctx, problem.committed)
+        drafts, spent = [], 0
+        for _ in range(cfg.window):
+            budget = engine.step_budget(problem, ahead=spent)
+            d, _ = engine.draft.write(problem.draft_ctx, max_tokens=budget, stop_ids=engine.stop_ids,
+                                      params=engine.draft_params, seed=cfg.seed + len(problem.committed) + spent,
+                                      kind="draft")
+            drafts.append(d)
+            spent += len(d)
+            if d and (d[-1] in engine.eos_ids or final_answer(engine.proc.decode(d)) is not None) or spent >= problem.tokens_left:
+                break
+        engine.target.set_tokens(problem.target_ctx, problem.committed)
+        prefixes = [sum(drafts[:i], []) for i in range(len(drafts))]
+        targets = write_many(engine.target, problem.target_ctx, prefixes, max_tokens=engine.step_budget(problem),
+                             stop_ids=engine.stop_ids, params=engine.target_params, seed=cfg.seed, kind="fallback")
+        for i, (d, t) in enumerate(zip(drafts, targets)):
+            problem.trace.drafted_checked += 1
+            same = _normalise(engine.proc.decode(d)) == _normalise(engine.proc.decode(t)) and not engine.hit_cap(d)
+            if not same and cfg.lookahead_judge != "model":
+                same = cfg.lookahead_judge == "always" and not engine.hit_cap(d)
+            elif not same:
+                prompt = LOOKAHEAD_PROMPT.format(a=engine.proc.decode(d), b=engine.proc.decode(t))
+                suffix = tok.encode(f"<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n[",
+                                    add_special_tokens=False)
+                logits = np.asarray(engine.target.score(problem.target_ctx, [prefixes[i] + suffix], kind="check"))[0]
+                same = logits[aligned_ids[0]] > logits[aligned_ids[1]] and not engine.hit_cap(d)
+            if same:
+                problem.trace.drafted_accepted += 1
+                engine.commit(problem, d, "draft")
+            else:
+                engine.commit(problem, t, "target")
+                break
+            if problem.done:
+                break
+
+
+def run_sd(engine: StepEngine, problem: Problem) -> None:
+    """Token-level speculative decoding with exact rejection sampling (Leviathan et al.):
+    greedy output equals the target's greedy output; sampled output follows the target's
+    distribution at its temperature."""
+    cfg = engine.config
+    rng = np.random.default_rng(cfg.seed)
+    temp_t, temp_d = cfg.target_temperature, cfg.draft_temperature or cfg.target_temperature
+    step: list[int] = []
+    while not problem.done:
+        engine.draft.set_tokens(problem.draft_ctx, problem.committed + step)
+        engine.target.set_tokens(problem.target_ctx, problem.committed + step)
+        k = max(1, min(cfg.sd_tokens, engine.step_budget(problem, in_step=len(step)) - 1))
+        proposal, q_rows = [], []
+        for _ in range(k):
+            logits = np.asarray(engine.draft.feed(problem.draft_ctx, kind="draft"))[0].astype(np.float64)
+            if temp_t == 0:
+                tok = int(np.argmax(logits))
+            else:
+                q = _softmax(logits / temp_d)
+                tok = int(rng.choice(len(q), p=q))
+                q_rows.append(q)
+            proposal.append(tok)
+            problem.draft_ctx.pending = problem.draft_ctx.pending + [tok]
+            if tok in engine.stop_ids:
+                break
+        ctx_t = problem.target_ctx
+        before = None if ctx_t.pending else np.asarray(engine.target.feed(ctx_t, kind="verify"))
+        along = np.asarray(engine.target.logits_along(ctx_t, proposal, kind="verify"))
+        # rows predicting proposal[0..k-1] and the bonus token
+        p_rows = along[-(len(proposal) + 1):] if before is None else np.concatenate([before, along], 0)
+        out = []
+        for j, tok in enumerate(proposal):
+            p_logits = p_rows[j].astype(np.float64)
+            if temp_t == 0:
+                best = int(np.argmax(p_logits))
+                out.append(best)
+                if best != tok:
+                    break
+            else:
+                p = _softmax(p_logits / temp_t)
+                if rng.random() < min(1.0, p[tok] / q_rows[j][tok]):
+                    out.append(tok)
+                else:
+                    residual = np.maximum(p - q_rows[j], 0)
+                    out.append(int(rng.choice(len(p), p=residual / residual.sum())))
+                    break
+        else:
+            last = p_rows[len(proposal)].astype(np.float64)
+            out.append(int(np.argmax(last)) if temp_t == 0 else int(rng.choice(len(last), p=_softmax(last / temp_t))))
+        problem.trace.drafted_checked += len(proposal)
+        problem.trace.drafted_accepted += len(out) - 1  # out = accepted proposal prefix + one target token
+        for tok in out:
+            step.append(tok)
+            if tok in engine.stop_ids or len(step) >= engine.step_budget(problem):
+                engine.commit(problem, step, "target")
+                step = []
+                if problem.done:
+                    break
+        # the rejected proposal tokens are rolled back by the next set_tokens
+
+
+def _softmax(x):
+    x = x - x.max()
+    e = np.exp(x)
+    return e / e.sum()

@@ -1,0 +1,165 @@
+"""`SpeculativeReasoner`: the research API over the six methods."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from typing import Iterable, Sequence
+
+from ..sharding import split_devices
+from .config import SpecConfig
+from .fpsr import run_dreamr
+from .methods import Problem, StepEngine, check_same_tokenizer, run_lookahead, run_sd, run_single, run_specreason
+from .roles import Role
+from .timeline import overlap_time, project
+from .trace import Trace
+
+
+class ContextLengthError(ValueError):
+    """A question (with its image tokens) plus the token budget exceeds the model's context."""
+
+
+def _model(m, dtype):
+    if isinstance(m, (str, os.PathLike)):
+        from ..loading import load_model
+
+        return load_model(m, dtype=dtype)
+    return m
+
+
+class SpeculativeReasoner:
+    """Step-level speculative reasoning with a draft and a target Qwen-VL.
+
+    reasoner = SpeculativeReasoner(draft=..., target=..., processor=..., method="dreamr",
+                                   alpha=0.7, window=4)
+    trace = reasoner.solve("What is 3 + 4?", image="figure.png")
+
+    draft / target: loaded models or checkpoint paths; processor: a `Processor` (default: the
+    target checkpoint's). Roles sit on disjoint devices from `split_devices` (or share one).
+    Any `SpecConfig` field can be passed as a keyword.
+    """
+
+    def __init__(self, draft=None, target=None, processor=None, method: str = "dreamr", alpha: float = 0.7,
+                 window: int = 4, *, config: SpecConfig | None = None, draft_processor=None, dtype="float32",
+                 draft_devices=None, target_devices=None, **overrides):
+        import dataclasses
+
+        if target is None:
+            raise ValueError("a target model (or checkpoint path) is required")
+        base = config or SpecConfig()
+        self.config = dataclasses.replace(base, method=method, alpha=alpha, window=window, **overrides)
+        if processor is None or isinstance(processor, (str, os.PathLike)):
+            from ..processing import load_processor
+
+            path = processor if processor is not None else (target if isinstance(target, (str, os.PathLike)) else None)
+            if path is None:
+                raise ValueError("pass processor=... when target is an already loaded model")
+            processor = load_processor(path)
+        if draft_processor is None and isinstance(draft, (str, os.PathLike)):
+            from ..processing import load_processor
+
+            draft_processor = load_processor(draft)
+        if draft_processor is not None:
+            check_same_tokenizer(draft_processor, processor)
+        self.processor = processor
+        draft_model, target_model = _model(draft, dtype), _model(target, dtype)
+        if draft_model is not None and draft_model.cfg.text.vocab_size != target_model.cfg.text.vocab_size:
+            raise ValueError(f"draft vocabulary {draft_model.cfg.text.vocab_size} != target vocabulary "
+                             f"{target_model.cfg.text.vocab_size}: they must share a tokenizer")
+        if draft_devices is None or target_devices is None:
+            d, t = split_devices(1, 1)
+            draft_devices, target_devices = draft_devices or d, target_devices or t
+        self.target = Role("target", target_model, target_devices)
+        self.draft = Role("draft", draft_model, draft_devices) if draft_model is not None else None
+        self._engines: dict[str, StepEngine] = {}
+        self.engine(self.config.method)  # validates keywords etc. at start-up
+
+    def engine(self, method: str) -> StepEngine:
+        import dataclasses
+
+        if method not in self._engines:
+            cfg = dataclasses.replace(self.config, method=method)
+            if method != "target" and self.draft is None:
+                raise ValueError(f"method '{method}' needs a draft model")
+            self._engines[method] = StepEngine(self.draft, self.target, self.processor, cfg)
+        return self._engines[method]
+
+    def prompt(self, question: str, num_images: int) -> str:
+        return self.processor.user_prompt(f"{self.config.instruction}\n\n{question}", num_images)
+
+    def solve(self, question: str, image=None, method: str | None = None) -> Trace:
+        """Reason about one question (and optional image, or list of images) with one method."""
+        method = method or self.config.method
+        engine = self.engine(method)
+        cfg = engine.config
+        images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+        enc = self.processor.encode(self.prompt(question, len(images)), images)
+        ids = enc["input_ids"]
+        limit = min(self.target.model.cfg.text.max_position_embeddings,
+                    self.draft.model.cfg.text.max_position_embeddings if self.draft else 10**9)
+        if len(ids) + cfg.steps.token_budget > limit:
+            raise ContextLengthError(
+                f"the question needs {len(ids)} prompt tokens; with a token budget of {cfg.steps.token_budget} "
+                f"that exceeds the models' context of {limit} positions")
+        trace = Trace(method=method, question=question, extra={"token_budget": cfg.steps.token_budget,
+                                                                "alpha": cfg.alpha, "window": cfg.window})
+        start = time.perf_counter()
+        roles = [self.target] + ([self.draft] if self.draft is not None and method != "target" else [])
+        for role in roles:
+            role.reset_clock(start)
+        problem = Problem(trace=trace, prompt_ids=ids)
+        capacity = cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
+        if method != "draft":
+            problem.target_ctx = self.target.open(ids, enc["pixel_values"], enc["image_grid_thw"], capacity=capacity)
+        if method != "target":
+            problem.draft_ctx = self.draft.open(ids, enc["pixel_values"], enc["image_grid_thw"], capacity=capacity)
+        runners = {"target": lambda: run_single(engine, problem, "target"),
+                   "draft": lambda: run_single(engine, problem, "draft"),
+                   "specreason": lambda: run_specreason(engine, problem),
+                   "lookahead": lambda: run_lookahead(engine, problem),
+                   "sd": lambda: run_sd(engine, problem),
+                   "dreamr": lambda: run_dreamr(engine, problem)}
+        runners[method]()
+        trace.wall_time = time.perf_counter() - start
+        trace.intervals = sorted([i for r in roles for i in r.intervals], key=lambda i: i.start)
+        trace.extra["projected_time"] = project(trace)
+        trace.extra["overlap_time"] = overlap_time(trace)
+        return trace
+
+    def solve_many(self, records: Iterable[dict], output: str | None = None, methods: Sequence[str] | None = None,
+                   progress: bool = True) -> list[dict]:
+        """Solve records ({'question', 'image'?, 'answer'?, 'id'?}) with each method.
+
+        Results stream to `output` (JSONL) as they finish; a record that fails is written with
+        its error and the run goes on."""
+        from tqdm import tqdm
+
+        from ..processing import load_image  # noqa: F401  (images are decoded lazily per record)
+
+        methods = list(methods or [self.config.method])
+        records = list(records)
+        results = []
+        sink = open(output, "a") if output else None
+        try:
+            bar = tqdm(total=len(records) * len(methods), disable=not progress, desc="solving")
+            for idx, record in enumerate(records):
+                for method in methods:
+                    row = {"id": record.get("id", idx), "method": method, "reference": record.get("answer")}
+                    try:
+                        trace = self.solve(record["question"], record.get("image"), method=method)
+                        row.update(status="ok", trace=trace.to_dict())
+                    except Exception as e:  # one bad record must not stop the run
+                        row.update(status="failed", error=f"{type(e).__name__}: {e}",
+                                   traceback=traceback.format_exc(limit=3))
+                    results.append(row)
+                    if sink:
+                        sink.write(json.dumps(row) + "\n")
+                        sink.flush()
+                    bar.update(1)
+            bar.close()
+        finally:
+            if sink:
+                sink.close()
+        return results
