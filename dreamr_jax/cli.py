@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -25,6 +26,67 @@ def _demo(args):
     run_demo(args.folder or DEMO_DIR, max_new_tokens=args.max_new_tokens)
 
 
+def _reasoner(args):
+    from .config import load_config
+    from .sharding import split_devices
+    from .spec import SpeculativeReasoner
+
+    cfg = load_config(args.config, args.set)
+    draft_devices, target_devices = split_devices(cfg.draft_devices, cfg.target_devices)
+    return cfg, SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype,
+                                    draft_devices=draft_devices, target_devices=target_devices)
+
+
+def _reason(args):
+    from .spec.timeline import project  # noqa: F401
+
+    cfg, reasoner = _reasoner(args)
+    trace = reasoner.solve(args.question, image=args.image, method=args.method or cfg.spec.method)
+    for i, step in enumerate(trace.steps, 1):
+        rho = "" if step.rho is None else f" rho={step.rho:.3f}"
+        print(f"--- step {i} [{step.author}{rho}, {step.num_tokens} tokens]\n{step.text.strip()}")
+    acc = trace.acceptance_rate
+    print(f"\nanswer: {trace.answer}  (finish: {trace.finish_reason}; {trace.num_tokens} tokens; "
+          f"{trace.wall_time:.2f} s, projected {trace.extra['projected_time']:.2f} s; "
+          f"acceptance {'-' if acc is None else f'{100 * acc:.1f}%'})")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(trace.to_json())
+
+
+def _eval(args):
+    import os
+
+    from .evaluate import format_table, plot_speedup_vs_acceptance, plot_timeline, read_records, summarise
+
+    cfg, reasoner = _reasoner(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "target" not in methods:
+        methods = ["target"] + methods  # speedups are measured against target alone in the same run
+    records = read_records(args.data)[: args.limit or None]
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    if os.path.exists(results_path):
+        os.remove(results_path)
+    if args.warmup and records:
+        for m in methods:  # compile every program once so the timings are steady-state
+            try:
+                reasoner.solve(records[0]["question"], records[0].get("image"), method=m)
+            except Exception:
+                pass
+    results = reasoner.solve_many(records, output=results_path, methods=methods)
+    rows = summarise(results, methods)
+    table = format_table(rows)
+    print(table)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    plot_speedup_vs_acceptance(rows, os.path.join(args.out, "speedup_vs_acceptance.png"))
+    dreamr = [r for r in results if r["method"] == "dreamr" and r["status"] == "ok"]
+    if dreamr:
+        plot_timeline(dreamr[0]["trace"], os.path.join(args.out, "fpsr_timeline.png"))
+    print(f"\nresults: {results_path}\nplots: {args.out}/speedup_vs_acceptance.png, {args.out}/fpsr_timeline.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreamr", description="DREAM-R multimodal speculative reasoning in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(func=_generate)
+
+    r = sub.add_parser("reason", help="solve one question with a draft/target pair")
+    r.add_argument("--config", required=True, help="configs/<pair>.yaml")
+    r.add_argument("--question", required=True)
+    r.add_argument("--image", default=None)
+    r.add_argument("--method", default=None, help="override the config's method")
+    r.add_argument("--set", action="append", default=[], help="config override, e.g. spec.alpha=0.9")
+    r.add_argument("--json", default=None, help="write the trace as JSON")
+    r.set_defaults(func=_reason)
+
+    e = sub.add_parser("eval", help="compare methods on a data set: table + plots")
+    e.add_argument("--config", required=True)
+    e.add_argument("--data", required=True, help="JSONL records {question, image?, answer?, id?}")
+    e.add_argument("--methods", default="target,sd,specreason,lookahead,dreamr")
+    e.add_argument("--out", default="out/eval")
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--no-warmup", dest="warmup", action="store_false")
+    e.add_argument("--set", action="append", default=[])
+    e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="run the embedded end-to-end demo (offline)")
     d.add_argument("--folder", default=None)

@@ -95,7 +95,8 @@ class StepEngine:
         """rho for each candidate continuation (already-committed-relative), in one batched forward
         that reuses the target's cached prefix: only candidate + judging suffix are run."""
         self.target.set_tokens(ctx, ctx.tokens)
-        logits = self.target.score(ctx, [list(c) + self.judge_ids for c in candidates], kind="check")
+        logits = self.target.score(ctx, [list(c) + self.judge_ids for c in candidates], kind="check",
+                                   rows_bucket=self.config.window)
         return np.asarray(cpn_rho(logits, self.positive_id, self.negative_id))
 
     def specreason_score(self, ctx: Context, candidate: Sequence[int]) -> int:

@@ -38,18 +38,20 @@ class SpeculativeReasoner:
 
     draft / target: loaded models or checkpoint paths; processor: a `Processor` (default: the
     target checkpoint's). Roles sit on disjoint devices from `split_devices` (or share one).
-    Any `SpecConfig` field can be passed as a keyword.
+    method / alpha / window default to `config`'s (SpecConfig(): dreamr, 0.7, 4); any other
+    `SpecConfig` field can be passed as a keyword.
     """
 
-    def __init__(self, draft=None, target=None, processor=None, method: str = "dreamr", alpha: float = 0.7,
-                 window: int = 4, *, config: SpecConfig | None = None, draft_processor=None, dtype="float32",
+    def __init__(self, draft=None, target=None, processor=None, method: str | None = None, alpha: float | None = None,
+                 window: int | None = None, *, config: SpecConfig | None = None, draft_processor=None, dtype="float32",
                  draft_devices=None, target_devices=None, **overrides):
         import dataclasses
 
         if target is None:
             raise ValueError("a target model (or checkpoint path) is required")
         base = config or SpecConfig()
-        self.config = dataclasses.replace(base, method=method, alpha=alpha, window=window, **overrides)
+        explicit = {k: v for k, v in dict(method=method, alpha=alpha, window=window).items() if v is not None}
+        self.config = dataclasses.replace(base, **explicit, **overrides)
         if processor is None or isinstance(processor, (str, os.PathLike)):
             from ..processing import load_processor
 

@@ -149,11 +149,15 @@ class Role:
             self.intervals[-1].tokens = n
         return new, np.asarray(logps)[0, :n].tolist()
 
-    def score(self, ctx: Context, continuations: Sequence[Sequence[int]], kind: str = "check") -> jax.Array:
+    def score(self, ctx: Context, continuations: Sequence[Sequence[int]], kind: str = "check",
+              rows_bucket: int = 1) -> jax.Array:
         """Next-token logits (k, V) after ctx + each continuation, all k in one batched forward.
 
         The context's cached prefix is reused (forked into k rows); only the pending tokens and
-        the continuations are run. ctx itself is not changed."""
+        the continuations are run. ctx itself is not changed. The batch is padded to a multiple
+        of `rows_bucket` rows so a varying number of candidates reuses one compiled program."""
+        wanted = len(continuations)
+        continuations = list(continuations) + [continuations[0]] * (-wanted % rows_bucket)
         k = len(continuations)
         rows = [ctx.pending + list(c) for c in continuations]
         n = np.array([len(r) for r in rows], np.int32)
@@ -162,8 +166,8 @@ class Role:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
         forked = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width).fork(np.zeros(k, np.int32))
-        logits, _ = self._timed(kind, self.generator.extend_last, forked, ids, n, tokens=int(n.sum()))
-        return logits
+        logits, _ = self._timed(kind, self.generator.extend_last, forked, ids, n, tokens=int(n[:wanted].sum()))
+        return logits[:wanted]
 
     def logits_along(self, ctx: Context, tokens: Sequence[int], kind: str = "verify") -> jax.Array:
         """Logits (len(pending) + len(tokens), V) at every fed position; ctx then stands for

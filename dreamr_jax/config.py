@@ -1,0 +1,76 @@
+"""Run configuration: frozen dataclasses loaded from YAML, with `key.sub=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+from .spec.config import SpecConfig
+from .spec.steps import StepConfig
+from .spec.tbvm import Keywords
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+    """A draft/target pair and how to run it."""
+
+    target: str
+    draft: str | None = None
+    dtype: str = "float32"
+    draft_devices: int = 1
+    target_devices: int = 1
+    spec: SpecConfig = SpecConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit (names the file and key)."""
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+    nested = {"spec": SpecConfig, "steps": StepConfig, "keywords": Keywords}
+    kwargs = {}
+    for key, value in data.items():
+        if key in nested and isinstance(value, dict):
+            value = _build(nested[key], value, f"{where}.{key}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`spec.alpha=0.9` style overrides on the raw mapping."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> PairConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such config file") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    return _build(PairConfig, apply_overrides(data, overrides or []), path)

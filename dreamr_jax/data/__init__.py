@@ -1,0 +1,1 @@
+"""Data: records, answer grading (the benchmark loaders and the synthetic world come later)."""

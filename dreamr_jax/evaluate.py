@@ -1,0 +1,123 @@
+"""`dreamr eval`: several methods over a data set in one run -> a table and two plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .data.grading import answers_match
+
+
+def read_records(path: str) -> list[dict]:
+    """JSONL records {question, image?, answer?, id?}; image paths are relative to the file."""
+    base = os.path.dirname(os.path.abspath(path))
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if "question" not in record:
+                raise ValueError(f"{path}:{n}: record has no 'question' field")
+            image = record.get("image")
+            if image and not os.path.isabs(image):
+                record["image"] = os.path.join(base, image)
+            records.append(record)
+    return records
+
+
+def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
+    """Per method: accuracy, acceptance, mean latency, speedup over `target` (same run, same
+    problems), projected speedup from the timeline replay."""
+    rows = []
+    by_method = {m: [r for r in results if r["method"] == m] for m in methods}
+    ok_ids = set.intersection(*[{r["id"] for r in rs if r["status"] == "ok"} for rs in by_method.values()]) if by_method else set()
+
+    def mean_of(method, key):
+        vals = [r["trace"][key] if key in r["trace"] else r["trace"]["extra"][key]
+                for r in by_method[method] if r["status"] == "ok" and r["id"] in ok_ids]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    target_time = mean_of("target", "wall_time") if "target" in by_method else float("nan")
+    target_proj = mean_of("target", "projected_time") if "target" in by_method else float("nan")
+    for m, rs in by_method.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        graded = [r for r in ok if r.get("reference") is not None]
+        accuracy = float(np.mean([answers_match(r["trace"]["answer"], r["reference"]) for r in graded])) if graded else float("nan")
+        checked = sum(r["trace"]["drafted_checked"] for r in ok)
+        accepted = sum(r["trace"]["drafted_accepted"] for r in ok)
+        latency = mean_of(m, "wall_time")
+        projected = mean_of(m, "projected_time")
+        rows.append({
+            "method": m, "problems": len(rs), "failed": len(rs) - len(ok), "accuracy": accuracy,
+            "acceptance": accepted / checked if checked else float("nan"), "mean_latency_s": latency,
+            "speedup": target_time / latency if latency else float("nan"),
+            "projected_speedup": target_proj / projected if projected else float("nan"),
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'method':<11} {'n':>4} {'fail':>4} {'acc':>7} {'accept':>7} {'latency s':>10} {'speedup':>8} {'projected':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<11} {r['problems']:>4} {r['failed']:>4} {_pct(r['accuracy']):>7} "
+                     f"{_pct(r['acceptance']):>7} {r['mean_latency_s']:>10.3f} {r['speedup']:>7.2f}x "
+                     f"{r['projected_speedup']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.1f}%"
+
+
+def plot_speedup_vs_acceptance(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in rows:
+        acc = 0.0 if r["acceptance"] != r["acceptance"] else r["acceptance"]
+        ax.scatter([100 * acc], [r["speedup"]], s=50)
+        ax.annotate(r["method"], (100 * acc, r["speedup"]), textcoords="offset points", xytext=(5, 5))
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("acceptance rate (%) of drafted steps")
+    ax.set_ylabel("wall-clock speedup over target alone")
+    ax.set_title("speedup vs acceptance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(trace: dict, path: str) -> None:
+    """One problem's FPSR schedule: draft, check and fallback lanes over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lanes = {"draft": 2, "check": 1, "fallback": 0}
+    colours = {"draft": "tab:blue", "check": "tab:green", "fallback": "tab:orange", "prefill": "tab:grey"}
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    for iv in trace["intervals"]:
+        kind = iv["kind"] if iv["kind"] in lanes else ("draft" if iv["role"] == "draft" else "fallback")
+        lane = lanes[kind]
+        ax.broken_barh([(iv["start"], max(iv["end"] - iv["start"], 1e-4))], (lane - 0.35, 0.7),
+                       color=colours.get(iv["kind"], "tab:purple"))
+    ax.set_yticks(list(lanes.values()), [f"target: {k}" if k != "draft" else "draft" for k in lanes])
+    ax.set_xlabel("seconds")
+    steps = trace["steps"]
+    n_draft = sum(s["author"] == "draft" for s in steps)
+    ax.set_title(f"FPSR timeline: {len(steps)} steps, {n_draft} drafted and accepted, "
+                 f"{trace['wall_time']:.2f} s (projected {trace['extra'].get('projected_time', float('nan')):.2f} s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
