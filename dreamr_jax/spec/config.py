@@ -44,11 +44,17 @@ class SpecConfig:
     lookahead_judge: str = "model"  # "model" | "always" (judge says aligned) | "never"
     sd_tokens: int = 4  # draft tokens proposed per target verification
     fallback_chunk: int = 16  # FPSR decodes the target's fallback step in chunks this long
+    # "eager": the target writes its own step for the earliest open position while the check is
+    # pending (SPEC.md 4); "on_reject": only once that position's drafted step is rejected
+    # (no wasted target work when acceptance is high, but a rejection's fallback is not hidden).
+    fallback: str = "eager"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {METHODS}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.fallback not in ("eager", "on_reject"):
+            raise ValueError(f"fallback must be 'eager' or 'on_reject', got '{self.fallback}'")
         if self.lookahead_judge not in ("model", "always", "never"):
             raise ValueError(f"lookahead_judge must be model/always/never, got '{self.lookahead_judge}'")

@@ -59,26 +59,31 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
                     shared.cond.wait()
                 if shared.finished:
                     return
+                # Within an epoch the target only moves accepted drafts from the front of
+                # `drafts` to the committed text, so committed + drafts stays the same token
+                # sequence: a step drafted on this snapshot stays valid until the epoch changes.
                 epoch = shared.epoch
                 drafted = [t for d in shared.drafts for t in d]
                 base = list(problem.committed)
                 n_before = len(shared.drafts)
+                last = shared.drafts[-1] if shared.drafts else None
             spent = len(drafted)
-            if spent >= problem.tokens_left or (shared.drafts and _ends_reasoning(engine, shared.drafts[-1])):
+            left = problem.trace.extra["token_budget"] - len(base) - spent  # budget after base + drafts
+            if left <= 0 or (last is not None and _ends_reasoning(engine, last)):
                 with shared.cond:  # nothing useful to draft until the target commits
                     if shared.epoch == epoch and len(shared.drafts) == n_before and not shared.finished:
                         shared.cond.wait()
                 continue
             engine.draft.set_tokens(problem.draft_ctx, base + drafted)
-            tokens, _ = engine.draft.write(problem.draft_ctx, max_tokens=engine.step_budget(problem, ahead=spent),
+            tokens, _ = engine.draft.write(problem.draft_ctx, max_tokens=max(1, min(cfg.steps.max_step_tokens, left)),
                                            stop_ids=engine.stop_ids, params=engine.draft_params,
                                            seed=cfg.seed + len(base) + spent, kind="draft")
             with shared.cond:
-                if shared.epoch == epoch and len(shared.drafts) == n_before:
+                if shared.epoch == epoch:
                     shared.drafts.append(tokens)
                     shared.rhos.append(None)
                     shared.cond.notify_all()
-                # else: the window restarted while we drafted; the step is dropped (cancelled)
+                # else: a rejection restarted the window while we drafted; the step is dropped (cancelled)
     except BaseException as e:  # surface in the caller's thread
         with shared.cond:
             shared.error = e
@@ -98,6 +103,7 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
     fallback_ctx = None
     fallback_tokens: list[int] = []
     fallback_for = None  # (epoch, committed length) the fallback was started for
+    check_ctx = None  # committed text + checked drafts, for incremental checks
     while not problem.done:
         with shared.cond:
             if shared.error is not None:
@@ -130,12 +136,17 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
                 fallback_ctx, fallback_tokens, fallback_for = None, [], None  # cancel (early stop) or consumed
                 continue
 
-        # 2. check every drafted step that has no score yet, in one batched forward
+        # 2. check every drafted step that has no score yet, in one batched forward. The check
+        #    context holds the committed text plus the already-checked drafts, so each check
+        #    runs only its own step and the judging suffix.
         unchecked = [i for i, r in enumerate(rhos) if r is None]
         if unchecked:
-            target.set_tokens(problem.target_ctx, problem.committed)
-            candidates = [[t for d in drafts[: i + 1] for t in d] for i in unchecked]
-            scores = engine.cpn_scores(problem.target_ctx, candidates)
+            first = unchecked[0]
+            if check_ctx is None:
+                check_ctx = target.fork(problem.target_ctx)
+            target.set_tokens(check_ctx, problem.committed + [t for d in drafts[:first] for t in d])
+            candidates = [[t for d in drafts[first : i + 1] for t in d] for i in unchecked]
+            scores = engine.cpn_scores(check_ctx, candidates)
             with shared.cond:
                 if shared.epoch == epoch:
                     for i, rho in zip(unchecked, scores):
@@ -143,7 +154,11 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
             continue
 
         # 3. the target's own step for the earliest uncommitted position, one chunk at a time
-        need_fallback = not drafts or rhos[0] is None or rhos[0] < cfg.alpha or engine.hit_cap(drafts[0])
+        rejected = bool(drafts) and rhos[0] is not None and (rhos[0] < cfg.alpha or engine.hit_cap(drafts[0]))
+        if cfg.fallback == "eager":
+            need_fallback = not drafts or rhos[0] is None or rejected
+        else:
+            need_fallback = rejected
         key = (epoch, len(problem.committed))
         if need_fallback and not (fallback_for == key and _step_done(engine, problem, fallback_tokens)):
             if fallback_for != key:

@@ -92,11 +92,13 @@ class StepEngine:
     # ---- the target's checks ----------------------------------------------------------------
 
     def cpn_scores(self, ctx: Context, candidates: Sequence[Sequence[int]]) -> np.ndarray:
-        """rho for each candidate continuation (already-committed-relative), in one batched forward
-        that reuses the target's cached prefix: only candidate + judging suffix are run."""
+        """rho for each candidate continuation of ctx, in one batched forward that reuses the
+        target's cached prefix: only the candidates and the judging suffix are run."""
         self.target.set_tokens(ctx, ctx.tokens)
+        if ctx.pending and len(candidates) > 1:
+            self.target.feed(ctx, kind="check")  # run the shared pending tokens once, not per row
         logits = self.target.score(ctx, [list(c) + self.judge_ids for c in candidates], kind="check",
-                                   rows_bucket=self.config.window)
+                                   max_rows=self.config.window)
         return np.asarray(cpn_rho(logits, self.positive_id, self.negative_id))
 
     def specreason_score(self, ctx: Context, candidate: Sequence[int]) -> int:
@@ -229,25 +231,18 @@ def run_sd(engine: StepEngine, problem: Problem) -> None:
         along = np.asarray(engine.target.logits_along(ctx_t, proposal, kind="verify"))
         # rows predicting proposal[0..k-1] and the bonus token
         p_rows = along[-(len(proposal) + 1):] if before is None else np.concatenate([before, along], 0)
-        out = []
-        for j, tok in enumerate(proposal):
-            p_logits = p_rows[j].astype(np.float64)
-            if temp_t == 0:
-                best = int(np.argmax(p_logits))
+        if temp_t == 0:
+            out = []
+            for j, tok in enumerate(proposal):
+                best = int(np.argmax(p_rows[j]))
                 out.append(best)
                 if best != tok:
                     break
             else:
-                p = _softmax(p_logits / temp_t)
-                if rng.random() < min(1.0, p[tok] / q_rows[j][tok]):
-                    out.append(tok)
-                else:
-                    residual = np.maximum(p - q_rows[j], 0)
-                    out.append(int(rng.choice(len(p), p=residual / residual.sum())))
-                    break
+                out.append(int(np.argmax(p_rows[len(proposal)])))
         else:
-            last = p_rows[len(proposal)].astype(np.float64)
-            out.append(int(np.argmax(last)) if temp_t == 0 else int(rng.choice(len(last), p=_softmax(last / temp_t))))
+            p_probs = [_softmax(p_rows[j].astype(np.float64) / temp_t) for j in range(len(proposal) + 1)]
+            out = speculative_accept(p_probs, q_rows, proposal, rng)
         problem.trace.drafted_checked += len(proposal)
         problem.trace.drafted_accepted += len(out) - 1  # out = accepted proposal prefix + one target token
         for tok in out:
@@ -258,6 +253,31 @@ def run_sd(engine: StepEngine, problem: Problem) -> None:
                 if problem.done:
                     break
         # the rejected proposal tokens are rolled back by the next set_tokens
+
+
+def speculative_accept(p_rows, q_rows, proposal: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """Exact rejection sampling of one proposal (Leviathan et al., 2023), a pure function.
+
+    p_rows: k + 1 target probability rows (row j predicts proposal[j]; row k is the bonus
+    position); q_rows: the k draft probability rows proposal[j] was sampled from. Each
+    proposal token is kept with probability min(1, p/q); at the first rejection one token is
+    drawn from the residual max(p - q, 0) (normalised) and the rest dropped; if all are kept a
+    bonus token is drawn from row k. Every emitted token is then distributed exactly as the
+    target's p. Returns the accepted prefix plus that one target token."""
+    out: list[int] = []
+    for j, tok in enumerate(proposal):
+        p, q = np.asarray(p_rows[j], np.float64), np.asarray(q_rows[j], np.float64)
+        if rng.random() < min(1.0, p[tok] / q[tok]):
+            out.append(int(tok))
+        else:
+            residual = np.maximum(p - q, 0)
+            total = residual.sum()
+            # total == 0 means p == q up to rounding, where a rejection has probability 0: use p
+            out.append(int(rng.choice(len(p), p=residual / total if total > 0 else p)))
+            return out
+    last = np.asarray(p_rows[len(proposal)], np.float64)
+    out.append(int(rng.choice(len(last), p=last)))
+    return out
 
 
 def _softmax(x):

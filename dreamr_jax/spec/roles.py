@@ -150,14 +150,15 @@ class Role:
         return new, np.asarray(logps)[0, :n].tolist()
 
     def score(self, ctx: Context, continuations: Sequence[Sequence[int]], kind: str = "check",
-              rows_bucket: int = 1) -> jax.Array:
+              max_rows: int = 1) -> jax.Array:
         """Next-token logits (k, V) after ctx + each continuation, all k in one batched forward.
 
         The context's cached prefix is reused (forked into k rows); only the pending tokens and
-        the continuations are run. ctx itself is not changed. The batch is padded to a multiple
-        of `rows_bucket` rows so a varying number of candidates reuses one compiled program."""
+        the continuations are run. ctx itself is not changed. The batch is padded to a power of
+        two rows (at most `max_rows`), so a varying number of candidates reuses few programs."""
         wanted = len(continuations)
-        continuations = list(continuations) + [continuations[0]] * (-wanted % rows_bucket)
+        rows_bucket = min(1 << (wanted - 1).bit_length(), max(max_rows, wanted))
+        continuations = list(continuations) + [continuations[0]] * (rows_bucket - wanted)
         k = len(continuations)
         rows = [ctx.pending + list(c) for c in continuations]
         n = np.array([len(r) for r in rows], np.int32)
@@ -165,7 +166,8 @@ class Role:
         ids = np.zeros((k, width), np.int32)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
-        forked = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width).fork(np.zeros(k, np.int32))
+        ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width)
+        forked = ctx.cache.fork(np.zeros(k, np.int32))
         logits, _ = self._timed(kind, self.generator.extend_last, forked, ids, n, tokens=int(n[:wanted].sum()))
         return logits[:wanted]
 
@@ -206,7 +208,8 @@ def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]],
     ids = np.zeros((k, width), np.int32)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    cache = role._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width + out_len + 1).fork(np.zeros(k, np.int32))
+    ctx.cache = role._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width + out_len + 1)
+    cache = ctx.cache.fork(np.zeros(k, np.int32))
     if (n == 0).any():
         # rows with nothing new start from the context's own next-token logits
         base = role.feed(ctx, kind) if ctx.logits is None else ctx.logits

@@ -1,0 +1,92 @@
+"""What the speculative machinery costs: FPSR (`dreamr`) with alpha = 0 (every drafted step
+accepted) against draft alone plus the target's checks, on the same problems in one run.
+
+Goal (issue 3): dreamr wall-clock <= 1.2 x (draft-alone time + the checks' time). Also
+reports each method's measured / projected time (the timeline replay with each role on its
+own contention-free hardware).
+
+    .venv/bin/python scripts/bench_spec.py [--problems 6] [--json out/bench_spec.json]
+
+Models: a tiny random Qwen3-VL target and draft with the real Qwen vocabulary, built fresh
+(see tests/spec_models.py for how their step delimiter is made to appear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problems", type=int, default=6)
+    ap.add_argument("--budget", type=int, default=96)
+    ap.add_argument("--target-hidden", type=int, default=256)
+    ap.add_argument("--target-layers", type=int, default=4)
+    ap.add_argument("--draft-hidden", type=int, default=64)
+    ap.add_argument("--draft-layers", type=int, default=1)
+    ap.add_argument("--fallback", default="eager", choices=["eager", "on_reject"])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import jax
+
+    from dreamr_jax.spec import SpeculativeReasoner, StepConfig
+    from spec_models import build_spec_model
+
+    folder = tempfile.mkdtemp(prefix="bench_spec_")
+    t0 = time.perf_counter()
+    target = build_spec_model(os.path.join(folder, "target"), seed=1, hidden=args.target_hidden, layers=args.target_layers)
+    draft = build_spec_model(os.path.join(folder, "draft"), seed=2, hidden=args.draft_hidden, layers=args.draft_layers)
+    print(f"built models in {time.perf_counter() - t0:.1f} s ({jax.devices()})")
+    steps = StepConfig(max_step_tokens=64, token_budget=args.budget)
+    reasoner = SpeculativeReasoner(draft=draft, target=target, method="dreamr", alpha=0.0, window=4, steps=steps,
+                                   fallback=args.fallback)
+    questions = [f"Problem {i}: what is {i} + {2 * i}?" for i in range(args.problems)]
+    methods = ["draft", "target", "dreamr"]
+    for m in methods:  # a first pass compiles every shape bucket the measured pass touches
+        for q in questions:
+            reasoner.solve(q, method=m)
+    results = {m: [] for m in methods}
+    for q in questions:
+        for m in methods:
+            results[m].append(reasoner.solve(q, method=m))
+    report = {}
+    for m in methods:
+        traces = results[m]
+        report[m] = {
+            "wall_s": sum(t.wall_time for t in traces),
+            "projected_s": sum(t.extra["projected_time"] for t in traces),
+            "check_s": sum(i.duration for t in traces for i in t.intervals if i.kind == "check"),
+            "fallback_s": sum(i.duration for t in traces for i in t.intervals if i.kind == "fallback"),
+            "tokens": sum(t.num_tokens for t in traces),
+            "acceptance": statistics.mean([t.acceptance_rate for t in traces]) if m == "dreamr" else None,
+        }
+    same_text = all(a.text == b.text for a, b in zip(results["dreamr"], results["draft"]))
+    budget = report["draft"]["wall_s"] + report["dreamr"]["check_s"]
+    ratio = report["dreamr"]["wall_s"] / budget
+    print(f"\n{'method':<8} {'wall s':>8} {'projected s':>12} {'measured/projected':>19} {'check s':>8} {'fallback s':>11} {'tokens':>7}")
+    for m, r in report.items():
+        print(f"{m:<8} {r['wall_s']:>8.3f} {r['projected_s']:>12.3f} {r['wall_s'] / r['projected_s']:>19.2f} "
+              f"{r['check_s']:>8.3f} {r['fallback_s']:>11.3f} {r['tokens']:>7}")
+    print(f"\ndreamr (alpha=0) text == draft text: {same_text}; acceptance {report['dreamr']['acceptance']:.2f}")
+    print(f"dreamr wall / (draft wall + checks) = {report['dreamr']['wall_s']:.3f} / {budget:.3f} = {ratio:.2f} "
+          f"(goal <= 1.20: {'met' if ratio <= 1.2 else 'missed'})")
+    print(f"dreamr projected / (draft wall + checks) = {report['dreamr']['projected_s'] / budget:.2f}")
+    out = {"report": report, "ratio_dreamr_over_draft_plus_checks": ratio, "same_text_as_draft": same_text,
+           "settings": vars(args), "devices": [str(d) for d in jax.devices()]}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
