@@ -141,18 +141,24 @@ def _extend_last(graphdef, state, cache, input_ids, num_new):
     return model.logits(last), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "out_len"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, logits, rng, stop_mask, max_new, active, params: SamplingParams, out_len: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "out_len", "feed_first"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, logits, rng, stop_mask, max_new, active, first_tokens, params: SamplingParams,
+            out_len: int, feed_first: bool = False):
     """The whole decode as one while_loop.
 
     Each iteration samples one token per row from `logits`, records it and its log-prob, and,
     for rows still running, feeds it through the model to get the next logits. A row stops at
     a stop token or after `max_new[b]` tokens. The cache ends holding every fed token: all
     generated tokens but each row's last (sampled, never fed), so a continuation starts by
-    feeding that last token.
+    feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
+    (in the same program) and their logits start it: continuing from a pending token costs
+    no separate dispatch.
     """
     model = nnx.merge(graphdef, state)
     b = logits.shape[0]
+    if feed_first:
+        hidden, cache = model.extend(cache, first_tokens[:, None], active.astype(jnp.int32))
+        logits = model.logits(hidden[:, 0])
     tokens0 = jnp.zeros((b, out_len), jnp.int32)
     logps0 = jnp.zeros((b, out_len), jnp.float32)
     n0 = jnp.zeros((b,), jnp.int32)
@@ -256,9 +262,14 @@ class Generator:
         return _extend_last(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32),
                             jnp.asarray(num_new, jnp.int32))
 
-    def decode(self, cache: KVCache, logits, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
-               active=None, out_len=None):
-        b = logits.shape[0]
+    def decode(self, cache: KVCache, logits=None, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
+               active=None, out_len=None, first_tokens=None):
+        """Decode from next-token `logits` (B, V), or from `first_tokens` (B,) not yet fed."""
+        feed_first = first_tokens is not None
+        b = len(first_tokens) if feed_first else logits.shape[0]
+        if feed_first:
+            logits = jnp.zeros((b, 1), jnp.float32)
+        first = jnp.asarray(np.zeros(b, np.int32) if first_tokens is None else np.asarray(first_tokens, np.int32))
         max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,))
         out_len = out_len or length_bucket(int(max_new.max()))
         vocab = self.cfg.text.vocab_size
@@ -267,7 +278,8 @@ class Generator:
         stop_mask[list(stop_ids)] = True
         active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
         return _decode(self.graphdef, self.state, cache, logits, jax.random.key(seed), jnp.asarray(stop_mask),
-                       jnp.asarray(max_new), jnp.asarray(active), params=params, out_len=out_len)
+                       jnp.asarray(max_new), jnp.asarray(active), first, params=params, out_len=out_len,
+                       feed_first=feed_first)
 
 
 def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tokens: int = 256,

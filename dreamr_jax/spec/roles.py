@@ -133,16 +133,18 @@ class Role:
               seed: int = 0, kind: str = "decode") -> tuple[list[int], list[float]]:
         """Decode up to `max_tokens` from ctx (stopping at a stop token); ctx then stands for the
         old tokens plus the new ones. Returns (tokens, log-probs)."""
-        logits = self.feed(ctx, kind)
         out_len = length_bucket(max_tokens)
-        ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + out_len + 1)
+        fold = len(ctx.pending) == 1  # feed the one pending token inside the decode program
+        logits = None if fold else self.feed(ctx, kind)
+        first = ctx.pending if fold else None
+        ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + out_len + 2)
         tokens, logps, n_gen, cache, _ = self._timed(
             kind, lambda: self.generator.decode(ctx.cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
-                                                params=params, seed=seed, out_len=out_len))
+                                                params=params, seed=seed, out_len=out_len, first_tokens=first))
         n = int(n_gen[0])
         new = np.asarray(tokens)[0, :n].tolist()
         ctx.cache = cache
-        ctx.fed = ctx.fed + new[:-1]
+        ctx.fed = ctx.fed + (ctx.pending if fold else []) + new[:-1]
         ctx.pending = new[-1:]
         ctx.logits = None
         with self._lock:
