@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 
 from .methods import Problem, StepEngine
+from .tbvm import is_accepted
 
 
 class _Shared:
@@ -114,7 +115,7 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
 
         # 1. commit in order whatever is decided
         if drafts and rhos[0] is not None:
-            accepted = rhos[0] >= cfg.alpha and not engine.hit_cap(drafts[0])
+            accepted = is_accepted(rhos[0], cfg.alpha) and not engine.hit_cap(drafts[0])
             fallback_done = fallback_for == (epoch, len(problem.committed)) and _step_done(engine, problem, fallback_tokens)
             if accepted or fallback_done:
                 problem.trace.drafted_checked += 1
@@ -154,7 +155,7 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
             continue
 
         # 3. the target's own step for the earliest uncommitted position, one chunk at a time
-        rejected = bool(drafts) and rhos[0] is not None and (rhos[0] < cfg.alpha or engine.hit_cap(drafts[0]))
+        rejected = bool(drafts) and rhos[0] is not None and (not is_accepted(rhos[0], cfg.alpha) or engine.hit_cap(drafts[0]))
         if cfg.fallback == "eager":
             need_fallback = not drafts or rhos[0] is None or rejected
         else:

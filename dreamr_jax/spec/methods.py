@@ -219,7 +219,7 @@ def run_sd(engine: StepEngine, problem: Problem) -> None:
             if temp_t == 0:
                 tok = int(np.argmax(logits))
             else:
-                q = _softmax(logits / temp_d)
+                q = _nucleus(_softmax(logits / temp_d), cfg.top_p)
                 tok = int(rng.choice(len(q), p=q))
                 q_rows.append(q)
             proposal.append(tok)
@@ -241,7 +241,8 @@ def run_sd(engine: StepEngine, problem: Problem) -> None:
             else:
                 out.append(int(np.argmax(p_rows[len(proposal)])))
         else:
-            p_probs = [_softmax(p_rows[j].astype(np.float64) / temp_t) for j in range(len(proposal) + 1)]
+            p_probs = [_nucleus(_softmax(p_rows[j].astype(np.float64) / temp_t), cfg.top_p)
+                       for j in range(len(proposal) + 1)]
             out = speculative_accept(p_probs, q_rows, proposal, rng)
         problem.trace.drafted_checked += len(proposal)
         problem.trace.drafted_accepted += len(out) - 1  # out = accepted proposal prefix + one target token
@@ -278,6 +279,18 @@ def speculative_accept(p_rows, q_rows, proposal: Sequence[int], rng: np.random.G
     last = np.asarray(p_rows[len(proposal)], np.float64)
     out.append(int(rng.choice(len(last), p=last)))
     return out
+
+
+def _nucleus(probs, top_p: float):
+    """The top-p renormalised distribution (the target's sampler applies the same filter)."""
+    if top_p >= 1.0:
+        return probs
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    keep = np.zeros_like(probs, bool)
+    keep[order[before < top_p]] = True
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum()
 
 
 def _softmax(x):

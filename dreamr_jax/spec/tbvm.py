@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 JUDGE_INSTRUCTION = (
     "Evaluate the last reasoning step only for factual correctness, logical validity and consistency with "
@@ -69,8 +70,15 @@ def cpn_rho(logits, positive_id: int, negative_id: int):
 
 
 def accept(rho, alpha: float):
-    """Accept iff rho >= alpha (alpha > 1 rejects everything, alpha = 0 accepts everything)."""
-    return jnp.asarray(rho) >= alpha
+    """Accept iff rho >= alpha (alpha > 1 rejects everything, alpha = 0 accepts everything).
+
+    Compared in float32 (rho's precision), so host-side decisions (`is_accepted`) agree."""
+    return jnp.asarray(rho, jnp.float32) >= jnp.float32(alpha)
+
+
+def is_accepted(rho: float, alpha: float) -> bool:
+    """`accept` for one host-side rho, with the same float32 comparison."""
+    return bool(np.float32(rho) >= np.float32(alpha))
 
 
 def judge_suffix(chat_end: str = "<|im_end|>\n", instruction: str = JUDGE_INSTRUCTION) -> str:
