@@ -35,7 +35,6 @@ class _Shared:
 
 
 def run_dreamr(engine: StepEngine, problem: Problem) -> None:
-    cfg = engine.config
     shared = _Shared()
     draft_thread = threading.Thread(target=_draft_loop, args=(engine, problem, shared), daemon=True)
     draft_thread.start()
@@ -48,7 +47,6 @@ def run_dreamr(engine: StepEngine, problem: Problem) -> None:
         draft_thread.join()
     if shared.error is not None:
         raise shared.error
-    del cfg
 
 
 def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
