@@ -43,7 +43,7 @@ class SpecConfig:
     specreason_threshold: int = 7  # accept a drafted step when its 0-9 score is >= this
     lookahead_judge: str = "model"  # "model" | "always" (judge says aligned) | "never"
     sd_tokens: int = 4  # draft tokens proposed per target verification
-    fallback_chunk: int = 16  # FPSR decodes the target's fallback step in chunks this long
+    fallback_chunk: int = 4  # FPSR decodes the target's fallback step in chunks this long
     # "eager": the target writes its own step for the earliest open position while the check is
     # pending (SPEC.md 4); "on_reject": only once that position's drafted step is rejected
     # (no wasted target work when acceptance is high, but a rejection's fallback is not hidden).
