@@ -4,7 +4,8 @@
 What it does, in one process:
 
 1. Measures memory bandwidth with a large array copy (numpy and jax, best of several,
-   read + write bytes counted, i.e. 2 x size / time).
+   read + write bytes counted, i.e. 2 x size / time), read-only bandwidth (sums), and the
+   float32 matmul peak (a 2048^2 product).
 2. Builds one random-weight Qwen3-VL text model with the real vocabulary (151936) and a
    tiny vision tower (only text decode is measured), as a transformers
    `Qwen3VLForConditionalGeneration`, saves it with `save_pretrained` and loads that folder
@@ -27,11 +28,19 @@ What it does, in one process:
 5. Computes the memory floor of one decode step: float32 bytes of every text weight read
    (the tied embedding table counted once: it is the logits matrix) plus the KV cache read
    (the whole allocated cache, which dreamr-jax's attention reads every step, and the valid
-   part), divided by the measured bandwidth.
-6. With profiling on (default; `--no-profile` skips it), times the pieces of one decode step
-   in isolation (the full step, the decoder layers alone, the logits matmul against the
-   (V, E) table and against a pre-transposed (E, V) copy, attention over the full cache vs
-   the valid part), and checks jit cache sizes so recompiles would show.
+   part), divided by the copy bandwidth (the goal's floor). Also printed: the same bytes over
+   the read bandwidth, and the step's FLOPs over the matmul peak (the compute side).
+6. With profiling on (default; `--no-profile` skips it): times the pieces of one decode step
+   jitted alone (the whole step, the decoder layers alone, the logits matmul as the model
+   writes it and in three other layouts, argmax + log_softmax, attention over the whole cache
+   vs its valid part), takes an XLA op profile of one step (jax.profiler trace, grouped into
+   logits matmul / vocabulary reductions / layer matmuls / KV cache / other), and decodes again
+   with larger allocated caches (`--cache-lens`) to show what attending over every allocated
+   slot costs. jit cache sizes are printed so that a recompile would show.
+
+The machine may be shared: before each timed sample the script waits (up to `--wait-quiet`
+seconds) for other processes to leave the CPUs idle, and prints for each sample how much CPU
+other processes used meanwhile. Best-of-repeats figures are reported.
 
 Run:  .venv/bin/python scripts/bench_decode.py [--steps 128] [--batch-sizes 1,8] [--json out.json]
 Smoke: .venv/bin/python scripts/bench_decode.py --quick
@@ -40,6 +49,7 @@ Smoke: .venv/bin/python scripts/bench_decode.py --quick
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -70,9 +80,14 @@ def parse_args(argv=None):
     p.add_argument("--untied", action="store_true", help="separate lm_head (default: tied, like Qwen3-VL-2B/4B)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: os.cpu_count())")
     p.add_argument("--bandwidth-mib", type=int, default=None, help="array size for the copy test (default 1024; --quick: 256)")
+    p.add_argument("--cache-lens", default=None,
+                   help="profile: also decode with these allocated cache lengths (default 1024,4096; --quick: 256)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-piece profile of one decode step")
     p.add_argument("--skip-torch", action="store_true", help="dreamr-jax only (no agreement check, no ratios)")
     p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (about a minute)")
+    p.add_argument("--wait-quiet", type=float, default=None, metavar="S",
+                   help="before each timed sample, wait up to S seconds for other processes to leave the CPUs idle "
+                        "(default 30; --quick: 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     a = p.parse_args(argv)
@@ -83,6 +98,10 @@ def parse_args(argv=None):
     a.repeats = a.repeats or (1 if q else 3)
     a.layers = a.layers or (2 if q else 4)
     a.bandwidth_mib = a.bandwidth_mib or (256 if q else 1024)
+    a.cache_lens = [int(x) for x in (a.cache_lens if a.cache_lens is not None else ("256" if q else "1024,4096"))
+                    .split(",") if x.strip()]
+    if a.wait_quiet is None:
+        a.wait_quiet = 0.0 if q else 30.0
     if a.steps < 2:
         p.error("--steps must be >= 2 (transformers' decode time is t(N) - t(1))")
     return a
@@ -205,6 +224,26 @@ class CpuShare:
         return False
 
 
+def wait_quiet(max_s: float, window: float = 1.0, busy_below: float = 0.1) -> float | None:
+    """Wait (up to max_s) until other processes leave the CPUs idle for two consecutive windows.
+
+    Returns the seconds waited, or None when it gave up (the measurement then goes ahead anyway
+    and the per-sample "other CPU use" figures show how much the machine was shared)."""
+    if max_s <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    calm = 0
+    while time.perf_counter() - t0 < max_s:
+        with CpuShare() as share:
+            time.sleep(window)
+        if share.other is None:
+            return 0.0
+        calm = calm + 1 if share.other < busy_below else 0
+        if calm >= 2:
+            return time.perf_counter() - t0
+    return None
+
+
 # ---- the model ----------------------------------------------------------------------------------
 
 
@@ -324,7 +363,8 @@ class TorchRunner:
         return time.perf_counter() - t0, out
 
 
-def bench_batch(jmodel, tmodel, rows: np.ndarray, steps: int, repeats: int, compile_log: list) -> dict:
+def bench_batch(jmodel, tmodel, rows: np.ndarray, steps: int, repeats: int, compile_log: list,
+                wait_s: float = 0.0) -> dict:
     """First calls, then `repeats` rounds of (dreamr-jax prefill+decode, transformers generate(N),
     transformers generate(1)), interleaved so that outside load hits both sides alike; best of each."""
     b = rows.shape[0]
@@ -339,7 +379,9 @@ def bench_batch(jmodel, tmodel, rows: np.ndarray, steps: int, repeats: int, comp
         t_first, out = tr.timed(steps)
         ttokens = out[:, rows.shape[1]:].numpy()
         assert ttokens.shape[1] == steps, f"transformers generated {ttokens.shape[1]} tokens, expected {steps}"
+    waits = []
     for _ in range(repeats):
+        waits.append(wait_quiet(wait_s))
         with CpuShare() as share:
             p, d, tok2, _, c = jr.run()
         samples["jax_prefill"].append(p)
@@ -348,6 +390,7 @@ def bench_batch(jmodel, tmodel, rows: np.ndarray, steps: int, repeats: int, comp
         steady_compiles += c
         assert np.array_equal(tok2, jtokens), "dreamr-jax greedy decode is not deterministic"
         if tr is not None:
+            waits.append(wait_quiet(wait_s))
             with CpuShare() as share:
                 samples["torch_n"].append(tr.timed(steps)[0])
                 samples["torch_1"].append(tr.timed(1)[0])
@@ -367,7 +410,7 @@ def bench_batch(jmodel, tmodel, rows: np.ndarray, steps: int, repeats: int, comp
         compile_s=(first_prefill - prefill) + (first_decode - decode),
         xla_compiles_first_call=first_compiles, xla_compiles_steady=steady_compiles,
     )
-    r = dict(batch=b, jax=j)
+    r = dict(batch=b, jax=j, quiet_waits_s=waits)
     if tr is not None:
         t_n, t_1 = min(samples["torch_n"]), min(samples["torch_1"])
         decode_t = t_n - t_1  # (steps - 1) forward passes
@@ -415,8 +458,11 @@ def agreement(jax_tokens: np.ndarray, torch_tokens: np.ndarray, torch_generate) 
 
 def memory_floor(text_params: int, t: dict, b: int, cache_len: int, prompt_len: int, steps: int, bw: dict,
                  peak: dict) -> dict:
-    """Bytes one decode step must read, over bandwidth; and its FLOPs over the measured matmul peak."""
-    weights = 4 * text_params  # every text weight once; the tied table is the logits matrix
+    """Bytes one decode step must read, over bandwidth; and its FLOPs over the measured matmul peak.
+
+    text_params: the text weights a step reads in full (with untied embeddings the input table is
+    left out: a step gathers only B of its rows)."""
+    weights = 4 * text_params  # every text weight once; a tied table is the logits matrix
     per_slot = t["layers"] * 2 * t["kv_heads"] * t["head_dim"] * 4  # K and V, every layer, float32
     kv_alloc = b * cache_len * per_slot
     kv_valid = b * (prompt_len + (steps - 1) / 2) * per_slot  # mean valid length over the decode
@@ -490,6 +536,10 @@ def profile_step(model, b: int, cache_len: int, valid_len: int, bw: dict, torch_
         return jnp.dot(h, w)
 
     @jax.jit
+    def logits_vb(table, h):  # the transposed product E @ h.T -> (V, B): no transposed operand
+        return jnp.dot(table, h.T)
+
+    @jax.jit
     def logits_chunked(chunks, h):  # (E, V) split into (n, E, C) vocab chunks, one small GEMM per chunk
         out = jax.lax.map(lambda w: jnp.dot(h, w), chunks)  # (n, B, C)
         return out.transpose(1, 0, 2).reshape(h.shape[0], -1)
@@ -518,11 +568,12 @@ def profile_step(model, b: int, cache_len: int, valid_len: int, bw: dict, torch_
     out["layers_only_ms"] = 1e3 * best_time(layers_only, state, cache, tok)
     out["logits_VE_ms"] = 1e3 * best_time(logits_tied, table, h)
     out["logits_EV_ms"] = 1e3 * best_time(logits_ev, table_ev, h)
+    out["logits_VB_ms"] = 1e3 * best_time(logits_vb, table, h)
     out["logits_chunked_ms"] = 1e3 * best_time(logits_chunked, chunks, h)
     out["logits_chunk"] = c
     out["argmax_logsoftmax_ms"] = 1e3 * best_time(argmax_logsoftmax, logits)
     head_bytes = 4 * v * e
-    for k in ("VE", "EV", "chunked"):
+    for k in ("VE", "EV", "VB", "chunked"):
         out[f"logits_{k}_gbs"] = head_bytes / (out[f"logits_{k}_ms"] / 1e3) / 1e9
     layer_bytes = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.layers)))
     out["layer_weight_bytes"] = layer_bytes
@@ -546,11 +597,132 @@ def profile_step(model, b: int, cache_len: int, valid_len: int, bw: dict, torch_
         with torch.inference_mode():
             out["torch_logits_VE_ms"] = 1e3 * best_time(lambda: torch.nn.functional.linear(th, te))
 
-    # does the compiled step transpose / copy the (V, E) table each call?
-    hlo = step.lower(state, cache, tok).compile().as_text()
-    out["table_transposes_in_step_hlo"] = [
-        ln.strip()[:200] for ln in hlo.splitlines()
-        if (f"f32[{e},{v}]" in ln or f"f32[{v},{e}]" in ln) and any(op in ln for op in (" transpose(", " copy("))]
+    return out
+
+
+def _hlo_instructions(hlo_text: str) -> dict:
+    """{instruction name: (opcode, [output dims...], op_name metadata)} for a compiled HLO module."""
+    import re
+
+    out = {}
+    for ln in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(([^)]*)\)", ln)
+        if not m:
+            continue
+        dims = [[int(x) for x in d.split(",") if x] for d in re.findall(r"\[([\d,]*)\]", m.group(2))]
+        operands = re.findall(r"%([\w.\-]+)", m.group(4))
+        meta = re.search(r'op_name="([^"]+)"', ln)
+        out[m.group(1)] = [m.group(3), dims, meta.group(1) if meta else "", operands]
+    for v in out.values():  # operands' output dims (instructions of the same computation)
+        v[3] = [d for o in v[3] if o in out for d in out[o][1]]
+    return out
+
+
+OP_CATEGORIES = ("logits matmul", "argmax / log_softmax over the vocabulary", "layer matmuls (q/k/v/o, MLP)",
+                 "KV cache: writes, copies, attention over the allocated slots", "other (norms, rotary, residuals)")
+
+
+def _categorize(info, vocab: int, cache_len: int) -> str:
+    opcode, dims, op_name, operand_dims = info
+    flat = [x for d in dims for x in d]
+    if vocab in flat and (opcode == "dot" or "dot" in op_name):
+        return OP_CATEGORIES[0]
+    if (vocab in flat and "take" not in op_name) or any(d and d[-1] == vocab for d in operand_dims):
+        return OP_CATEGORIES[1]  # reads the (B, V) logits (the embedding table is (V, E): its gather is "other")
+    if any(len(d) >= 3 and cache_len in d for d in dims + operand_dims) or "scatter" in op_name:
+        return OP_CATEGORIES[3]
+    if opcode == "dot" or "dot_general" in op_name:
+        return OP_CATEGORIES[2]
+    return OP_CATEGORIES[4]
+
+
+def op_profile(model, b: int, cache_len: int, valid_len: int, calls: int = 8) -> dict | None:
+    """Per-op time of one greedy decode step (the body of the decode loop: model.extend on one token,
+    model.logits, argmax, log_softmax; the cache donated as in the loop), from a jax.profiler trace of
+    XLA:CPU's thunks, grouped into OP_CATEGORIES by each instruction's shape and metadata."""
+    import glob
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dreamr_jax.kv_cache import KVCache
+
+    try:
+        from jax.profiler import ProfileData
+    except ImportError:
+        return None
+    cfg = model.cfg.text
+    graphdef, state = nnx.split(model)
+    tok = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (b, 1)), jnp.int32)
+
+    def fresh():
+        c = KVCache.create(num_layers=cfg.num_hidden_layers, batch=b, max_len=cache_len,
+                           kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=jnp.float32)
+        return c.replace(lengths=jnp.full((b,), valid_len, jnp.int32))
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def step(state, cache, tok):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m.extend(cache, tok, jnp.zeros((b,), jnp.int32))  # length kept: same slots each call
+        logits = m.logits(hidden[:, 0])
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[:, None], -1)
+        return nxt[:, None], lp, cache
+
+    info = _hlo_instructions(step.lower(state, fresh(), tok).compile().as_text())
+    cache = fresh()
+    for _ in range(2):
+        tok2, _, cache = step(state, cache, tok)
+    jax.block_until_ready(cache)
+    per_op: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_decode_trace_") as d:
+        jax.profiler.start_trace(d)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            _, _, cache = step(state, cache, tok)
+        jax.block_until_ready(cache)
+        wall = (time.perf_counter() - t0) / calls
+        jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            return None
+        data = ProfileData.from_file(files[0])
+        for plane in data.planes:
+            for line in plane.lines:
+                for ev in line.events:
+                    if ev.name in info:
+                        per_op[ev.name] = per_op.get(ev.name, 0.0) + ev.duration_ns / 1e6 / calls
+    cats = {c: 0.0 for c in OP_CATEGORIES}
+    for name, ms in per_op.items():
+        cats[_categorize(info[name], cfg.vocab_size, cache_len)] += ms
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
+    return dict(wall_ms=1e3 * wall, ops_ms=sum(per_op.values()), categories_ms=cats,
+                top_ops=[dict(name=n, ms=ms, opcode=info[n][0], shape=info[n][1], op_name=info[n][2],
+                                 category=_categorize(info[n], cfg.vocab_size, cache_len)) for n, ms in top])
+
+
+def cache_scan(model, rows: np.ndarray, steps: int, cache_lens, repeats: int = 2) -> dict:
+    """Decode ms/step with the same prompt and tokens but a larger allocated cache (the valid part
+    stays prompt + steps): shows what attending over every allocated slot costs."""
+    import jax
+
+    from dreamr_jax.generation import Generator, length_bucket, prepare_batch
+
+    gen = Generator(model)
+    batch = prepare_batch(model, [list(r) for r in rows])
+    out_len = length_bucket(steps)
+    out = {}
+    for cl in cache_lens:
+        cl = max(int(cl), batch.input_ids.shape[1] + out_len)
+        times = []
+        for _ in range(repeats + 1):  # the first call compiles
+            logits, cache = gen.prefill(batch, cl)
+            jax.block_until_ready((logits, cache))
+            t0 = time.perf_counter()
+            jax.block_until_ready(gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=out_len))
+            times.append(time.perf_counter() - t0)
+        out[cl] = 1e3 * min(times[1:]) / steps
     return out
 
 
@@ -582,11 +754,13 @@ def main(argv=None):
                flax=flax.__version__, torch=torch.__version__, transformers=transformers.__version__,
                numpy=np.__version__, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                jax_devices=[str(d) for d in jax.devices()], machine=platform.machine(), cpu=_cpu_name(),
-               mem_gib=_mem_gib(), loadavg_start=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+               mem_gib=_mem_gib(), loadavg_start=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+               git=_git_state())
     log(f"# bench_decode: {env}")
     log(f"# args: {vars(a)}")
     t0 = time.perf_counter()
 
+    wait_quiet(a.wait_quiet)
     with CpuShare() as share:
         bw = measure_bandwidth(a.bandwidth_mib)
         peak = measure_peak_flops()
@@ -625,7 +799,7 @@ def main(argv=None):
     results = []
     for b in a.batch_sizes:
         log(f"\n## batch {b}: prompt {a.prompt_len} tokens, {a.steps} new tokens, best of {a.repeats}")
-        r = bench_batch(jmodel, tmodel, all_rows[:b], a.steps, a.repeats, compile_log)
+        r = bench_batch(jmodel, tmodel, all_rows[:b], a.steps, a.repeats, compile_log, a.wait_quiet)
         j = r["jax"]
         log(f"dreamr-jax:   prefill {j['prefill_s'] * 1e3:.1f} ms, decode {j['decode_s']:.3f} s / {a.steps} steps = "
             f"{j['ms_per_step']:.2f} ms/step = {j['decode_tok_s']:.1f} tok/s; compile {j['compile_s']:.2f} s "
@@ -643,19 +817,26 @@ def main(argv=None):
                 log(f"  row {d['row']} diverges at step {d['step']}: transformers picks {d['torch_token']}, dreamr-jax "
                     f"{d['jax_token']}; their logits differ by {d['logit_gap']:.2e} in transformers "
                     f"(max |logit| {d['logit_scale']:.1f})")
-        fl = memory_floor(params["text"], t_shape, b, j["cache_len"], a.prompt_len, a.steps, bw, peak)
+        if any(w is None or w > 0.5 for w in r["quiet_waits_s"]):
+            log(f"waits for a quiet machine before the samples (s; None = gave up after {a.wait_quiet:.0f} s): "
+                f"{[None if w is None else round(w, 1) for w in r['quiet_waits_s']]}")
+        fl = memory_floor(params["text"] - (a.vocab * a.hidden if a.untied else 0), t_shape, b, j["cache_len"], a.prompt_len, a.steps, bw, peak)
         r["floor"] = fl
         r["step_over_floor"] = j["ms_per_step"] / fl["floor_ms"]
         r["step_over_floor_read_bw"] = j["ms_per_step"] / fl["floor_ms_read_bw"]
         log(f"floor: {fl['weight_bytes'] / 1e6:.1f} MB weights + {fl['kv_bytes_allocated'] / 1e6:.2f} MB KV cache "
             f"({j['cache_len']} slots allocated; valid part {fl['kv_bytes_valid_mean'] / 1e6:.2f} MB on average) "
-            f"per step / {bw['copy_gbs']:.1f} GB/s = {fl['floor_ms']:.2f} ms/step "
+            f"per step / {bw['copy_gbs']:.1f} GB/s (start) = {fl['floor_ms']:.2f} ms/step "
             f"(valid KV only {fl['floor_ms_valid_kv']:.2f}; at read bandwidth {fl['floor_ms_read_bw']:.2f}; "
             f"compute {fl['flops_per_step'] / 1e9:.2f} GFLOP at {peak['gflops']:.0f} GFLOP/s = "
             f"{fl['compute_floor_ms']:.2f} ms)")
         log(f"dreamr-jax step/floor {r['step_over_floor']:.2f} (vs read-bandwidth floor {r['step_over_floor_read_bw']:.2f})"
             + (f"; transformers step/floor {r['torch']['ms_per_step'] / fl['floor_ms']:.2f}" if "torch" in r else ""))
         results.append(r)
+
+    from dreamr_jax.generation import _decode, _prefill
+
+    jit_cache = dict(prefill=_prefill._cache_size(), decode=_decode._cache_size())  # before the profile's own compiles
 
     profile = None
     if not a.no_profile:
@@ -664,6 +845,7 @@ def main(argv=None):
         for r in results:
             b, j = r["batch"], r["jax"]
             valid = a.prompt_len + a.steps // 2
+            wait_quiet(a.wait_quiet)
             with CpuShare() as share:
                 p = profile_step(jmodel, b, j["cache_len"], valid, bw, tmodel)
             p["other_cpu_share"] = share.other
@@ -675,36 +857,77 @@ def main(argv=None):
             log(f"         logits ({b},{a.hidden})x({a.hidden},{a.vocab}), floor {p['head_floor_ms']:.2f} ms: "
                 f"h @ E.T as the model does it {p['logits_VE_ms']:.2f} ms ({p['logits_VE_gbs']:.1f} GB/s), "
                 f"against an (E,V) copy {p['logits_EV_ms']:.2f} ms ({p['logits_EV_gbs']:.1f} GB/s), "
+                f"as E @ h.T -> (V,B) {p['logits_VB_ms']:.2f} ms ({p['logits_VB_gbs']:.1f} GB/s), "
                 f"(E,V) in {p['logits_chunk']}-column chunks under lax.map {p['logits_chunked_ms']:.2f} ms "
                 f"({p['logits_chunked_gbs']:.1f} GB/s)"
                 + (f"; torch F.linear {p['torch_logits_VE_ms']:.2f} ms" if "torch_logits_VE_ms" in p else ""))
             log(f"         attention per layer: whole cache ({j['cache_len']} slots) "
                 f"{p['attention_full_cache_ms_per_layer']:.3f} ms, valid slots only ({valid}) "
                 f"{p['attention_valid_only_ms_per_layer']:.3f} ms; other CPU use {_pct(share.other)}")
-            if p["table_transposes_in_step_hlo"]:
-                log(f"         the compiled step's HLO transposes/copies the vocab table: "
-                    f"{len(p['table_transposes_in_step_hlo'])} ops, e.g. {p['table_transposes_in_step_hlo'][0]}")
+            cats = op_profile(jmodel, b, j["cache_len"], valid)
+            p["op_profile"] = cats
+            if cats is not None:
+                log(f"         XLA op profile of one decode step ({cats['wall_ms']:.2f} ms wall, ops "
+                    f"{cats['ops_ms']:.2f} ms): " + ", ".join(f"{k} {v:.2f}" for k, v in cats["categories_ms"].items()))
+            if a.cache_lens:
+                wait_quiet(a.wait_quiet)
+                scan_steps = min(a.steps, 64)
+                scan = cache_scan(jmodel, all_rows[:b], scan_steps, a.cache_lens)
+                p["cache_scan_ms_per_step"] = scan
+                p["cache_scan_steps"] = scan_steps
+                floors = {cl: 1e3 * (4 * params["text"] + b * cl * a.layers * 2 * a.kv_heads * a.head_dim * 4)
+                          / (bw["copy_gbs"] * 1e9) for cl in scan}
+                p["cache_scan_floor_ms"] = floors
+                log(f"         same decode ({scan_steps} steps, valid length <= {a.prompt_len + scan_steps}) with more "
+                    f"cache slots allocated: " + ", ".join(f"{cl} slots {ms:.2f} ms/step (floor {floors[cl]:.2f})"
+                                                           for cl, ms in scan.items()))
+                big = max(scan)
+                cats_big = op_profile(jmodel, b, big, valid)
+                p["op_profile_largest_cache"] = cats_big
+                if cats_big is not None:
+                    log(f"         op profile at {big} slots ({cats_big['wall_ms']:.2f} ms wall): "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in cats_big["categories_ms"].items()))
 
-    from dreamr_jax.generation import _decode, _prefill
-
-    jit_cache = dict(prefill=_prefill._cache_size(), decode=_decode._cache_size())
+    # Bandwidth and peak again, now that everything else ran: a shared VM's figures drift, and a
+    # floor from a momentarily slow measurement would flatter every ratio. The best of both counts.
+    wait_quiet(a.wait_quiet)
+    with CpuShare() as share:
+        bw_end = measure_bandwidth(a.bandwidth_mib)
+        peak_end = measure_peak_flops()
+    bw_start, peak_start = bw, peak
+    bw = {k: max(v, bw_end[k]) if isinstance(v, float) else v for k, v in bw_start.items()}
+    peak = {k: max(v, peak_end[k]) if isinstance(v, float) else v for k, v in peak_start.items()}
+    log(f"\n## bandwidth / peak again at the end: copy {bw_end['copy_gbs']:.1f} GB/s, read {bw_end['read_gbs']:.1f} GB/s, "
+        f"matmul {peak_end['gflops']:.0f} GFLOP/s (other processes {_pct(share.other)}); the summary's floors use the "
+        f"best of start and end: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s, "
+        f"matmul {peak['gflops']:.0f} GFLOP/s")
+    for r in results:
+        fl = memory_floor(r["floor"]["weight_bytes"] // 4, t_shape, r["batch"], r["jax"]["cache_len"], a.prompt_len,
+                          a.steps, bw, peak)
+        r["floor_at_start"] = r["floor"]
+        r["floor"] = fl
+        r["step_over_floor"] = r["jax"]["ms_per_step"] / fl["floor_ms"]
+        r["step_over_floor_read_bw"] = r["jax"]["ms_per_step"] / fl["floor_ms_read_bw"]
+        if "torch" in r:
+            r["torch_step_over_floor"] = r["torch"]["ms_per_step"] / fl["floor_ms"]
 
     log("\n## summary (ms/step: one decode forward pass + greedy pick for the whole batch; "
         "decode tok/s = batch / ms/step; e2e includes prefill)")
     head = ["impl", "batch", "ms/step", "decode tok/s", "e2e tok/s", "prefill ms", "floor ms", "step/floor",
-            "compile s"]
-    widths = [12, 5, 8, 12, 9, 10, 8, 10, 9]
+            "read floor", "step/read", "compile s"]
+    widths = [12, 5, 8, 12, 9, 10, 8, 10, 10, 9, 9]
     log(fmt_row(head, widths))
     for r in results:
-        j, fl = r["jax"], r["floor"]
-        log(fmt_row(["dreamr-jax", r["batch"], f"{j['ms_per_step']:.2f}", f"{j['decode_tok_s']:.1f}",
-                     f"{j['e2e_tok_s']:.1f}", f"{j['prefill_s'] * 1e3:.1f}", f"{fl['floor_ms']:.2f}",
-                     f"{r['step_over_floor']:.2f}", f"{j['compile_s']:.2f}"], widths))
+        fl = r["floor"]
+        rows_out = [("dreamr-jax", r["jax"], f"{r['jax']['compile_s']:.2f}")]
         if "torch" in r:
-            tr = r["torch"]
-            log(fmt_row(["transformers", r["batch"], f"{tr['ms_per_step']:.2f}", f"{tr['decode_tok_s']:.1f}",
-                         f"{tr['e2e_tok_s']:.1f}", f"{tr['prefill_s'] * 1e3:.1f}", f"{fl['floor_ms']:.2f}",
-                         f"{tr['ms_per_step'] / fl['floor_ms']:.2f}", "-"], widths))
+            rows_out.append(("transformers", r["torch"], "-"))
+        for name, x, comp in rows_out:
+            log(fmt_row([name, r["batch"], f"{x['ms_per_step']:.2f}", f"{x['decode_tok_s']:.1f}", f"{x['e2e_tok_s']:.1f}",
+                         f"{x['prefill_s'] * 1e3:.1f}", f"{fl['floor_ms']:.2f}", f"{x['ms_per_step'] / fl['floor_ms']:.2f}",
+                         f"{fl['floor_ms_read_bw']:.2f}", f"{x['ms_per_step'] / fl['floor_ms_read_bw']:.2f}", comp], widths))
+    log("floor ms = (weights + whole allocated KV cache) / copy bandwidth (the goal's floor); read floor = the same "
+        "bytes / read bandwidth")
     for r in results:
         if "ratio_decode" in r:
             log(f"batch {r['batch']}: dreamr-jax / transformers decode tok/s = {r['ratio_decode']:.2f}x "
@@ -720,7 +943,8 @@ def main(argv=None):
     total = time.perf_counter() - t0
 
     if a.json:
-        doc = dict(env=env, args=vars(a), bandwidth=bw, peak=peak, params=params, config=cfg, results=results,
+        doc = dict(env=env, args=vars(a), bandwidth=bw, peak=peak, bandwidth_start=bw_start, bandwidth_end=bw_end,
+                   peak_start=peak_start, peak_end=peak_end, params=params, config=cfg, results=results,
                    profile=profile, jit_cache_sizes=jit_cache, goals=goals, total_seconds=total)
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
@@ -752,6 +976,21 @@ def _pcts(xs):
 
 def _ms(seconds, steps):
     return "[" + ", ".join(f"{1e3 * s / steps:.2f}" for s in seconds) + "]"
+
+
+def _git_state():
+    """HEAD of the repository this script sits in, and whether dreamr_jax/ differs from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "dreamr_jax"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return dict(head=head or None, dreamr_jax_modified=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _mem_gib():
