@@ -61,10 +61,18 @@ def probs_at_least(probs, top_p: float, iterations: int = 40):
     return probs >= threshold[:, None]
 
 
+def first_argmax(logits):
+    """argmax over the last axis (first index on ties), as max + first matching index: XLA:CPU's
+    argmax over 152k entries is several times slower than these two reductions."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == best, iota, logits.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def sample(logits, rng, params: SamplingParams):
     """logits (B, V) -> token ids (B,) int32."""
     if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     return jax.random.categorical(rng, filter_logits(logits, params), axis=-1).astype(jnp.int32)
 
 

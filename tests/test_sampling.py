@@ -60,3 +60,10 @@ def test_bad_params_raise():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_first_argmax_matches_numpy_including_ties():
+    from dreamr_jax.sampling import first_argmax
+
+    logits = np.random.default_rng(3).integers(0, 5, (6, 40)).astype(np.float32)  # many ties
+    assert np.array_equal(np.asarray(first_argmax(jnp.asarray(logits))), logits.argmax(-1))
