@@ -47,6 +47,30 @@ def patch_bucket(n: int, unit: int = 4) -> int:
 # ---- host-side batch preparation ---------------------------------------------------------------
 
 
+def _image_indices(cfg, ids: np.ndarray, valid: np.ndarray, pixel_values, image_grid_thw):
+    """3-D positions, rope deltas, the image-feature gather index and the bucketed vision
+    inputs for a padded batch (`valid` marks real tokens)."""
+    is_image = (ids == cfg.image_token_id) & valid
+    grids = None if image_grid_thw is None or len(image_grid_thw) == 0 else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    n_image_tokens = int(is_image.sum())
+    n_expected = int(image_token_counts(grids, cfg.vision.spatial_merge_size).sum()) if grids is not None else 0
+    if n_image_tokens != n_expected:
+        raise ValueError(
+            f"the prompts hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but the images' grids "
+            f"imply {n_expected}; expand each image placeholder with the processor"
+        )
+    positions, delta = get_rope_index(ids, valid, grids, image_token_id=cfg.image_token_id,
+                                      spatial_merge_size=cfg.vision.spatial_merge_size)
+    gather = np.where(is_image, np.cumsum(is_image.ravel()).reshape(is_image.shape) - 1, -1)
+    vision = None
+    if grids is not None:
+        n_patches = int(grids.prod(-1).sum())
+        vin = prepare_vision_inputs(pixel_values, grids, cfg, patch_bucket(n_patches, cfg.vision.merge_unit))
+        vision = {k: v for k, v in dataclasses.asdict(vin).items() if k != "num_valid_tokens"}
+    return positions, delta, gather, vision
+
+
+
 @dataclasses.dataclass
 class PreparedBatch:
     """Right-padded prompt rows and everything index-like the jitted prefill needs."""
@@ -71,23 +95,7 @@ def prepare_batch(model: QwenVLModel, rows: Sequence[Sequence[int]], pixel_value
     for b, r in enumerate(rows):
         ids[b, : len(r)] = r
         valid[b, : len(r)] = True
-    is_image = (ids == cfg.image_token_id) & valid
-    grids = None if image_grid_thw is None or len(image_grid_thw) == 0 else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    n_image_tokens = int(is_image.sum())
-    n_expected = int(image_token_counts(grids, cfg.vision.spatial_merge_size).sum()) if grids is not None else 0
-    if n_image_tokens != n_expected:
-        raise ValueError(
-            f"the prompts hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but the images' grids "
-            f"imply {n_expected}; expand each image placeholder with the processor"
-        )
-    positions, delta = get_rope_index(ids, valid, grids, image_token_id=cfg.image_token_id,
-                                      spatial_merge_size=cfg.vision.spatial_merge_size)
-    gather = np.where(is_image, np.cumsum(is_image.ravel()).reshape(is_image.shape) - 1, -1)
-    vision = None
-    if grids is not None:
-        n_patches = int(grids.prod(-1).sum())
-        vin = prepare_vision_inputs(pixel_values, grids, cfg, patch_bucket(n_patches, cfg.vision.merge_unit))
-        vision = {k: v for k, v in dataclasses.asdict(vin).items() if k != "num_valid_tokens"}
+    positions, delta, gather, vision = _image_indices(cfg, ids, valid, pixel_values, image_grid_thw)
     return PreparedBatch(ids.astype(np.int32), lengths, positions.astype(np.int32), delta.astype(np.int32),
                          gather.astype(np.int32), vision)
 
@@ -205,20 +213,8 @@ def forward(model: QwenVLModel, input_ids, attention_mask=None, pixel_values=Non
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {ids.shape}")
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    cfg = model.cfg
-    grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    is_image = (ids == cfg.image_token_id) & mask
-    n_expected = 0 if grids is None else int(image_token_counts(grids, cfg.vision.spatial_merge_size).sum())
-    if int(is_image.sum()) != n_expected:
-        raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but image_grid_thw implies {n_expected}")
-    positions, _ = get_rope_index(ids, mask, grids, image_token_id=cfg.image_token_id,
-                                  spatial_merge_size=cfg.vision.spatial_merge_size)
-    gather = np.where(is_image, np.cumsum(is_image.ravel()).reshape(ids.shape) - 1, -1)
-    vision = None
-    if grids is not None:
-        n_patches = int(grids.prod(-1).sum())
-        vin = prepare_vision_inputs(pixel_values, grids, cfg, patch_bucket(n_patches, cfg.vision.merge_unit))
-        vision = _vision_arrays({k: v for k, v in dataclasses.asdict(vin).items() if k != "num_valid_tokens"})
+    positions, _, gather, vision = _image_indices(model.cfg, ids, mask, pixel_values, image_grid_thw)
+    vision = _vision_arrays(vision)
     graphdef, state = nnx.split(model)
     return _forward(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(positions, jnp.int32),
                     jnp.asarray(gather, jnp.int32), vision)
