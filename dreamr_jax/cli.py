@@ -38,8 +38,6 @@ def _reasoner(args):
 
 
 def _reason(args):
-    from .spec.timeline import project  # noqa: F401
-
     cfg, reasoner = _reasoner(args)
     trace = reasoner.solve(args.question, image=args.image, method=args.method or cfg.spec.method)
     for i, step in enumerate(trace.steps, 1):

@@ -95,7 +95,6 @@ def main():
         print(f"{m}: wall / (draft wall {report['draft']['wall_s']:.3f} + checks {check_time:.3f}) = {ratios[m]:.2f} "
               f"(goal <= 1.20: {'met' if ratios[m] <= 1.2 else 'missed'}); projected / same = "
               f"{report[m]['projected_s'] / budget:.2f}; speedup over target {report['target']['wall_s'] / report[m]['wall_s']:.2f}x")
-    ratio = ratios["dreamr"]
     out = {"report": report, "ratio_over_draft_plus_checks": ratios, "same_text_as_draft": same_text, "compiles_in_measured_pass": compiles[0],
            "settings": vars(args), "devices": [str(d) for d in jax.devices()]}
     if args.json:

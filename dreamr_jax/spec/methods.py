@@ -8,11 +8,8 @@ cache-length change, and every check reuses the target's cached prefix.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..sampling import SamplingParams

@@ -138,8 +138,6 @@ class SpeculativeReasoner:
         its error and the run goes on."""
         from tqdm import tqdm
 
-        from ..processing import load_image  # noqa: F401  (images are decoded lazily per record)
-
         methods = list(methods or [self.config.method])
         records = list(records)
         results = []

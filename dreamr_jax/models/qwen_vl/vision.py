@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import VisionConfig
-from .text import GatedMLP, Linear, RMSNorm, activation, apply_rotary, attention, rotate_half  # noqa: F401
+from .text import GatedMLP, Linear, RMSNorm, activation, apply_rotary, attention
 
 
 class LayerNorm(nnx.Module):
