@@ -18,14 +18,14 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    keys: tuple  # per layer (B, L, kv_heads, head_dim)
+    keys: tuple  # per layer (B, kv_heads, L, head_dim): the layout attention reads without transposing
     values: tuple
     lengths: jax.Array  # (B,) int32
     rope_delta: jax.Array  # (B,) int32
 
     @classmethod
     def create(cls, *, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        shape = (batch, max_len, kv_heads, head_dim)
+        shape = (batch, kv_heads, max_len, head_dim)
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
@@ -39,7 +39,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     def truncate(self, lengths) -> "KVCache":
         """Roll rows back to `lengths` (B,) (never forward: a longer value keeps the current length)."""
@@ -56,5 +56,5 @@ class KVCache:
         extra = max_len - self.max_len
         if extra <= 0:
             return self
-        pad = lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0)))  # noqa: E731
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
         return self.replace(keys=tuple(map(pad, self.keys)), values=tuple(map(pad, self.values)))

@@ -547,7 +547,7 @@ def test_kv_rollback_is_exact(loaded, reject_all, refs, image_file):
     assert int(ctx.cache.lengths[0]) == int(fresh.cache.lengths[0]) == len(ids) + len(a + b)
     n = len(ids) + len(a + b)
     for k1, k2 in zip(ctx.cache.keys + ctx.cache.values, fresh.cache.keys + fresh.cache.values):
-        np.testing.assert_allclose(np.asarray(k1)[0, :n], np.asarray(k2)[0, :n], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(k1)[0, :, :n], np.asarray(k2)[0, :, :n], atol=1e-5)  # (B, K, L, D)
     scratch = np.asarray(forward(target_model, np.array([ids + a + b]), pixel_values=pix, image_grid_thw=grids))[0, -1]
     err = max(np.abs(logits - fresh_logits).max(), np.abs(logits[0] - scratch).max())
     print(f"\nrollback: max |logits - fresh| {np.abs(logits - fresh_logits).max():.2e}, vs scratch "

@@ -61,18 +61,20 @@ def text_rotary(positions_3bs, inv_freq, axis_per_freq, dtype):
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def attention(q, k, v, mask, scale):
+def attention(q, k, v, mask, scale, kv_layout: str = "blkd"):
     """Grouped-query attention without repeating K/V.
 
-    q (B, S, H, D); k, v (B, L, K, D); mask (B, S, L) bool (True = may attend). Softmax in float32.
+    q (B, S, H, D); k, v (B, L, K, D) ("blkd", fresh projections) or (B, K, L, D) ("bkld", the
+    KV cache's layout, which the score and value matmuls read without a per-step transpose);
+    mask (B, S, L) bool (True = may attend). Softmax in float32.
     """
     b, s, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[2] if kv_layout == "blkd" else k.shape[1]
     q = q.reshape(b, s, kv, h // kv, d)
-    scores = jnp.einsum("bskgd,blkd->bkgsl", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"bskgd,{kv_layout}->bkgsl", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgsl,blkd->bskgd", probs, v)
+    out = jnp.einsum(f"bkgsl,{kv_layout}->bskgd", probs, v)
     return out.reshape(b, s, h, d)
 
 
@@ -104,7 +106,7 @@ class TextAttention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x, cos, sin, mask, layer_cache, write_slots):
-        """x (B, S, E). layer_cache: None (attend over x itself) or (k_cache, v_cache) (B, L, K, D)
+        """x (B, S, E). layer_cache: None (attend over x itself) or (k_cache, v_cache) (B, K, L, D)
         with the new keys written at `write_slots` (B, S). Returns (out, new layer cache)."""
         b, s, _ = x.shape
         d = self.cfg.head_dim
@@ -118,11 +120,13 @@ class TextAttention(nnx.Module):
             k_cache, v_cache = layer_cache
             rows = jnp.arange(b)[:, None]
             # mode="drop": slots past the end (padding tokens of a full cache) are discarded, never clamped.
-            k_cache = k_cache.at[rows, write_slots].set(k.astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[rows, write_slots].set(v.astype(v_cache.dtype), mode="drop")
-            k, v = k_cache, v_cache
+            # (rows, :, slots) indexes (B, S) positions; the updates are (B, S, K, D)
+            k_cache = k_cache.at[rows, :, write_slots].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, :, write_slots].set(v.astype(v_cache.dtype), mode="drop")
             layer_cache = (k_cache, v_cache)
-        out = attention(q, k, v, mask, d**-0.5)
+            out = attention(q, k_cache, v_cache, mask, d**-0.5, kv_layout="bkld")
+        else:
+            out = attention(q, k, v, mask, d**-0.5)
         return self.o_proj(out.reshape(b, s, -1)), layer_cache
 
 
