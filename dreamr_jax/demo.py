@@ -42,6 +42,21 @@ def tiny_qwen3_vl_config(vocab_size: int = 151936) -> dict:
     }
 
 
+def write_processor_files(folder: str, *, shortest_edge: int, longest_edge: int) -> None:
+    """Next to a checkpoint's weights: the real Qwen tokenizer files, the Qwen-VL chat template
+    and a Qwen3-VL preprocessor config bounded to small images (fast on a CPU)."""
+    from .processing import QWEN_VL_CHAT_TEMPLATE, qwen_tokenizer_dir
+
+    for name in os.listdir(qwen_tokenizer_dir()):
+        shutil.copy(os.path.join(qwen_tokenizer_dir(), name), folder)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
+                   "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                   "size": {"shortest_edge": shortest_edge, "longest_edge": longest_edge}}, f, indent=2)
+    with open(os.path.join(folder, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": QWEN_VL_CHAT_TEMPLATE}, f)
+
+
 def build_demo_checkpoint(folder: str = DEMO_DIR, seed: int = 0) -> str:
     """Random weights + the real Qwen tokenizer + a small-image preprocessor config."""
     from flax import nnx
@@ -49,19 +64,11 @@ def build_demo_checkpoint(folder: str = DEMO_DIR, seed: int = 0) -> str:
     from .models.qwen_vl.config import QwenVLConfig
     from .models.qwen_vl.model import QwenVLModel
     from .models.qwen_vl.params import save_state
-    from .processing import QWEN_VL_CHAT_TEMPLATE, qwen_tokenizer_dir
 
     config = tiny_qwen3_vl_config()
     model = QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(seed))
     save_state(model, folder, config)
-    for name in os.listdir(qwen_tokenizer_dir()):
-        shutil.copy(os.path.join(qwen_tokenizer_dir(), name), folder)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
-                   "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                   "size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 256 * 256}}, f, indent=2)
-    with open(os.path.join(folder, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": QWEN_VL_CHAT_TEMPLATE}, f)
+    write_processor_files(folder, shortest_edge=32 * 32 * 4, longest_edge=256 * 256)
     return folder
 
 

@@ -7,19 +7,15 @@ that it wins on about 12% of positions: the models then write steps of varied le
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreamr_jax.demo import tiny_qwen3_vl_config
+from dreamr_jax.demo import tiny_qwen3_vl_config, write_processor_files
 from dreamr_jax.generation import forward
 from dreamr_jax.models.qwen_vl.config import QwenVLConfig
 from dreamr_jax.models.qwen_vl.model import QwenVLModel
 from dreamr_jax.models.qwen_vl.params import save_state
-from dreamr_jax.processing import QWEN_VL_CHAT_TEMPLATE, qwen_tokenizer_dir
 
 DELIMITER = 271  # "\n\n" in the Qwen vocabulary
 
@@ -57,13 +53,5 @@ def build_spec_model(folder: str, seed: int, hidden: int = 64, layers: int = 2, 
     kernel[:, DELIMITER] = u * np.quantile(ratio, rate)
     model.lm_head.kernel[...] = jnp.asarray(kernel)
     save_state(model, folder, config)
-    for name in os.listdir(qwen_tokenizer_dir()):
-        shutil.copy(os.path.join(qwen_tokenizer_dir(), name), folder)
-    import json
-
-    with open(os.path.join(folder, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": QWEN_VL_CHAT_TEMPLATE}, f)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump({"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
-                   "image_std": [0.5] * 3, "size": {"shortest_edge": 1024, "longest_edge": 64 * 64}}, f)
+    write_processor_files(folder, shortest_edge=1024, longest_edge=64 * 64)
     return folder
