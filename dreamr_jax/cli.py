@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -21,9 +20,9 @@ def _generate(args):
 
 
 def _demo(args):
-    from .demo import DEMO_DIR, run_demo
+    from .demo import DEFAULT_CONFIG, run_demo
 
-    run_demo(args.folder or DEMO_DIR, max_new_tokens=args.max_new_tokens)
+    run_demo(args.out, count=args.count, config=args.config or DEFAULT_CONFIG)
 
 
 def _reasoner(args):
@@ -53,36 +52,12 @@ def _reason(args):
 
 
 def _eval(args):
-    import os
+    from .evaluate import read_records, run_eval
 
-    from .evaluate import format_table, plot_speedup_vs_acceptance, plot_timeline, read_records, summarise
-
-    cfg, reasoner = _reasoner(args)
+    _, reasoner = _reasoner(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "target" not in methods:
-        methods = ["target"] + methods  # speedups are measured against target alone in the same run
     records = read_records(args.data)[: args.limit or None]
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.jsonl")
-    if os.path.exists(results_path):
-        os.remove(results_path)
-    if args.warmup and records:
-        for m in methods:  # compile every program once so the timings are steady-state
-            try:
-                reasoner.solve(records[0]["question"], records[0].get("image"), method=m)
-            except Exception:
-                pass
-    results = reasoner.solve_many(records, output=results_path, methods=methods)
-    rows = summarise(results, methods)
-    table = format_table(rows)
-    print(table)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    plot_speedup_vs_acceptance(rows, os.path.join(args.out, "speedup_vs_acceptance.png"))
-    dreamr = [r for r in results if r["method"] == "dreamr" and r["status"] == "ok"]
-    if dreamr:
-        plot_timeline(dreamr[0]["trace"], os.path.join(args.out, "fpsr_timeline.png"))
-    print(f"\nresults: {results_path}\nplots: {args.out}/speedup_vs_acceptance.png, {args.out}/fpsr_timeline.png")
+    run_eval(reasoner, records, methods, args.out, warmup=args.warmup)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[])
     e.set_defaults(func=_eval)
 
-    d = sub.add_parser("demo", help="run the embedded end-to-end demo (offline)")
-    d.add_argument("--folder", default=None)
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d = sub.add_parser("demo", help="every method on the embedded world with the shipped pair (offline)")
+    d.add_argument("--out", default="out/demo", help="table, plots and traces go here")
+    d.add_argument("--count", type=int, default=100, help="synthetic test problems")
+    d.add_argument("--config", default=None, help="pair config (default configs/synthetic.yaml)")
     d.set_defaults(func=_demo)
     return p
 

@@ -28,18 +28,22 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit (names the file and key)."""
 
 
-def _build(cls, data: dict, where: str):
+_NESTED = {"spec": SpecConfig, "steps": StepConfig, "keywords": Keywords}
+
+
+def _build(cls, data: dict, where: str, nested: dict | None = None):
+    """cls(**data) with nested mappings built as their dataclasses; errors name file and key."""
+    nested = _NESTED if nested is None else nested
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
-    nested = {"spec": SpecConfig, "steps": StepConfig, "keywords": Keywords}
     kwargs = {}
     for key, value in data.items():
         if key in nested and isinstance(value, dict):
-            value = _build(nested[key], value, f"{where}.{key}")
+            value = _build(nested[key], value, f"{where}.{key}", nested)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -65,7 +69,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> PairConfig:
+def read_yaml(path: str, overrides: list[str] | None = None) -> dict:
+    """A YAML mapping with `a.b=value` overrides applied; errors name the file."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -73,4 +78,8 @@ def load_config(path: str, overrides: list[str] | None = None) -> PairConfig:
         raise ConfigError(f"{path}: no such config file") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    return _build(PairConfig, apply_overrides(data, overrides or []), path)
+    return apply_overrides(data, overrides or [])
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> PairConfig:
+    return _build(PairConfig, read_yaml(path, overrides), path)

@@ -1,8 +1,6 @@
-"""The embedded demo: a tiny random Qwen3-VL checkpoint with the real Qwen tokenizer, run
-through the whole pipeline (load, process an image, prefill, jitted decode) offline.
+"""`make demo` (`dreamr demo`): every method on the embedded world with the shipped pair.
 
-Until the speculative engine lands the weights are random, so the text is gibberish; the
-point is that every stage runs and how fast. `make demo` calls `dreamr demo`.
+Also the tiny random-weight Qwen3-VL checkpoints (real Qwen tokenizer) the tests build.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import os
 import shutil
 import time
 
-import numpy as np
 
 DEMO_DIR = os.path.join("out", "demo-qwen3-vl-tiny")
 
@@ -87,31 +84,27 @@ def demo_image(path: str) -> str:
     return path
 
 
-def run_demo(folder: str = DEMO_DIR, max_new_tokens: int = 48) -> dict:
-    import dreamr_jax as dr
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.yaml")
+
+
+def run_demo(out_dir: str = os.path.join("out", "demo"), count: int = 100, config: str = DEFAULT_CONFIG,
+             methods=("target", "draft", "sd", "specreason", "lookahead", "dreamr"), progress: bool = True) -> list[dict]:
+    """`make demo`: the shipped target/draft pair on `count` synthetic test problems with every
+    method; prints the table (accuracy, acceptance, latency, speedup over target alone and the
+    projected speedup) and writes the plots and per-problem traces to `out_dir`."""
+    from .config import load_config
+    from .data import synthetic
+    from .evaluate import read_records, run_eval
+    from .spec import SpeculativeReasoner
 
     t0 = time.perf_counter()
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        print(f"building a tiny random Qwen3-VL checkpoint with the real Qwen tokenizer in {folder} ...")
-        build_demo_checkpoint(folder)
-    image = demo_image(os.path.join(folder, "demo.png"))
-    model = dr.load_model(folder, dtype="float32")
-    proc = dr.load_processor(folder)
-    question = "How many shapes are in the picture, and what is the sum of the digits?"
-    timings = {}
-    for attempt in ("first call (compiles)", "second call (compiled)"):
-        t = time.perf_counter()
-        out = dr.generate(model, proc, [question, "Describe the picture."], images=[image, image],
-                          max_new_tokens=max_new_tokens, stop=(), temperature=0.7, top_p=0.9, seed=1)
-        timings[attempt] = time.perf_counter() - t
-    n_tokens = sum(len(t) for t in out.token_ids)
-    grid = proc.process_images([image])[1][0].tolist()
-    print(f"image {image}: grid {grid} -> {int(np.prod(grid)) // 4} image tokens")
-    for q, text, ids in zip([question, "Describe the picture."], out.texts, out.token_ids):
-        print(f"\nQ: {q}\nA ({len(ids)} tokens, random weights): {text[:200]!r}")
-    print()
-    for k, v in timings.items():
-        print(f"generate, batch 2, {max_new_tokens} new tokens, {k}: {v:.2f} s")
-    print(f"steady state: {n_tokens / timings['second call (compiled)']:.0f} tokens/s (prefill with image included)")
-    print(f"demo total {time.perf_counter() - t0:.1f} s")
-    return {"timings": timings, "texts": out.texts}
+    cfg = load_config(config)
+    data = synthetic.write_split(os.path.join(out_dir, "data"), "test", count)
+    reasoner = SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype)
+    t = reasoner.target.model.cfg.text
+    d = reasoner.draft.model.cfg.text
+    print(f"target: {cfg.target} ({t.num_hidden_layers} layers x {t.hidden_size}); "
+          f"draft: {cfg.draft} ({d.num_hidden_layers} layers x {d.hidden_size}); {count} synthetic test problems")
+    rows = run_eval(reasoner, read_records(data), methods, out_dir, progress=progress)
+    print(f"demo total {time.perf_counter() - t0:.0f} s")
+    return rows

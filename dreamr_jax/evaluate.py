@@ -12,7 +12,7 @@ from .data.grading import answers_match
 
 
 def read_records(path: str) -> list[dict]:
-    """JSONL records {question, image?, answer?, id?}; image paths are relative to the file."""
+    """JSONL records {question, image? / images?, answer?, id?}; image paths are relative to the file."""
     base = os.path.dirname(os.path.abspath(path))
     records = []
     with open(path) as f:
@@ -28,6 +28,8 @@ def read_records(path: str) -> list[dict]:
             image = record.get("image")
             if image and not os.path.isabs(image):
                 record["image"] = os.path.join(base, image)
+            if record.get("images"):  # several images (MMMU, Geo3K): paths relative to the file too
+                record["images"] = [p if os.path.isabs(p) else os.path.join(base, p) for p in record["images"]]
             records.append(record)
     return records
 
@@ -121,3 +123,36 @@ def plot_timeline(trace: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str, *, warmup: bool = True,
+             progress: bool = True) -> list[dict]:
+    """Solve `records` with each method, then write results.jsonl, summary.json, the table and
+    the two plots to `out_dir`. `target` is always run: speedups are against it, same run."""
+    methods = list(methods)
+    if "target" not in methods:
+        methods = ["target"] + methods
+    os.makedirs(out_dir, exist_ok=True)
+    results_path = os.path.join(out_dir, "results.jsonl")
+    if os.path.exists(results_path):
+        os.remove(results_path)
+    if warmup and records:
+        for m in methods:  # compile every program once so the timings are steady-state
+            try:
+                reasoner.solve(records[0]["question"], records[0].get("image"), method=m)
+            except Exception:  # a failing method is reported per record below
+                pass
+    results = reasoner.solve_many(records, output=results_path, methods=methods, progress=progress)
+    rows = summarise(results, methods)
+    table = format_table(rows)
+    print(table)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    plot_speedup_vs_acceptance(rows, os.path.join(out_dir, "speedup_vs_acceptance.png"))
+    dreamr = [r for r in results if r["method"] == "dreamr" and r["status"] == "ok"]
+    if dreamr:
+        plot_timeline(dreamr[0]["trace"], os.path.join(out_dir, "fpsr_timeline.png"))
+    print(f"\nresults: {results_path}\nplots: {out_dir}/speedup_vs_acceptance.png, {out_dir}/fpsr_timeline.png")
+    return rows

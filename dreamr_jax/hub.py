@@ -16,6 +16,10 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> str:
     """A folder holding `config.json`. Hub ids go through the Hugging Face cache (offline
     works when the files are cached, or with HF_HUB_OFFLINE=1)."""
     path = os.fspath(path_or_hub_id)
+    if path.startswith("asset:"):  # the shipped models of the embedded world, e.g. "asset:target"
+        from .assets import path as asset_path
+
+        path = asset_path(path.split(":", 1)[1])
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise NotACheckpointError(f"{path}: not a checkpoint folder (no config.json)")

@@ -226,13 +226,16 @@ def load_processor(path_or_hub_id=None, *, tokenizer_path: str | None = None, **
                              ("merge_size", "spatial_merge_size")):
             if theirs in vision:
                 image_kwargs[ours] = vision[theirs]
-        pre = _read_json(os.path.join(folder, "preprocessor_config.json"))
+    # Processor files come from the checkpoint, else from a tokenizer folder that carries them.
+    files_dir = folder or tokenizer_path
+    if files_dir is not None and os.path.isdir(files_dir):
+        pre = _read_json(os.path.join(files_dir, "preprocessor_config.json"))
         if pre:
             keep = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size",
                     "min_pixels", "max_pixels", "do_resize", "do_rescale", "rescale_factor", "do_normalize",
                     "do_convert_rgb")
             image_kwargs.update({k: v for k, v in pre.items() if k in keep})
-        chat_template = _chat_template_of(folder)
+        chat_template = _chat_template_of(files_dir)
     image_kwargs.update(image_overrides)
     if "min_pixels" in image_kwargs or "max_pixels" in image_kwargs:
         size = dict(image_kwargs.get("size", {}))

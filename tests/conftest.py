@@ -110,3 +110,31 @@ def image_prompt(rng, grids_per_row, merge=2, text_len=(5, 9)):
             row += list(rng.integers(0, 400, rng.integers(*text_len)))
         rows.append(row)
     return rows
+
+
+# ---- the embedded world ---------------------------------------------------------------------------
+
+# A tiny Qwen3-VL for the world's tokenizer and 96x96 images (trainer and pipeline tests).
+TINY_WORLD_ARCH = dict(hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+                       num_key_value_heads=1, vision_hidden_size=32, vision_depth=1)
+
+
+@pytest.fixture(scope="session")
+def world_token_ids():
+    import dreamr_jax as dr
+    from dreamr_jax import assets
+    from dreamr_jax.sft import token_ids_of
+
+    return token_ids_of(dr.load_processor(tokenizer_path=assets.path("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tiny_world_model(world_token_ids):
+    from flax import nnx
+
+    from dreamr_jax.assets import qwen3_vl_config
+    from dreamr_jax.models.qwen_vl.config import QwenVLConfig
+    from dreamr_jax.models.qwen_vl.model import QwenVLModel
+
+    config = qwen3_vl_config(token_ids=world_token_ids, **TINY_WORLD_ARCH)
+    return QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(0))

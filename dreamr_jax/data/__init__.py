@@ -1,1 +1,2 @@
-"""Data: records, answer grading (the benchmark loaders and the synthetic world come later)."""
+"""Data: the paper's data sets (`datasets`), answer extraction and grading (`grading`), the
+embedded synthetic world (`synthetic`, `world_tokenizer`) and its training pipeline (`pipeline`)."""

@@ -21,6 +21,13 @@ SPECREASON_PROMPT = (
 )
 SPECREASON_PREFIX = "I think the quality score is: "
 
+
+
+def specreason_suffix(prompt: str = SPECREASON_PROMPT, prefix: str = SPECREASON_PREFIX) -> str:
+    """Text after a candidate step for SpecReason's forced 0-9 score."""
+    return f"<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{prefix}"
+
+
 LOOKAHEAD_PROMPT = (
     "Do the following two reasoning steps state the same thing? Answer [aligned] if they are semantically "
     "equivalent, [unaligned] if they are not.\nStep A: {a}\nStep B: {b}"
@@ -41,6 +48,8 @@ class SpecConfig:
     instruction: str = REASONING_INSTRUCTION
     judge_instruction: str = JUDGE_INSTRUCTION
     specreason_threshold: int = 7  # accept a drafted step when its 0-9 score is >= this
+    specreason_prompt: str = SPECREASON_PROMPT
+    specreason_prefix: str = SPECREASON_PREFIX  # the assistant turn is forced to start with this
     lookahead_judge: str = "model"  # "model" | "always" (judge says aligned) | "never"
     sd_tokens: int = 4  # draft tokens proposed per target verification
     fallback_chunk: int = 4  # FPSR decodes the target's fallback step in chunks this long

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..sampling import SamplingParams
-from .config import LOOKAHEAD_PROMPT, SPECREASON_PREFIX, SPECREASON_PROMPT, SpecConfig
+from .config import LOOKAHEAD_PROMPT, SpecConfig, specreason_suffix
 from .roles import Context, Role, write_many
 from .steps import final_answer
 from .tbvm import cpn_rho, judge_suffix, keyword_token_ids
@@ -51,9 +51,8 @@ class StepEngine:
         self.stop_ids = tuple(sorted(set(self.delimiter_ids) | set(self.eos_ids)))
         self.positive_id, self.negative_id = keyword_token_ids(tok, config.keywords)
         self.judge_ids = tok.encode(judge_suffix(instruction=config.judge_instruction), add_special_tokens=False)
-        self.specreason_ids = tok.encode(
-            f"<|im_end|>\n<|im_start|>user\n{SPECREASON_PROMPT}<|im_end|>\n<|im_start|>assistant\n{SPECREASON_PREFIX}",
-            add_special_tokens=False)
+        self.specreason_ids = tok.encode(specreason_suffix(config.specreason_prompt, config.specreason_prefix),
+                                         add_special_tokens=False)
         self.digit_ids = [tok.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
         self.draft_params = SamplingParams(config.draft_temperature, 0, config.top_p if config.draft_temperature else 1.0)
         self.target_params = SamplingParams(config.target_temperature, 0, config.top_p if config.target_temperature else 1.0)

@@ -132,7 +132,7 @@ class SpeculativeReasoner:
 
     def solve_many(self, records: Iterable[dict], output: str | None = None, methods: Sequence[str] | None = None,
                    progress: bool = True) -> list[dict]:
-        """Solve records ({'question', 'image'?, 'answer'?, 'id'?}) with each method.
+        """Solve records ({'question', 'image'? or 'images'?, 'answer'?, 'id'?}) with each method.
 
         Results stream to `output` (JSONL) as they finish; a record that fails is written with
         its error and the run goes on."""
@@ -148,7 +148,7 @@ class SpeculativeReasoner:
                 for method in methods:
                     row = {"id": record.get("id", idx), "method": method, "reference": record.get("answer")}
                     try:
-                        trace = self.solve(record["question"], record.get("image"), method=method)
+                        trace = self.solve(record["question"], record.get("images") or record.get("image"), method=method)
                         row.update(status="ok", trace=trace.to_dict())
                     except Exception as e:  # one bad record must not stop the run
                         row.update(status="failed", error=f"{type(e).__name__}: {e}",

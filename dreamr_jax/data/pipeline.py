@@ -1,0 +1,141 @@
+"""Training examples as token ids + loss weights, and the grain pipeline that batches them.
+
+Examples are tokenized exactly the way the speculative engine builds its sequences, piece by
+piece: the chat prompt with its image, then each step as `encode(step + "\\n\\n")`, then (for
+judging) the candidate step, `judge_suffix(...)` and the verdict keyword. So the target learns
+the CPN check on the very token sequences `StepEngine.cpn_scores` feeds it.
+
+Two kinds of example:
+- solution: prompt + all reference steps; every step token is supervised;
+- judging: prompt + the correct steps before position k (supervised) + a candidate step
+  (not supervised: it may be wrong) + the judging suffix + the verdict (supervised with
+  `verdict_weight`); a `specreason_fraction` of them use SpecReason's scoring suffix instead,
+  with the score 9 (correct) or 0 (wrong) as the verdict.
+
+Batches are fixed-shape (B, seq_len) with one 96x96 image per row, so one train step compiles
+once. The iterator is a grain `DatasetIterator` whose state is checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..models.qwen_vl.rope_index import get_rope_index, prepare_vision_inputs
+from ..spec.config import specreason_suffix
+from ..spec.tbvm import Keywords, judge_suffix, keyword_token_ids
+from . import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    seed: int = 0  # the world's seed (problem i of a split is fixed by it)
+    split: str = "train"
+    judging_fraction: float = 0.5  # share of judging examples (0 for a draft: it never judges)
+    verdict_weight: float = 4.0  # loss weight of the verdict token relative to a step token
+    seq_len: int = 192
+    # Share of judging examples asked in SpecReason's format (a forced 0-9 score; trained to
+    # answer 9 for a correct step and 0 for a wrong one), so the `specreason` baseline has a
+    # scorer trained as much as the CPN judge.
+    specreason_fraction: float = 0.25
+    instruction: str = synthetic.INSTRUCTION
+    judge_instruction: str = synthetic.JUDGE_INSTRUCTION
+    specreason_prompt: str = synthetic.SPECREASON_PROMPT
+    specreason_prefix: str = synthetic.SPECREASON_PREFIX
+
+
+class WorldEncoder:
+    """Token ids, loss weights and image patches of the world's training examples."""
+
+    def __init__(self, processor, config: DataConfig):
+        self.proc, self.config = processor, config
+        tok = processor.tokenizer
+        self.positive_id, self.negative_id = keyword_token_ids(tok, Keywords())
+        self.judge_ids = tok.encode(judge_suffix(instruction=config.judge_instruction), add_special_tokens=False)
+        self.specreason_ids = tok.encode(specreason_suffix(config.specreason_prompt, config.specreason_prefix),
+                                         add_special_tokens=False)
+        self.score_ids = {score: tok.encode(str(score), add_special_tokens=False)[0] for score in (0, 9)}
+        self.pad_id = processor.pad_token_id
+
+    def _steps(self, texts) -> list[list[int]]:
+        return [self.proc.tokenizer.encode(t + "\n\n", add_special_tokens=False) for t in texts]
+
+    def _prompt(self, problem: synthetic.WorldProblem) -> dict:
+        text = self.proc.user_prompt(f"{self.config.instruction}\n\n{problem.question}", 1)
+        return self.proc.encode(text, [problem.image()])
+
+    def example(self, index: int) -> dict:
+        """Training example `index`: deterministic in (seed, split, index)."""
+        cfg = self.config
+        problem = synthetic.make_problem(cfg.seed, cfg.split, index)
+        rng = np.random.default_rng([cfg.seed, 7, index])
+        enc = self._prompt(problem)
+        ids = list(enc["input_ids"])
+        weights = [0.0] * len(ids)
+        label = -1
+        if rng.random() < cfg.judging_fraction:
+            ex = synthetic.judging_example(problem, rng)
+            for step in self._steps(ex.context_steps):
+                ids += step
+                weights += [1.0] * len(step)
+            if rng.random() < cfg.specreason_fraction:
+                candidate = self._steps([ex.candidate])[0] + self.specreason_ids
+                verdict = self.score_ids[9 if ex.label else 0]
+            else:
+                candidate = self._steps([ex.candidate])[0] + self.judge_ids
+                verdict = self.positive_id if ex.label else self.negative_id
+                label = int(ex.label)
+            ids += candidate + [verdict]
+            weights += [0.0] * len(candidate) + [cfg.verdict_weight]
+        else:
+            for step in self._steps(problem.steps):
+                ids += step
+                weights += [1.0] * len(step)
+        if len(ids) > cfg.seq_len:
+            raise ValueError(f"example {index} ({problem.kind}) has {len(ids)} tokens > seq_len {cfg.seq_len}; "
+                             "raise data.seq_len")
+        n = len(ids)
+        pad = cfg.seq_len - n
+        return {
+            "input_ids": np.asarray(ids + [self.pad_id] * pad, np.int32),
+            "weights": np.asarray(weights + [0.0] * pad, np.float32),
+            "length": np.int32(n),
+            "verdict_label": np.int32(label),  # 1 / 0 for CPN judging examples, -1 otherwise
+            "pixel_values": np.asarray(enc["pixel_values"], np.float32),
+            "image_grid_thw": np.asarray(enc["image_grid_thw"], np.int64).reshape(3),
+        }
+
+
+def collate(batch: dict, model_cfg) -> dict:
+    """Stacked examples -> model inputs: 3-D positions, image gather index, vision inputs."""
+    ids = batch["input_ids"]
+    b, s = ids.shape
+    valid = np.arange(s)[None, :] < batch["length"][:, None]
+    grids = batch["image_grid_thw"].reshape(-1, 3)
+    positions, _ = get_rope_index(ids, valid, grids, image_token_id=model_cfg.image_token_id,
+                                  spatial_merge_size=model_cfg.vision.spatial_merge_size)
+    is_image = (ids == model_cfg.image_token_id) & valid
+    gather = np.where(is_image, np.cumsum(is_image.ravel()).reshape(b, s) - 1, -1)
+    pixels = batch["pixel_values"].reshape(-1, batch["pixel_values"].shape[-1])
+    vision = prepare_vision_inputs(pixels, grids, model_cfg, pixels.shape[0])
+    vision = {k: v for k, v in dataclasses.asdict(vision).items() if k != "num_valid_tokens"}
+    return {
+        "input_ids": ids.astype(np.int32),
+        "weights": batch["weights"].astype(np.float32),
+        "valid": valid,
+        "verdict_label": batch["verdict_label"].astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "image_gather": gather.astype(np.int32),
+        "vision": vision,
+    }
+
+
+def world_dataset(encoder: WorldEncoder, model_cfg, batch_size: int, *, num_examples: int = 10**8,
+                  process_index: int = 0, process_count: int = 1):
+    """grain MapDataset of collated batches; each process reads its own slice of the examples."""
+    import grain
+
+    ds = grain.MapDataset.range(num_examples)[process_index::process_count]
+    ds = ds.map(encoder.example).batch(batch_size, drop_remainder=True)
+    return ds.map(lambda batch: collate(batch, model_cfg))

@@ -1,0 +1,113 @@
+"""Rebuild the embedded world's shipped assets from scratch and record how long it took.
+
+    python scripts/build_assets.py [--target-steps N] [--draft-steps N] [--json PATH]
+
+1. trains the world tokenizer (dreamr_jax/assets/synthetic-tokenizer);
+2. SFT of the target (configs/sft_synthetic_target.yaml: solutions + CPN judging);
+3. SFT of the draft (configs/sft_synthetic_draft.yaml: solutions only);
+4. copies both exported HF checkpoints (config.json, float16 safetensors, tokenizer and
+   processor files) into dreamr_jax/assets/synthetic-{target,draft};
+5. measures target-alone and draft-alone accuracy on 100 validation problems and writes
+   dreamr_jax/assets/build_info.json (times, sizes, parameters, accuracies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def folder_mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
+
+
+def count_params(model) -> dict:
+    import jax
+    from flax import nnx
+
+    text = sum(x.size for x in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
+    embed = model.embed_tokens[...].size
+    vision = sum(x.size for x in jax.tree.leaves(nnx.state(model.visual, nnx.Param)))
+    # Per decoded token: every decoder weight once, plus the output head (tied: the embedding).
+    return {"total": text + embed + vision, "decoder": text, "embedding": embed, "vision": vision,
+            "flops_per_token": 2 * (text + embed)}
+
+
+def accuracy(folder: str, count: int, split: str = "val") -> float:
+    from dreamr_jax.config import load_config
+    from dreamr_jax.data import synthetic
+    from dreamr_jax.data.grading import answers_match
+    from dreamr_jax.spec import SpeculativeReasoner
+
+    spec = load_config(os.path.join(ROOT, "configs", "synthetic.yaml")).spec
+    reasoner = SpeculativeReasoner(target=folder, config=spec, method="target")
+    right = 0
+    for p in synthetic.problems(0, split, count):
+        right += answers_match(reasoner.solve(p.question, p.image()).answer, p.answer)
+    return right / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target-steps", type=int, default=None, help="override the target config's steps")
+    parser.add_argument("--draft-steps", type=int, default=None)
+    parser.add_argument("--work", default=os.path.join(ROOT, "out", "assets"), help="training runs go here")
+    parser.add_argument("--skip-training", action="store_true", help="only copy + measure existing runs")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    import dreamr_jax as dr
+    from dreamr_jax import assets
+    from dreamr_jax.data.world_tokenizer import write_tokenizer_files
+    from dreamr_jax.sft import load_sft_config, train
+
+    info = {"seconds": {}}
+    t0 = time.perf_counter()
+    tokenizer_dir = os.path.join(assets.ASSETS_DIR, "synthetic-tokenizer")
+    if not args.skip_training:
+        write_tokenizer_files(tokenizer_dir)
+    info["seconds"]["tokenizer"] = round(time.perf_counter() - t0, 1)
+    for role, steps in (("target", args.target_steps), ("draft", args.draft_steps)):
+        overrides = [f"output_dir={os.path.join(args.work, role)}", f"tokenizer={tokenizer_dir}"]
+        if steps:
+            overrides.append(f"steps={steps}")
+        cfg = load_sft_config(os.path.join(ROOT, "configs", f"sft_synthetic_{role}.yaml"), overrides)
+        t = time.perf_counter()
+        if not args.skip_training:
+            train(cfg)
+        info["seconds"][f"sft_{role}"] = round(time.perf_counter() - t, 1)
+        dest = os.path.join(assets.ASSETS_DIR, f"synthetic-{role}")
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        shutil.copytree(os.path.join(cfg.output_dir, "hf"), dest)
+        model = dr.load_model(dest)
+        info[role] = {"steps": cfg.steps, "batch_size": cfg.batch_size, "mb": round(folder_mb(dest), 2),
+                      "params": count_params(model), "architecture": cfg.model}
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+            info[role]["final_metrics"] = json.loads(f.readlines()[-1])
+    info["draft_cheaper_per_token"] = round(info["target"]["params"]["flops_per_token"]
+                                            / info["draft"]["params"]["flops_per_token"], 2)
+    t = time.perf_counter()
+    for role in ("target", "draft"):
+        info[role]["val_accuracy_100"] = accuracy(os.path.join(assets.ASSETS_DIR, f"synthetic-{role}"), 100)
+    info["seconds"]["evaluation"] = round(time.perf_counter() - t, 1)
+    info["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    info["assets_mb"] = round(sum(folder_mb(os.path.join(assets.ASSETS_DIR, f"synthetic-{r}"))
+                                  for r in ("target", "draft", "tokenizer")), 2)
+    with open(os.path.join(assets.ASSETS_DIR, "build_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The shipped target/draft pair: real HF checkpoints transformers computes identically, within
+the size budget, sharing a tokenizer, the draft much cheaper, the target accurate and a good
+judge; and the demo running every method end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import dreamr_jax as dr
+from dreamr_jax import assets
+from dreamr_jax.data import synthetic
+
+MB = 2**20
+
+
+def _size(folder):
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+@pytest.fixture(scope="module")
+def world_pair():
+    return dr.load_model(assets.path("target")), dr.load_model(assets.path("draft"))
+
+
+@pytest.fixture(scope="module")
+def world_reasoner(world_pair):
+    from dreamr_jax.config import load_config
+    from dreamr_jax.spec import SpeculativeReasoner
+
+    spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec
+    target, draft = world_pair
+    return SpeculativeReasoner(draft=draft, target=target, processor=dr.load_processor(assets.path("target")),
+                               config=spec)
+
+
+def test_assets_fit_the_budget_and_share_a_tokenizer(world_pair):
+    from dreamr_jax.spec.methods import check_same_tokenizer
+
+    total = sum(_size(assets.path(n)) for n in ("target", "draft", "tokenizer"))
+    assert total <= 30 * MB, total / MB
+    check_same_tokenizer(dr.load_processor(assets.path("draft")), dr.load_processor(assets.path("target")))
+    target, draft = world_pair
+    assert target.cfg.family == draft.cfg.family == "qwen3_vl"
+
+    def decoder_flops(m):  # per decoded token: the decoder weights and the (tied) output head
+        import jax
+        from flax import nnx
+
+        return 2 * (sum(x.size for x in jax.tree.leaves(nnx.state(m.layers, nnx.Param))) + m.embed_tokens[...].size)
+
+    assert decoder_flops(target) >= 8 * decoder_flops(draft)
+
+
+def test_shipped_target_matches_transformers(world_pair):
+    import torch
+    import transformers
+
+    target, _ = world_pair
+    proc = dr.load_processor(assets.path("target"))
+    p = synthetic.make_problem(0, "test", 0)
+    enc = proc([proc.user_prompt(f"{synthetic.INSTRUCTION}\n\n{p.question}", 1) + p.steps[0]], [[p.image()]])
+    ours = np.asarray(dr.forward(target, enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
+                                 enc["image_grid_thw"]))
+    ref = transformers.Qwen3VLForConditionalGeneration.from_pretrained(assets.path("target"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]),
+                     pixel_values=torch.tensor(enc["pixel_values"]),
+                     image_grid_thw=torch.tensor(enc["image_grid_thw"])).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_target_reasons_and_judges(world_reasoner):
+    """Greedy target alone on 10 test problems, and its CPN verdicts on judging examples."""
+    right = sum(world_reasoner.solve(p.question, p.image(), method="target").answer == p.answer
+                for p in synthetic.problems(0, "test", 10))
+    assert right >= 9
+
+    engine = world_reasoner.engine("dreamr")
+    rng = np.random.default_rng(1)
+    correct = 0
+    for i in range(24):
+        ex = synthetic.judging_example(synthetic.make_problem(0, "val", i), rng)
+        prompt = world_reasoner.processor.encode(world_reasoner.prompt(ex.problem.question, 1), [ex.problem.image()])
+        ctx = world_reasoner.target.open(prompt["input_ids"], prompt["pixel_values"], prompt["image_grid_thw"],
+                                         capacity=256)
+        tok = world_reasoner.processor.tokenizer
+        context = [t for s in ex.context_steps for t in tok.encode(s + "\n\n")]
+        world_reasoner.target.set_tokens(ctx, context)
+        rho = engine.cpn_scores(ctx, [tok.encode(ex.candidate + "\n\n")])[0]
+        correct += (rho >= 0.7) == ex.label
+    assert correct >= 20, correct
+
+
+def test_demo_runs_every_method(tmp_path, capsys):
+    from dreamr_jax.demo import run_demo
+
+    rows = run_demo(str(tmp_path), count=2, progress=False)
+    assert [r["method"] for r in rows] == ["target", "draft", "sd", "specreason", "lookahead", "dreamr"]
+    assert all(r["failed"] == 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "dreamr" in out and "speedup" in out
+    for name in ("results.jsonl", "summary.json", "speedup_vs_acceptance.png", "fpsr_timeline.png"):
+        assert (tmp_path / name).exists(), name
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 6

@@ -1,0 +1,134 @@
+"""The SFT trainer: its loss against a reference written from the formula, the learning-rate
+schedule, exact resume after a stop at a checkpoint, and data parallelism over 2 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import dreamr_jax as dr
+from dreamr_jax import assets
+from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
+from dreamr_jax.sft import SFTConfig, load_sft_config, make_optimizer, train, weighted_loss
+
+from conftest import TINY_WORLD_ARCH
+
+
+def _cfg(tmp, **kw) -> SFTConfig:
+    base = dict(output_dir=str(tmp), tokenizer=assets.path("tokenizer"), model=TINY_WORLD_ARCH,
+                data=DataConfig(judging_fraction=0.5, seq_len=160), batch_size=4, steps=4, learning_rate=3e-3,
+                warmup_steps=2, checkpoint_every=2, log_every=1)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def test_weighted_loss_matches_reference(tiny_world_model):
+    """Cross-entropy from `dr.forward` logits (the inference path), weighted in numpy."""
+    proc = dr.load_processor(tokenizer_path=assets.path("tokenizer"))
+    enc = WorldEncoder(proc, DataConfig(judging_fraction=0.5, seq_len=160))
+    examples = [enc.example(i) for i in range(4)]
+    host = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch = jax.tree.map(np.asarray, collate(host, tiny_world_model.cfg))
+    loss, metrics = weighted_loss(tiny_world_model, batch, enc.positive_id, enc.negative_id)
+
+    logits = np.asarray(dr.forward(tiny_world_model, host["input_ids"], batch["valid"],
+                                   host["pixel_values"].reshape(-1, host["pixel_values"].shape[-1]),
+                                   host["image_grid_thw"]), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    total, weight = 0.0, 0.0
+    judged, correct = 0, 0
+    for b, e in enumerate(examples):
+        n = int(e["length"])
+        for t in range(1, n):
+            total -= e["weights"][t] * logp[b, t - 1, e["input_ids"][t]]
+            weight += e["weights"][t]
+        if e["verdict_label"] >= 0:
+            judged += 1
+            z = logits[b, n - 2]
+            correct += int((z[enc.positive_id] > z[enc.negative_id]) == bool(e["verdict_label"]))
+    assert judged > 0
+    np.testing.assert_allclose(float(loss), total / weight, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["verdict_accuracy"]), correct / judged)
+
+
+def test_schedule_warms_up_then_decays():
+    import optax
+
+    cfg = SFTConfig(output_dir="x", tokenizer="x", steps=100, warmup_steps=10, learning_rate=1e-3, end_lr_ratio=0.1)
+    tx = make_optimizer(cfg)
+    params = {"w": np.ones(3, np.float32)}
+    state = tx.init(params)
+    grads = {"w": np.full(3, 100.0, np.float32)}  # clipped to global norm 1
+    updates, _ = tx.update(grads, state, params)
+    assert np.all(np.isfinite(updates["w"]))
+    sched = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100, end_value=1e-4)
+    assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1e-3) < 1e-9 and abs(float(sched(100)) - 1e-4) < 1e-9
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("output_dir: a\ntokenizer: b\ndata: {seq_len: 99}\nsteps: 5\n")
+    cfg = load_sft_config(str(path), ["steps=7", "data.judging_fraction=0.25"])
+    assert cfg.steps == 7 and cfg.data.seq_len == 99 and cfg.data.judging_fraction == 0.25
+    path.write_text("output_dir: a\ntokenizer: b\nstepz: 5\n")
+    from dreamr_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stepz"):
+        load_sft_config(str(path))
+
+
+def test_resume_is_exact(tmp_path):
+    """A run stopped right after its step-2 checkpoint and resumed reports the same step-3 and
+    step-4 metrics, and ends with the same weights, as one never stopped."""
+    straight = train(_cfg(tmp_path / "a"), progress=False)
+    stopped = train(_cfg(tmp_path / "b"), progress=False, stop_after=2)
+    assert stopped["step"] == 2
+    resumed = train(_cfg(tmp_path / "b"), progress=False)
+    a = {r["step"]: r for r in straight["history"]}
+    b = {r["step"]: r for r in resumed["history"]}
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "grad_norm", "verdict_accuracy", "token_accuracy", "learning_rate"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+    wa = jax.tree.leaves(nnx.state(straight["model"]))
+    wb = jax.tree.leaves(nnx.state(resumed["model"]))
+    for x, y in zip(wa, wb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # metrics.jsonl holds each step once, and the exported checkpoint loads.
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    model = dr.load_model(str(tmp_path / "b" / "hf"))
+    assert model.cfg.text.num_hidden_layers == 1
+    dr.load_processor(str(tmp_path / "b" / "hf"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fake CPU devices")
+def test_data_parallel_matches_one_device(tmp_path):
+    """Two steps on a 2-device data mesh (fake CPU devices) give the one-device losses."""
+    script = textwrap.dedent(f"""
+        import os, sys, json
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+        import jax
+        jax.config.update("jax_default_matmul_precision", "highest")
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_sft import _cfg
+        from dreamr_jax.sft import train
+        out = train(_cfg(sys.argv[2], steps=2, checkpoint_every=100), progress=False, export=False)
+        print(json.dumps({{"devices": jax.device_count(), "loss": [r["loss"] for r in out["history"]]}}))
+    """)
+    results = {}
+    for n in (1, 2):
+        proc = subprocess.run([sys.executable, "-c", script, str(n), str(tmp_path / f"dp{n}")], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results[2]["devices"] == 2
+    np.testing.assert_allclose(results[2]["loss"], results[1]["loss"], rtol=2e-5)

@@ -1,0 +1,197 @@
+"""The embedded world: problems, images, judging data, the world tokenizer and the training
+examples, each checked against an independent reading of what they must be."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import dreamr_jax as dr
+from dreamr_jax import assets
+from dreamr_jax.data import synthetic
+from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
+from dreamr_jax.spec.steps import final_answer
+from dreamr_jax.spec.tbvm import judge_suffix, keyword_token_ids
+
+
+def _answer_from_grid(p: synthetic.WorldProblem) -> int:
+    """The answer recomputed from the question text and the grid, without the generator."""
+    d = np.array(p.digits)
+    colours = np.array(p.colours)
+    q = p.question
+    row = lambda m: d[int(m) - 1]  # noqa: E731
+    col = lambda m: d[:, int(m) - 1]  # noqa: E731
+    if m := re.fullmatch(r"What is the sum of row (\d)\?", q):
+        return int(row(m[1]).sum())
+    if m := re.fullmatch(r"What is the sum of column (\d)\?", q):
+        return int(col(m[1]).sum())
+    if m := re.fullmatch(r"What is the sum of the (\w+) digits\?", q):
+        return int(d[colours == m[1]].sum())
+    if m := re.fullmatch(r"What is the sum of row (\d) minus the sum of column (\d)\?", q):
+        return int(row(m[1]).sum() - col(m[2]).sum())
+    if m := re.fullmatch(r"What is the largest digit of row (\d) times the smallest digit of column (\d)\?", q):
+        return int(row(m[1]).max() * col(m[2]).min())
+    if m := re.fullmatch(r"What is the sum of row (\d) plus the number of (\w+) digits\?", q):
+        return int(row(m[1]).sum() + (colours == m[2]).sum())
+    if m := re.fullmatch(r"What is the largest (\w+) digit minus the smallest \w+ digit\?", q):
+        v = d[colours == m[1]]
+        return int(v.max() - v.min())
+    raise AssertionError(f"unknown question {q}")
+
+
+def test_problems_are_deterministic_and_answers_follow_from_the_grid():
+    assert synthetic.fingerprint(0, "test", 50) == synthetic.fingerprint(0, "test", 50)
+    assert synthetic.fingerprint(0, "test", 50) != synthetic.fingerprint(1, "test", 50)
+    kinds = Counter()
+    for p in synthetic.problems(0, "test", 300):
+        kinds[p.kind] += 1
+        assert 3 <= len(p.steps) <= 6, p
+        assert str(_answer_from_grid(p)) == p.answer, p
+        assert final_answer("\n\n".join(p.steps)) == p.answer
+        assert all("\n\n" not in s for s in p.steps)
+    assert set(kinds) == set(synthetic.KINDS)
+    with pytest.raises(ValueError, match="split"):
+        synthetic.make_problem(0, "dev", 0)
+
+
+def test_splits_do_not_share_problems():
+    seen = {(p.digits, p.question) for p in synthetic.problems(0, "train", 5000)}
+    assert not any((p.digits, p.question) in seen for p in synthetic.problems(0, "test", 500))
+
+
+def test_image_shows_each_digit_in_its_colour():
+    p = synthetic.make_problem(0, "test", 7)
+    img = np.asarray(p.image())
+    assert img.shape == (96, 96, 3)
+    for r in range(3):
+        for c in range(3):
+            cell = img[32 * r:32 * r + 32, 32 * c:32 * c + 32].astype(int)
+            ink = (cell != 255).any(-1)
+            # The ink is the digit's 5x7 glyph at 4x scale, somewhere in the cell.
+            ys, xs = np.nonzero(ink)
+            crop = ink[ys.min():ys.min() + 28, xs.min() - (xs.min() % 1):xs.min() + 20]
+            glyph = np.kron(synthetic._GLYPHS[str(p.digits[r][c])], np.ones((4, 4), bool))
+            top, left = np.argwhere(glyph).min(0)
+            assert np.array_equal(crop[:28 - top, :20 - left], glyph[top:, left:]), (r, c)
+            # The ink colour is nearest to the named colour.
+            mean = cell[ink].mean(0)
+            nearest = min(synthetic.COLOURS, key=lambda k: np.abs(np.array(synthetic.COLOURS[k]) - mean).sum())
+            assert nearest == p.colours[r][c]
+
+
+def test_judging_negatives_are_realistic_mistakes():
+    rng = np.random.default_rng(0)
+    mistakes = Counter()
+    for i in range(600):
+        p = synthetic.make_problem(0, "train", i)
+        ex = synthetic.judging_example(p, rng)
+        k = len(ex.context_steps)
+        assert ex.context_steps == p.steps[:k]
+        if ex.label:
+            assert ex.candidate == p.steps[k]
+        else:
+            assert ex.candidate != p.steps[k]
+            mistakes[ex.mistake] += 1
+    assert set(mistakes) >= {"misread", "slip", "repeated", "skipped", "wrong_row", "wrong_column", "wrong_answer"}
+    assert 0.4 < sum(mistakes.values()) / 600 < 0.6
+
+
+@pytest.fixture(scope="module")
+def world_processor():
+    return dr.load_processor(tokenizer_path=assets.path("tokenizer"))
+
+
+def test_world_tokenizer_is_qwen_style(world_processor):
+    tok = world_processor.tokenizer
+    assert type(tok).__name__.startswith("Qwen2Tokenizer")
+    assert len(tok) == 512
+    keyword_token_ids(tok)  # both keywords single tokens, bare and spaced
+    assert world_processor.tokens_containing("\n\n")
+    for p in synthetic.problems(0, "test", 20):
+        text = "".join(s + "\n\n" for s in p.steps)
+        assert tok.decode(tok.encode(text)) == text
+        assert all(len(tok.decode([t])) == 1 for t in tok.encode("0123456789"))  # digits one by one
+    for name in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"):
+        assert len(tok.encode(name, add_special_tokens=False)) == 1
+
+
+def test_training_examples_are_the_engines_token_sequences(world_processor):
+    """A judging example is exactly: the reasoner's prompt, each context step encoded as
+    step + "\\n\\n", the candidate likewise, the judging suffix (CPN or SpecReason), the verdict."""
+    from dreamr_jax.spec.config import specreason_suffix
+
+    cfg = DataConfig(judging_fraction=0.6, specreason_fraction=0.3)
+    enc = WorldEncoder(world_processor, cfg)
+    tok = world_processor.tokenizer
+    pos, neg = keyword_token_ids(tok)
+    cpn = tok.encode(judge_suffix(instruction=synthetic.JUDGE_INSTRUCTION), add_special_tokens=False)
+    scoring = tok.encode(specreason_suffix(synthetic.SPECREASON_PROMPT, synthetic.SPECREASON_PREFIX),
+                         add_special_tokens=False)
+    nine, zero = tok.encode("9", add_special_tokens=False)[0], tok.encode("0", add_special_tokens=False)[0]
+    seen = Counter()
+    for index in range(60):
+        ex = enc.example(index)
+        ids = ex["input_ids"][: ex["length"]].tolist()
+        p = synthetic.make_problem(0, "train", index)
+        prompt = world_processor.encode(
+            world_processor.user_prompt(f"{synthetic.INSTRUCTION}\n\n{p.question}", 1), [p.image()])
+        assert ids[: len(prompt["input_ids"])] == prompt["input_ids"]
+        np.testing.assert_array_equal(ex["pixel_values"], prompt["pixel_values"])
+        rest = ids[len(prompt["input_ids"]):]
+        w = ex["weights"][len(prompt["input_ids"]): ex["length"]]
+        if rest[-1 - len(cpn):-1] == cpn or rest[-1 - len(scoring):-1] == scoring:
+            suffix = cpn if rest[-1 - len(cpn):-1] == cpn else scoring
+            kind = "cpn" if suffix is cpn else "specreason"
+            seen[kind] += 1
+            if kind == "cpn":
+                assert rest[-1] == (pos if ex["verdict_label"] == 1 else neg)
+            else:
+                assert ex["verdict_label"] == -1 and rest[-1] in (nine, zero)
+            assert w[-1] == cfg.verdict_weight
+            # Everything before the candidate is correct reference steps, all supervised.
+            steps = tok.decode(rest[: -1 - len(suffix)]).split("\n\n")[:-1]
+            assert steps[:-1] == list(p.steps[: len(steps) - 1])
+            n_context = len(tok.encode("".join(s + "\n\n" for s in steps[:-1])))
+            assert (w[:n_context] == 1).all() and (w[n_context:-1] == 0).all()
+        else:
+            seen["solution"] += 1
+            assert ex["verdict_label"] == -1
+            assert rest == tok.encode("".join(s + "\n\n" for s in p.steps))
+            assert (w == 1).all()
+        assert (ex["weights"][ex["length"]:] == 0).all()
+    assert set(seen) == {"cpn", "specreason", "solution"}
+
+
+def test_world_config_uses_the_prompts_the_models_learned():
+    import os
+
+    from dreamr_jax.config import load_config
+
+    spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec
+    assert spec.instruction == synthetic.INSTRUCTION
+    assert spec.judge_instruction == synthetic.JUDGE_INSTRUCTION
+    assert (spec.specreason_prompt, spec.specreason_prefix) == (synthetic.SPECREASON_PROMPT,
+                                                                synthetic.SPECREASON_PREFIX)
+
+
+def test_collate_matches_the_generation_path(world_processor, tiny_world_model):
+    """Positions, image gather and vision inputs of a training batch equal what
+    `prepare_batch` (the inference path) builds for the same rows."""
+    from dreamr_jax.generation import prepare_batch
+
+    enc = WorldEncoder(world_processor, DataConfig(judging_fraction=0.5, seq_len=160))
+    examples = [enc.example(i) for i in range(3)]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    out = collate(batch, tiny_world_model.cfg)
+    rows = [e["input_ids"][: e["length"]].tolist() for e in examples]
+    ref = prepare_batch(tiny_world_model, rows, np.concatenate([e["pixel_values"] for e in examples]),
+                        np.stack([e["image_grid_thw"] for e in examples]), seq_bucket=160)
+    valid = out["valid"]
+    np.testing.assert_array_equal(out["positions"][:, valid], ref.positions[:, valid])
+    np.testing.assert_array_equal(out["image_gather"], np.where(valid, ref.image_gather, -1))
+    n = out["vision"]["pixel_values"].shape[0]
+    np.testing.assert_array_equal(out["vision"]["pixel_values"], ref.vision["pixel_values"][:n])
+    np.testing.assert_array_equal(out["vision"]["rotary_positions"], ref.vision["rotary_positions"][:n])
