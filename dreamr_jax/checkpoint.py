@@ -2,9 +2,9 @@
 
 One `CheckpointManager` item per part: "model" and "optimizer" (NNX states, restored onto the
 live objects' shardings), "data" (the grain iterator's position, via grain's own orbax
-handler) and "meta" (JSON: step, RNG seeds, anything small). Orbax writes each step to a
+handler) and "meta" (JSON: the step and the run's seed). Orbax writes each step to a
 temporary folder and renames it when complete, so a run killed mid-save leaves the previous
-checkpoint intact; `restore_latest` picks the newest complete one.
+checkpoint intact; `latest_step` names the newest complete one.
 """
 
 from __future__ import annotations

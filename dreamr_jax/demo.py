@@ -5,7 +5,6 @@ Also the tiny random-weight Qwen3-VL checkpoints (real Qwen tokenizer) the tests
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -42,16 +41,11 @@ def tiny_qwen3_vl_config(vocab_size: int = 151936) -> dict:
 def write_processor_files(folder: str, *, shortest_edge: int, longest_edge: int) -> None:
     """Next to a checkpoint's weights: the real Qwen tokenizer files, the Qwen-VL chat template
     and a Qwen3-VL preprocessor config bounded to small images (fast on a CPU)."""
-    from .processing import QWEN_VL_CHAT_TEMPLATE, qwen_tokenizer_dir
+    from .processing import qwen_tokenizer_dir, write_image_processor_files
 
     for name in os.listdir(qwen_tokenizer_dir()):
         shutil.copy(os.path.join(qwen_tokenizer_dir(), name), folder)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
-                   "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                   "size": {"shortest_edge": shortest_edge, "longest_edge": longest_edge}}, f, indent=2)
-    with open(os.path.join(folder, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": QWEN_VL_CHAT_TEMPLATE}, f)
+    write_image_processor_files(folder, shortest_edge=shortest_edge, longest_edge=longest_edge)
 
 
 def build_demo_checkpoint(folder: str = DEMO_DIR, seed: int = 0) -> str:

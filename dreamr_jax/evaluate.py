@@ -137,11 +137,12 @@ def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str
     if os.path.exists(results_path):
         os.remove(results_path)
     if warmup and records:
+        first = records[0]
         for m in methods:  # compile every program once so the timings are steady-state
             try:
-                reasoner.solve(records[0]["question"], records[0].get("image"), method=m)
-            except Exception:  # a failing method is reported per record below
-                pass
+                reasoner.solve(first["question"], first.get("images") or first.get("image"), method=m)
+            except Exception as e:  # the run below records the failure per problem
+                print(f"warm-up of '{m}' failed: {type(e).__name__}: {e}")
     results = reasoner.solve_many(records, output=results_path, methods=methods, progress=progress)
     rows = summarise(results, methods)
     table = format_table(rows)

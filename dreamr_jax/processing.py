@@ -246,6 +246,18 @@ def load_processor(path_or_hub_id=None, *, tokenizer_path: str | None = None, **
     return Processor(tokenizer, image_processor, chat_template)
 
 
+def write_image_processor_files(folder: str, *, shortest_edge: int, longest_edge: int) -> None:
+    """A Qwen3-VL `preprocessor_config.json` (pixel bounds as given) and the Qwen-VL chat
+    template, next to a checkpoint's or tokenizer's files."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
+                   "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                   "size": {"shortest_edge": shortest_edge, "longest_edge": longest_edge}}, f, indent=2)
+    with open(os.path.join(folder, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": QWEN_VL_CHAT_TEMPLATE}, f)
+
+
 def _chat_template_of(folder: str) -> str | None:
     """A checkpoint's own chat template, from chat_template.json or chat_template.jinja."""
     data = _read_json(os.path.join(folder, "chat_template.json"))

@@ -53,12 +53,17 @@ def load_sft_config(path: str, overrides: list[str] | None = None) -> SFTConfig:
 # ---- the pure pieces --------------------------------------------------------------------------
 
 
-def make_optimizer(cfg: SFTConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(cfg: SFTConfig):
+    """Linear warmup from 0, then cosine decay to learning_rate * end_lr_ratio at `steps`.
+    optax evaluates it at the update count, so update number s (1-based) uses schedule(s - 1)."""
+    return optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, max(1, cfg.warmup_steps), max(cfg.steps, cfg.warmup_steps + 1),
         end_value=cfg.learning_rate * cfg.end_lr_ratio)
+
+
+def make_optimizer(cfg: SFTConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+                       optax.adamw(make_schedule(cfg), b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
 
 
 def weighted_loss(model, batch, positive_id: int, negative_id: int):
@@ -71,13 +76,14 @@ def weighted_loss(model, batch, positive_id: int, negative_id: int):
     weights = batch["weights"][:, 1:]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
     loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
-    # The verdict is each row's last real token: predicted from position length - 2.
-    last = jnp.sum(batch["valid"], axis=1) - 2
-    z = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    # The verdict token at verdict_pos is predicted from the position before it.
+    z = jnp.take_along_axis(logits, jnp.maximum(batch["verdict_pos"] - 1, 0)[:, None, None], axis=1)[:, 0]
     says_positive = z[:, positive_id] > z[:, negative_id]
     judged = batch["verdict_label"] >= 0
     correct = (says_positive == (batch["verdict_label"] == 1)) & judged
-    step_tokens = (weights > 0) & (jnp.arange(weights.shape[1])[None] < last[:, None])
+    # Reasoning-step tokens: supervised, and not a verdict (target index t + 1 in input_ids).
+    is_verdict = jnp.arange(1, weights.shape[1] + 1)[None] == batch["verdict_pos"][:, None]
+    step_tokens = (weights > 0) & ~is_verdict
     metrics = {
         "loss": loss,
         "verdict_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(judged), 1),
@@ -155,7 +161,7 @@ def token_ids_of(processor) -> dict:
 
 def _trim_metrics(path: str, last_step: int) -> None:
     """On resume, drop metric lines a killed run wrote after its last checkpoint."""
-    if not os.path.exists(path):
+    if jax.process_index() != 0 or not os.path.exists(path):
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
@@ -199,12 +205,16 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     step = 0
     latest = ckpt.latest_step()
     if latest is not None:
+        if latest > cfg.steps:
+            raise ConfigError(f"{cfg.output_dir} holds a checkpoint at step {latest}, past steps={cfg.steps}; "
+                              "raise steps or use a new output_dir")
         meta = ckpt.restore(latest, model=model, optimizer=optimizer, data_iterator=iterator)
         step = int(meta["step"])
         _trim_metrics(metrics_path, step)
     else:
         _trim_metrics(metrics_path, -1)
 
+    schedule = make_schedule(cfg)
     last_metrics = {}
     history = []
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="sft")
@@ -221,7 +231,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     elapsed = time.perf_counter() - t_window
-                    row = dict(step=step, **metrics, learning_rate=float(_lr(cfg, step)),
+                    row = dict(step=step, **metrics, learning_rate=float(schedule(step - 1)),
                                tokens_per_s=tokens_window / max(elapsed, 1e-9))
                     t_window, tokens_window = time.perf_counter(), 0
                     history.append(row)
@@ -243,12 +253,6 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
         _copy_processor_files(cfg.init or cfg.tokenizer, export_dir)
     return {"step": step, "metrics": last_metrics, "history": history, "export_dir": export_dir,
             "model": model}
-
-
-def _lr(cfg: SFTConfig, step: int) -> float:
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, max(1, cfg.warmup_steps), max(cfg.steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.end_lr_ratio)(step)
 
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",

@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--target-steps", type=int, default=None, help="override the target config's steps")
     parser.add_argument("--draft-steps", type=int, default=None)
     parser.add_argument("--work", default=os.path.join(ROOT, "out", "assets"), help="training runs go here")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs in --work (default: delete them and train from scratch)")
     parser.add_argument("--skip-training", action="store_true", help="only copy + measure existing runs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -68,6 +70,8 @@ def main() -> None:
     from dreamr_jax.data.world_tokenizer import write_tokenizer_files
     from dreamr_jax.sft import load_sft_config, train
 
+    if not (args.resume or args.skip_training) and os.path.exists(args.work):
+        shutil.rmtree(args.work)  # a stale run would be resumed by `train` (old tokenizer, old steps)
     info = {"seconds": {}}
     t0 = time.perf_counter()
     tokenizer_dir = os.path.join(assets.ASSETS_DIR, "synthetic-tokenizer")

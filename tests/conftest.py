@@ -3,7 +3,6 @@ saved as real checkpoints in a session temp folder, and float32/highest-precisio
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np

@@ -522,7 +522,7 @@ def test_mid_alpha_commits_the_sequential_oracle(loaded, window, chunk, fallback
 def test_kv_rollback_is_exact(loaded, reject_all, refs, image_file):
     """Write a step, roll it back with set_tokens, write something else: tokens, cache contents
     and next-token logits equal a fresh context that never saw the rejected step (1e-5)."""
-    role, eng = reject_all.target, reject_all.engine("dreamr")
+    role = reject_all.target
     target_model, proc = loaded[1], loaded[2]
     enc = proc.encode(reject_all.prompt(QUESTION, 1), [image_file])
     ids, pix, grids = enc["input_ids"], enc["pixel_values"], enc["image_grid_thw"]

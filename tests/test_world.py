@@ -72,7 +72,7 @@ def test_image_shows_each_digit_in_its_colour():
             ink = (cell != 255).any(-1)
             # The ink is the digit's 5x7 glyph at 4x scale, somewhere in the cell.
             ys, xs = np.nonzero(ink)
-            crop = ink[ys.min():ys.min() + 28, xs.min() - (xs.min() % 1):xs.min() + 20]
+            crop = ink[ys.min():ys.min() + 28, xs.min():xs.min() + 20]
             glyph = np.kron(synthetic._GLYPHS[str(p.digits[r][c])], np.ones((4, 4), bool))
             top, left = np.argwhere(glyph).min(0)
             assert np.array_equal(crop[:28 - top, :20 - left], glyph[top:, left:]), (r, c)
@@ -150,7 +150,7 @@ def test_training_examples_are_the_engines_token_sequences(world_processor):
                 assert rest[-1] == (pos if ex["verdict_label"] == 1 else neg)
             else:
                 assert ex["verdict_label"] == -1 and rest[-1] in (nine, zero)
-            assert w[-1] == cfg.verdict_weight
+            assert w[-1] == cfg.verdict_weight and ex["verdict_pos"] == ex["length"] - 1
             # Everything before the candidate is correct reference steps, all supervised.
             steps = tok.decode(rest[: -1 - len(suffix)]).split("\n\n")[:-1]
             assert steps[:-1] == list(p.steps[: len(steps) - 1])
@@ -158,7 +158,7 @@ def test_training_examples_are_the_engines_token_sequences(world_processor):
             assert (w[:n_context] == 1).all() and (w[n_context:-1] == 0).all()
         else:
             seen["solution"] += 1
-            assert ex["verdict_label"] == -1
+            assert ex["verdict_label"] == -1 and ex["verdict_pos"] == -1
             assert rest == tok.encode("".join(s + "\n\n" for s in p.steps))
             assert (w == 1).all()
         assert (ex["weights"][ex["length"]:] == 0).all()
@@ -195,3 +195,21 @@ def test_collate_matches_the_generation_path(world_processor, tiny_world_model):
     n = out["vision"]["pixel_values"].shape[0]
     np.testing.assert_array_equal(out["vision"]["pixel_values"], ref.vision["pixel_values"][:n])
     np.testing.assert_array_equal(out["vision"]["rotary_positions"], ref.vision["rotary_positions"][:n])
+
+
+def test_batches_split_over_processes_index_the_global_batch(world_processor, tiny_world_model):
+    """Two processes' halves, collated separately and offset by process index, are the
+    collated whole batch (images, image tokens, segments and merge units numbered globally)."""
+    from dreamr_jax.data.pipeline import offset_for_process
+
+    enc = WorldEncoder(world_processor, DataConfig(judging_fraction=0.5, seq_len=160))
+    examples = [enc.example(i) for i in range(4)]
+    stack = lambda ex: {k: np.stack([e[k] for e in ex]) for k in ex[0]}  # noqa: E731
+    whole = collate(stack(examples), tiny_world_model.cfg)
+    halves = [offset_for_process(collate(stack(examples[2 * p:2 * p + 2]), tiny_world_model.cfg), p) for p in (0, 1)]
+    for key in ("input_ids", "weights", "valid", "image_gather", "verdict_pos", "verdict_label"):
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key], err_msg=key)
+    np.testing.assert_array_equal(np.concatenate([h["positions"] for h in halves], axis=1), whole["positions"])
+    for key in whole["vision"]:
+        np.testing.assert_array_equal(np.concatenate([h["vision"][key] for h in halves]), whole["vision"][key],
+                                      err_msg=key)

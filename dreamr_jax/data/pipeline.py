@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from ..models.qwen_vl.rope_index import get_rope_index, prepare_vision_inputs
-from ..spec.config import specreason_suffix
+from ..spec.config import question_text, specreason_suffix
 from ..spec.tbvm import Keywords, judge_suffix, keyword_token_ids
 from . import synthetic
 
@@ -62,18 +62,19 @@ class WorldEncoder:
         return [self.proc.tokenizer.encode(t + "\n\n", add_special_tokens=False) for t in texts]
 
     def _prompt(self, problem: synthetic.WorldProblem) -> dict:
-        text = self.proc.user_prompt(f"{self.config.instruction}\n\n{problem.question}", 1)
+        text = self.proc.user_prompt(question_text(self.config.instruction, problem.question), 1)
         return self.proc.encode(text, [problem.image()])
 
     def example(self, index: int) -> dict:
         """Training example `index`: deterministic in (seed, split, index)."""
         cfg = self.config
         problem = synthetic.make_problem(cfg.seed, cfg.split, index)
-        rng = np.random.default_rng([cfg.seed, 7, index])
+        rng = np.random.default_rng([cfg.seed, 7, synthetic.SPLITS[cfg.split], index])
         enc = self._prompt(problem)
         ids = list(enc["input_ids"])
         weights = [0.0] * len(ids)
         label = -1
+        verdict_pos = -1
         if rng.random() < cfg.judging_fraction:
             ex = synthetic.judging_example(problem, rng)
             for step in self._steps(ex.context_steps):
@@ -88,6 +89,7 @@ class WorldEncoder:
                 label = int(ex.label)
             ids += candidate + [verdict]
             weights += [0.0] * len(candidate) + [cfg.verdict_weight]
+            verdict_pos = len(ids) - 1
         else:
             for step in self._steps(problem.steps):
                 ids += step
@@ -101,6 +103,7 @@ class WorldEncoder:
             "input_ids": np.asarray(ids + [self.pad_id] * pad, np.int32),
             "weights": np.asarray(weights + [0.0] * pad, np.float32),
             "length": np.int32(n),
+            "verdict_pos": np.int32(verdict_pos),  # index of the verdict token (CPN or score), -1 if none
             "verdict_label": np.int32(label),  # 1 / 0 for CPN judging examples, -1 otherwise
             "pixel_values": np.asarray(enc["pixel_values"], np.float32),
             "image_grid_thw": np.asarray(enc["image_grid_thw"], np.int64).reshape(3),
@@ -124,11 +127,30 @@ def collate(batch: dict, model_cfg) -> dict:
         "input_ids": ids.astype(np.int32),
         "weights": batch["weights"].astype(np.float32),
         "valid": valid,
+        "verdict_pos": batch["verdict_pos"].astype(np.int32),
         "verdict_label": batch["verdict_label"].astype(np.int32),
         "positions": positions.astype(np.int32),
         "image_gather": gather.astype(np.int32),
         "vision": vision,
     }
+
+
+def offset_for_process(batch: dict, process_index: int) -> dict:
+    """Make one process's collated batch index the global batch its rows join.
+
+    `collate` numbers images, image tokens, attention segments and merge units from 0 on every
+    process; in the global array process p's come after those of processes 0..p-1 (all
+    processes hold equal, fixed-shape batches). -1 (padding / text) stays -1."""
+    if process_index == 0:
+        return batch
+    vision = dict(batch["vision"])
+    units = len(vision["unit_order"])
+    shifted = lambda a, n: np.where(a >= 0, a + process_index * n, a).astype(np.int32)  # noqa: E731
+    vision["segment_ids"] = shifted(vision["segment_ids"], int(vision["segment_ids"].max()) + 1)
+    vision["window_segment_ids"] = shifted(vision["window_segment_ids"], int(vision["window_segment_ids"].max()) + 1)
+    vision["unit_order"] = shifted(vision["unit_order"], units)
+    vision["unit_restore"] = shifted(vision["unit_restore"], units)
+    return dict(batch, vision=vision, image_gather=shifted(batch["image_gather"], units))
 
 
 def world_dataset(encoder: WorldEncoder, model_cfg, batch_size: int, *, num_examples: int = 10**8,
@@ -138,4 +160,4 @@ def world_dataset(encoder: WorldEncoder, model_cfg, batch_size: int, *, num_exam
 
     ds = grain.MapDataset.range(num_examples)[process_index::process_count]
     ds = ds.map(encoder.example).batch(batch_size, drop_remainder=True)
-    return ds.map(lambda batch: collate(batch, model_cfg))
+    return ds.map(lambda batch: offset_for_process(collate(batch, model_cfg), process_index))

@@ -9,8 +9,9 @@ need 3 to 6 steps of reading the grid and computing, e.g.
     13 - 16 = -3.\\n\\nThe answer is \\boxed{-3}.
 
 Everything is a pure function of (seed, split, index): problem `i` of a split is the same on
-every machine and every run, and the splits never share a grid-and-question pair with each
-other (each split draws from its own random stream). `judging_example` builds the target's
+every machine and every run. Each split draws from its own random stream, so a train and a
+test problem coincide only by chance (one grid in 10^9 digit layouts times colourings and
+questions; the tests check 5,000 train against 500 test problems). `judging_example` builds the target's
 CPN training data (SPEC.md section 2): a context, a candidate next step and whether it is
 correct, where wrong candidates are realistic mistakes: a misread digit, the wrong row, an
 arithmetic slip, a wrong extreme or count, a repeated step, a skipped step, a wrong final
@@ -193,7 +194,7 @@ def problems(seed: int, split: str, count: int, start: int = 0) -> Iterator[Worl
 # ---- judging data (the target's CPN check) ------------------------------------------------------
 
 
-def _replace_number(text: str, rng, *, digits_only: bool = False) -> str | None:
+def _replace_number(text: str, rng) -> str | None:
     """Change one number in a step: a misread digit in a listing, or a slipped result."""
     import re
 
@@ -202,7 +203,7 @@ def _replace_number(text: str, rng, *, digits_only: bool = False) -> str | None:
         numbers = numbers[1:]  # keep the row/column index; a wrong index is its own mistake
     if not numbers:
         return None
-    if not digits_only and "=" in text:
+    if "=" in text:
         m = numbers[-1]  # the result of an equation
         delta = int(rng.choice([-3, -2, -1, 1, 2, 3]))
         return text[: m.start()] + str(int(m.group()) + delta) + text[m.end():]
@@ -213,7 +214,12 @@ def _replace_number(text: str, rng, *, digits_only: bool = False) -> str | None:
 
 
 def corrupt_step(problem: WorldProblem, k: int, rng) -> tuple[str, str]:
-    """A realistic wrong version of step k: (text, kind of mistake)."""
+    """A realistic wrong version of step k: (text, kind of mistake).
+
+    "skipped" (the step after next) can state a true fact, e.g. "The largest is 9." before
+    the row was read; it is labelled wrong because it does not follow from the steps so far
+    (SPEC.md's judge asks for logical validity too). The judge therefore also learns the
+    order of the reference solution, which the draft, trained on the same solutions, follows."""
     import re
 
     steps = problem.steps

@@ -27,13 +27,14 @@ IMAGE_SIZE_PIXELS = 96 * 96
 def training_corpus(seed: int = 0, count: int = 4000):
     """Text of this world: prompts, steps, the judging suffix and verdicts, the default
     instructions of the package (so any configured prompt still tokenizes sensibly)."""
-    from ..spec.config import REASONING_INSTRUCTION, SPECREASON_PROMPT, SPECREASON_PREFIX, LOOKAHEAD_PROMPT
+    from ..spec import config as paper  # SPEC.md's prompts, the package defaults
     from ..spec.tbvm import JUDGE_INSTRUCTION as PAPER_JUDGE
 
     rng = np.random.default_rng(seed)
-    fixed = [INSTRUCTION, JUDGE_INSTRUCTION, SPECREASON_PROMPT, SPECREASON_PREFIX, REASONING_INSTRUCTION, PAPER_JUDGE, SPECREASON_PROMPT,
-             SPECREASON_PREFIX, LOOKAHEAD_PROMPT, "positive", " positive", "negative", " negative",
-             "user\n", "assistant\n", "system\n", "You are a helpful assistant."]
+    fixed = [INSTRUCTION, JUDGE_INSTRUCTION, SPECREASON_PROMPT, SPECREASON_PREFIX, paper.REASONING_INSTRUCTION,
+             PAPER_JUDGE, paper.SPECREASON_PROMPT, paper.SPECREASON_PREFIX, paper.LOOKAHEAD_PROMPT,
+             "positive", " positive", "negative", " negative", "user\n", "assistant\n", "system\n",
+             "You are a helpful assistant."]
     for i in range(count):
         p = make_problem(seed, "train", i)
         ex = judging_example(p, rng)
@@ -66,7 +67,7 @@ def write_tokenizer_files(folder: str, vocab_size: int = 512, seed: int = 0) -> 
     special-token ids a config.json needs."""
     from transformers import PreTrainedTokenizerFast
 
-    from ..processing import QWEN_VL_CHAT_TEMPLATE
+    from ..processing import write_image_processor_files
 
     os.makedirs(folder, exist_ok=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(vocab_size, seed), eos_token="<|im_end|>",
@@ -81,12 +82,7 @@ def write_tokenizer_files(folder: str, vocab_size: int = 512, seed: int = 0) -> 
                split_special_tokens=False, add_prefix_space=False)
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
-    with open(os.path.join(folder, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": QWEN_VL_CHAT_TEMPLATE}, f)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
-                   "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                   "size": {"shortest_edge": IMAGE_SIZE_PIXELS, "longest_edge": IMAGE_SIZE_PIXELS}}, f, indent=2)
+    write_image_processor_files(folder, shortest_edge=IMAGE_SIZE_PIXELS, longest_edge=IMAGE_SIZE_PIXELS)
     ids = {name: fast.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
     return {"vocab_size": len(fast), "eos_token_id": ids["<|im_end|>"], "bos_token_id": ids["<|endoftext|>"],
             "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],

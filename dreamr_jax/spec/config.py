@@ -23,6 +23,11 @@ SPECREASON_PREFIX = "I think the quality score is: "
 
 
 
+def question_text(instruction: str, question: str) -> str:
+    """The first user turn's text: the reasoning instruction, a blank line, the question."""
+    return f"{instruction}\n\n{question}"
+
+
 def specreason_suffix(prompt: str = SPECREASON_PROMPT, prefix: str = SPECREASON_PREFIX) -> str:
     """Text after a candidate step for SpecReason's forced 0-9 score."""
     return f"<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{prefix}"

@@ -9,7 +9,7 @@ import traceback
 from typing import Iterable, Sequence
 
 from ..sharding import split_devices
-from .config import SpecConfig
+from .config import SpecConfig, question_text
 from .fpsr import run_dreamr
 from .methods import Problem, StepEngine, check_same_tokenizer, run_lookahead, run_sd, run_single, run_specreason
 from .roles import Role
@@ -89,7 +89,7 @@ class SpeculativeReasoner:
         return self._engines[method]
 
     def prompt(self, question: str, num_images: int) -> str:
-        return self.processor.user_prompt(f"{self.config.instruction}\n\n{question}", num_images)
+        return self.processor.user_prompt(question_text(self.config.instruction, question), num_images)
 
     def solve(self, question: str, image=None, method: str | None = None) -> Trace:
         """Reason about one question (and optional image, or list of images) with one method."""
