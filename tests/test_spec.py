@@ -368,6 +368,27 @@ def test_cpn_cached_prefix_equals_from_scratch(loaded, reject_all, refs, image_f
     assert err < 1e-5
 
 
+def test_checks_that_extend_the_context_equal_from_scratch(loaded, reject_all, refs, image_file):
+    """FPSR's in-order checks adopt each checked step's cache (`extend_ctx`): a chain of three
+    such checks, one of them batched, gives the from-scratch rho for every candidate (1e-5), and
+    the context ends holding the checked steps."""
+    target_model, proc = loaded[1], loaded[2]
+    eng = reject_all.engine("dreamr")
+    enc = proc.encode(reject_all.prompt(QUESTION, 1), [image_file])
+    ids, pix, grids = enc["input_ids"], enc["pixel_values"], enc["image_grid_thw"]
+    ctx = reject_all.target.open(ids, pix, grids, capacity=256)
+    d = [s.token_ids for s in refs["draft"].steps[:4]]
+    got = list(eng.cpn_scores(ctx, [d[0]], extend_ctx=True))
+    assert ctx.tokens == d[0]
+    got += list(eng.cpn_scores(ctx, [d[1], d[1] + d[2]], extend_ctx=True))  # two pending drafts in one batch
+    assert ctx.tokens == d[0] + d[1] + d[2]
+    got += list(eng.cpn_scores(ctx, [d[3]], extend_ctx=True))
+    rows = [ids + d[0] + eng.judge_ids, ids + d[0] + d[1] + eng.judge_ids, ids + d[0] + d[1] + d[2] + eng.judge_ids,
+            ids + d[0] + d[1] + d[2] + d[3] + eng.judge_ids]
+    ref = np.asarray(cpn_rho(_scratch_last_logits(target_model, rows, pix, grids), eng.positive_id, eng.negative_id))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
 def test_cpn_matches_transformers(tmp_path):
     """rho from our cached check on a model loaded from a transformers checkpoint equals the
     softmax ratio s+/(s+ + s-) of transformers' own logits for the same tokens (1e-5)."""

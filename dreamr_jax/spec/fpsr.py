@@ -145,7 +145,7 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
                 check_ctx = target.fork(problem.target_ctx)
             target.set_tokens(check_ctx, problem.committed + [t for d in drafts[:first] for t in d])
             candidates = [[t for d in drafts[first : i + 1] for t in d] for i in unchecked]
-            scores = engine.cpn_scores(check_ctx, candidates)
+            scores = engine.cpn_scores(check_ctx, candidates, extend_ctx=True)
             with shared.cond:
                 if shared.epoch == epoch:
                     for i, rho in zip(unchecked, scores):

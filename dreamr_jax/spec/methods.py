@@ -87,14 +87,17 @@ class StepEngine:
 
     # ---- the target's checks ----------------------------------------------------------------
 
-    def cpn_scores(self, ctx: Context, candidates: Sequence[Sequence[int]]) -> np.ndarray:
+    def cpn_scores(self, ctx: Context, candidates: Sequence[Sequence[int]], extend_ctx: bool = False) -> np.ndarray:
         """rho for each candidate continuation of ctx, in one batched forward that reuses the
-        target's cached prefix: only the candidates and the judging suffix are run."""
+        target's cached prefix: only the candidates and the judging suffix are run.
+
+        `extend_ctx`: afterwards ctx holds its tokens + the last candidate, from that row's cache
+        (FPSR checks drafts in order, so the next check then runs only its own step)."""
         self.target.set_tokens(ctx, ctx.tokens)
-        if ctx.pending and len(candidates) > 1:
+        if len(ctx.pending) > 1 and len(candidates) > 1:
             self.target.feed(ctx, kind="check")  # run the shared pending tokens once, not per row
         logits = self.target.score(ctx, [list(c) + self.judge_ids for c in candidates], kind="check",
-                                   max_rows=self.config.window)
+                                   max_rows=self.config.window, keep=len(candidates[-1]) if extend_ctx else None)
         return np.asarray(cpn_rho(logits, self.positive_id, self.negative_id))
 
     def specreason_score(self, ctx: Context, candidate: Sequence[int]) -> int:

@@ -152,12 +152,17 @@ class Role:
         return new, np.asarray(logps)[0, :n].tolist()
 
     def score(self, ctx: Context, continuations: Sequence[Sequence[int]], kind: str = "check",
-              max_rows: int = 1) -> jax.Array:
+              max_rows: int = 1, keep: int | None = None) -> jax.Array:
         """Next-token logits (k, V) after ctx + each continuation, all k in one batched forward.
 
         The context's cached prefix is reused (forked into k rows); only the pending tokens and
-        the continuations are run. ctx itself is not changed. The batch is padded to a power of
-        two rows (at most `max_rows`), so a varying number of candidates reuses few programs."""
+        the continuations are run. The batch is padded to a power of two rows (at most
+        `max_rows`), so a varying number of candidates reuses few programs.
+
+        ctx is unchanged, unless `keep` is given: then ctx afterwards stands for its tokens plus
+        the first `keep` tokens of the last continuation, adopting that row's freshly computed
+        cache instead of recomputing those tokens later (the keys of a prefix do not depend on
+        what follows it, so the rest of the row, e.g. a judging suffix, is simply cut off)."""
         wanted = len(continuations)
         rows_bucket = min(1 << (wanted - 1).bit_length(), max(max_rows, wanted))
         continuations = list(continuations) + [continuations[0]] * (rows_bucket - wanted)
@@ -170,7 +175,16 @@ class Role:
             ids[i, : len(r)] = r
         ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width)
         forked = ctx.cache.fork(np.zeros(k, np.int32))
-        logits, _ = self._timed(kind, self.generator.extend_last, forked, ids, n, tokens=int(n[:wanted].sum()))
+        logits, scored = self._timed(kind, self.generator.extend_last, forked, ids, n, tokens=int(n[:wanted].sum()))
+        if keep:
+            kept = rows[wanted - 1][: len(ctx.pending) + keep]
+            # The last kept token stays pending (a context's logits are valid only with nothing
+            # pending, and this row's logits are after the whole continuation).
+            length = ctx.prompt_len + len(ctx.fed) + len(kept) - 1
+            ctx.cache = scored.fork(np.array([wanted - 1], np.int32)).truncate(np.array([length], np.int32))
+            ctx.fed = ctx.fed + kept[:-1]
+            ctx.pending = kept[-1:]
+            ctx.logits = None
         return logits[:wanted]
 
     def logits_along(self, ctx: Context, tokens: Sequence[int], kind: str = "verify") -> jax.Array:
