@@ -19,26 +19,19 @@ from dreamr_jax.spec.tbvm import judge_suffix, keyword_token_ids
 
 def _answer_from_grid(p: synthetic.WorldProblem) -> int:
     """The answer recomputed from the question text and the grid, without the generator."""
-    d = np.array(p.digits)
-    colours = np.array(p.colours)
+    value = {p.colours[r][c]: p.digits[r][c] for r in range(synthetic.GRID) for c in range(synthetic.GRID)}
     q = p.question
-    row = lambda m: d[int(m) - 1]  # noqa: E731
-    col = lambda m: d[:, int(m) - 1]  # noqa: E731
-    if m := re.fullmatch(r"What is the sum of row (\d)\?", q):
-        return int(row(m[1]).sum())
-    if m := re.fullmatch(r"What is the sum of column (\d)\?", q):
-        return int(col(m[1]).sum())
-    if m := re.fullmatch(r"What is the sum of the (\w+) digits\?", q):
-        return int(d[colours == m[1]].sum())
-    if m := re.fullmatch(r"What is the sum of row (\d) minus the sum of column (\d)\?", q):
-        return int(row(m[1]).sum() - col(m[2]).sum())
-    if m := re.fullmatch(r"What is the largest digit of row (\d) times the smallest digit of column (\d)\?", q):
-        return int(row(m[1]).max() * col(m[2]).min())
-    if m := re.fullmatch(r"What is the sum of row (\d) plus the number of (\w+) digits\?", q):
-        return int(row(m[1]).sum() + (colours == m[2]).sum())
-    if m := re.fullmatch(r"What is the largest (\w+) digit minus the smallest \w+ digit\?", q):
-        v = d[colours == m[1]]
-        return int(v.max() - v.min())
+    if m := re.fullmatch(r"What is the (\w+) digit times itself\?", q):
+        return value[m[1]] ** 2
+    if m := re.fullmatch(r"What is the (\w+) digit (plus|minus|times) the (\w+) digit\?", q):
+        a, b = value[m[1]], value[m[3]]
+        return {"plus": a + b, "minus": a - b, "times": a * b}[m[2]]
+    if m := re.fullmatch(r"What is the (\w+) digit plus the (\w+) digit plus the (\w+) digit\?", q):
+        return value[m[1]] + value[m[2]] + value[m[3]]
+    if m := re.fullmatch(r"What is the (\w+) digit times the (\w+) digit minus the (\w+) digit\?", q):
+        return value[m[1]] * value[m[2]] - value[m[3]]
+    if m := re.fullmatch(r"What is the sum of the (\w+) and (\w+) digits times the (\w+) digit\?", q):
+        return (value[m[1]] + value[m[2]]) * value[m[3]]
     raise AssertionError(f"unknown question {q}")
 
 
@@ -58,16 +51,17 @@ def test_problems_are_deterministic_and_answers_follow_from_the_grid():
 
 
 def test_splits_do_not_share_problems():
-    seen = {(p.digits, p.question) for p in synthetic.problems(0, "train", 5000)}
-    assert not any((p.digits, p.question) in seen for p in synthetic.problems(0, "test", 500))
+    seen = {(p.digits, p.colours, p.question) for p in synthetic.problems(0, "train", 5000)}
+    assert not any((p.digits, p.colours, p.question) in seen for p in synthetic.problems(0, "test", 500))
 
 
 def test_image_shows_each_digit_in_its_colour():
     p = synthetic.make_problem(0, "test", 7)
     img = np.asarray(p.image())
-    assert img.shape == (96, 96, 3)
-    for r in range(3):
-        for c in range(3):
+    assert img.shape == (64, 64, 3)
+    assert len({name for row in p.colours for name in row}) == 4  # every cell its own colour
+    for r in range(2):
+        for c in range(2):
             cell = img[32 * r:32 * r + 32, 32 * c:32 * c + 32].astype(int)
             ink = (cell != 255).any(-1)
             # The ink is the digit's 5x7 glyph at 4x scale, somewhere in the cell.
@@ -95,7 +89,11 @@ def test_judging_negatives_are_realistic_mistakes():
         else:
             assert ex.candidate != p.steps[k]
             mistakes[ex.mistake] += 1
-    assert set(mistakes) >= {"misread", "slip", "repeated", "skipped", "wrong_row", "wrong_column", "wrong_answer"}
+            if ex.mistake == "wrong_colour":  # another cell's digit under this cell's colour
+                colour, digit = re.fullmatch(r"The (\w+) digit is \w+?(\d)\.", ex.candidate).groups()
+                others = {p.digits[r][c] for r in range(2) for c in range(2) if p.colours[r][c] != colour}
+                assert int(digit) in others
+    assert set(mistakes) == {"misread", "slip", "repeated", "skipped", "wrong_colour", "wrong_answer"}
     assert 0.4 < sum(mistakes.values()) / 600 < 0.6
 
 

@@ -27,8 +27,8 @@ def qwen3_vl_config(*, hidden_size: int, num_hidden_layers: int, intermediate_si
                     head_dim: int | None = None, deepstack_visual_indexes=(0,), tie_word_embeddings: bool = True) -> dict:
     """A Qwen3-VL config.json (transformers' layout) for the embedded world's models.
 
-    Images are 96x96 (6x6 patches of 16, 3x3 merged tokens), so the vision position table
-    needs only a 6x6 grid. `token_ids` comes from `world_tokenizer.write_tokenizer_files`."""
+    Images are 64x64 (4x4 patches of 16, 2x2 merged tokens), so the vision position table
+    needs only a 4x4 grid. `token_ids` comes from `world_tokenizer.write_tokenizer_files`."""
     head_dim = head_dim or hidden_size // num_attention_heads
     half = head_dim // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]  # t/h/w rotary frequencies (Qwen3-VL: 24/20/20 of 64)
@@ -53,7 +53,7 @@ def qwen3_vl_config(*, hidden_size: int, num_hidden_layers: int, intermediate_si
             "model_type": "qwen3_vl_vision", "depth": vision_depth, "hidden_size": vision_hidden_size,
             "intermediate_size": 2 * vision_hidden_size, "num_heads": max(1, vision_hidden_size // 32),
             "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3,
-            "out_hidden_size": hidden_size, "num_position_embeddings": 36,
+            "out_hidden_size": hidden_size, "num_position_embeddings": 16,
             "deepstack_visual_indexes": list(deepstack_visual_indexes), "hidden_act": "gelu_pytorch_tanh",
         },
     }

@@ -1,21 +1,26 @@
 """The embedded world: a synthetic visual multi-step reasoning task.
 
-Each image is a 3x3 grid of coloured digits (red, green or blue), 32x32 pixels per cell, so
-one cell is exactly one merged Qwen-VL image token (16-pixel patches, 2x2 merge). Questions
-need 3 to 6 steps of reading the grid and computing, e.g.
+Each image is a 2x2 grid of digits, each in a different colour (4 of red, green, blue, orange,
+purple), 32x32 pixels per cell, so one cell is exactly one merged Qwen-VL image token (16-pixel
+patches, 2x2 merge). Questions name digits by colour and need 3 to 6 steps of reading the
+image and computing, e.g.
 
-    Q: What is the sum of row 2 minus the sum of column 3?
-    Row 2 is 4, 0 and 9.\\n\\n4 + 0 + 9 = 13.\\n\\nColumn 3 is 2, 9 and 5.\\n\\n2 + 9 + 5 = 16.\\n\\n
-    13 - 16 = -3.\\n\\nThe answer is \\boxed{-3}.
+    Q: What is the red digit times the blue digit minus the green digit?
+    The red digit is 7.\n\nThe blue digit is 4.\n\nThe green digit is 9.\n\n7 * 4 = 28.\n\n
+    28 - 9 = 19.\n\nThe answer is \\boxed{19}.
+
+Digits are named by colour, not by row and column, on purpose: reading a cell is then a
+content lookup (the query "red" matches the red cell's features), which a tiny model learns
+within this world's CPU training budget; addressing cells by row and column through the
+multimodal rotary positions did not get off chance level in 1,000 steps of the 8-layer target.
 
 Everything is a pure function of (seed, split, index): problem `i` of a split is the same on
 every machine and every run. Each split draws from its own random stream, so a train and a
-test problem coincide only by chance (one grid in 10^9 digit layouts times colourings and
-questions; the tests check 5,000 train against 500 test problems). `judging_example` builds the target's
-CPN training data (SPEC.md section 2): a context, a candidate next step and whether it is
-correct, where wrong candidates are realistic mistakes: a misread digit, the wrong row, an
-arithmetic slip, a wrong extreme or count, a repeated step, a skipped step, a wrong final
-answer.
+test problem coincide only by chance (the tests check 5,000 train against 500 test problems).
+`judging_example` builds the target's CPN training data (SPEC.md section 2): a context, a
+candidate next step and whether it is correct, where wrong candidates are realistic mistakes:
+a misread digit, the digit of another colour, an arithmetic slip, a repeated step, a skipped
+step, a wrong final answer.
 
 Digits are drawn with a built-in 5x7 bitmap font rather than a system font so the images are
 bit-identical everywhere (PIL's default font differs between Pillow builds).
@@ -31,11 +36,12 @@ from typing import Iterator
 
 import numpy as np
 
-GRID = 3
+GRID = 2
 CELL = 32
 IMAGE_SIZE = GRID * CELL
 SPLITS = {"train": 0, "val": 1, "test": 2}
-COLOURS = {"red": (215, 40, 40), "green": (30, 150, 60), "blue": (40, 70, 215)}
+COLOURS = {"red": (215, 40, 40), "green": (30, 150, 60), "blue": (40, 70, 215), "orange": (235, 140, 0),
+           "purple": (140, 50, 170)}
 COLOUR_NAMES = tuple(COLOURS)
 
 # Short prompts for this world (configurable in SpecConfig; see configs/synthetic.yaml): the
@@ -59,15 +65,14 @@ _FONT = {  # 5x7 glyphs, one string of five bits per row
 }
 _GLYPHS = {d: np.array([[c == "1" for c in row] for row in rows], bool) for d, rows in _FONT.items()}
 
-KINDS = ("row_sum", "column_sum", "colour_sum", "row_minus_column", "max_times_min", "row_plus_count",
-         "colour_range")
+KINDS = ("square", "sum", "difference", "product", "three_sum", "product_minus", "sum_times")
 
 
 @dataclasses.dataclass(frozen=True)
 class WorldProblem:
     id: str
-    digits: tuple  # (3, 3) ints, row-major
-    colours: tuple  # (3, 3) colour names
+    digits: tuple  # (2, 2) ints, row-major
+    colours: tuple  # (2, 2) colour names, all different
     kind: str
     question: str
     steps: tuple  # step texts, without the "\n\n" delimiter; the last holds \boxed{answer}
@@ -85,7 +90,7 @@ class WorldProblem:
 
 
 def render_grid(digits, colours, jitter):
-    """A 96x96 RGB image: white background, one coloured 20x28 digit per 32x32 cell."""
+    """A 64x64 RGB image: white background, one coloured 20x28 digit per 32x32 cell."""
     from PIL import Image
 
     pixels = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8)
@@ -103,16 +108,6 @@ def render_grid(digits, colours, jitter):
 # ---- problems --------------------------------------------------------------------------------
 
 
-def _listing(values) -> str:
-    values = [str(v) for v in values]
-    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
-
-
-def _sum_step(values) -> tuple[str, int]:
-    total = int(sum(values))
-    return " + ".join(str(v) for v in values) + f" = {total}.", total
-
-
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got '{split}'")
@@ -121,14 +116,19 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def _grid(rng):
     digits = rng.integers(0, 10, size=(GRID, GRID))
-    while True:  # every colour appears 2 to 4 times, so colour questions list 2-4 digits
-        colours = rng.integers(0, 3, size=(GRID, GRID))
-        counts = np.bincount(colours.ravel(), minlength=3)
-        if counts.min() >= 2 and counts.max() <= 4:
-            break
-    names = [[COLOUR_NAMES[k] for k in row] for row in colours]
-    jitter = [(int(rng.integers(0, 3)), int(rng.integers(-2, 3)), int(rng.integers(-25, 26))) for _ in range(GRID * GRID)]
+    order = rng.permutation(len(COLOUR_NAMES))[: GRID * GRID]  # every cell its own colour
+    names = [[COLOUR_NAMES[order[r * GRID + c]] for c in range(GRID)] for r in range(GRID)]
+    jitter = [(int(rng.integers(0, 3)), int(rng.integers(-2, 3)), int(rng.integers(-20, 21))) for _ in range(GRID * GRID)]
     return digits, names, jitter
+
+
+def read_step(colour: str, digit: int) -> str:
+    """ "The red digit is red7.": the colour word right before the digit (no space, so no
+    space token between them), so the digit is predicted at the colour token itself: one
+    attention lookup into the image. After "is 7" the digit would follow a bare space token and
+    need two composed lookups (find the colour, then its cell), which the tiny models here did
+    not learn within the CPU budget, nor the same lookup with the digits written as text."""
+    return f"The {colour} digit is {colour}{digit}."
 
 
 def make_problem(seed: int, split: str, index: int) -> WorldProblem:
@@ -136,49 +136,30 @@ def make_problem(seed: int, split: str, index: int) -> WorldProblem:
     rng = _rng(seed, split, index)
     digits, colours, jitter = _grid(rng)
     kind = KINDS[int(rng.integers(0, len(KINDS)))]
-    r, c = int(rng.integers(0, GRID)), int(rng.integers(0, GRID))
-    colour = COLOUR_NAMES[int(rng.integers(0, 3))]
-    row = [int(v) for v in digits[r]]
-    col = [int(v) for v in digits[:, c]]
-    of_colour = [int(digits[i][j]) for i in range(GRID) for j in range(GRID) if colours[i][j] == colour]
-    read_row = f"Row {r + 1} is {_listing(row)}."
-    read_col = f"Column {c + 1} is {_listing(col)}."
-    read_colour = f"The {colour} digits are {_listing(of_colour)}."
-
-    if kind == "row_sum":
-        question = f"What is the sum of row {r + 1}?"
-        s, answer = _sum_step(row)
-        steps = [read_row, s]
-    elif kind == "column_sum":
-        question = f"What is the sum of column {c + 1}?"
-        s, answer = _sum_step(col)
-        steps = [read_col, s]
-    elif kind == "colour_sum":
-        question = f"What is the sum of the {colour} digits?"
-        s, answer = _sum_step(of_colour)
-        steps = [read_colour, s]
-    elif kind == "row_minus_column":
-        question = f"What is the sum of row {r + 1} minus the sum of column {c + 1}?"
-        s1, a = _sum_step(row)
-        s2, b = _sum_step(col)
-        answer = a - b
-        steps = [read_row, s1, read_col, s2, f"{a} - {b} = {answer}."]
-    elif kind == "max_times_min":
-        question = f"What is the largest digit of row {r + 1} times the smallest digit of column {c + 1}?"
-        a, b = max(row), min(col)
-        answer = a * b
-        steps = [read_row, f"The largest is {a}.", read_col, f"The smallest is {b}.", f"{a} * {b} = {answer}."]
-    elif kind == "row_plus_count":
-        question = f"What is the sum of row {r + 1} plus the number of {colour} digits?"
-        s, a = _sum_step(row)
-        n = len(of_colour)
-        answer = a + n
-        steps = [read_row, s, f"There are {n} {colour} digits.", f"{a} + {n} = {answer}."]
-    else:  # colour_range
-        question = f"What is the largest {colour} digit minus the smallest {colour} digit?"
-        a, b = max(of_colour), min(of_colour)
-        answer = a - b
-        steps = [read_colour, f"The largest is {a}.", f"The smallest is {b}.", f"{a} - {b} = {answer}."]
+    value = {colours[r][c]: int(digits[r][c]) for r in range(GRID) for c in range(GRID)}
+    a, b, c = (str(n) for n in rng.choice(sorted(value), size=3, replace=False))
+    x, y, z = value[a], value[b], value[c]
+    if kind == "square":
+        question = f"What is the {a} digit times itself?"
+        answer = x * x
+        steps = [read_step(a, x), f"{x} * {x} = {answer}."]
+    elif kind in ("sum", "difference", "product"):
+        op, word = {"sum": ("+", "plus"), "difference": ("-", "minus"), "product": ("*", "times")}[kind]
+        question = f"What is the {a} digit {word} the {b} digit?"
+        answer = {"+": x + y, "-": x - y, "*": x * y}[op]
+        steps = [read_step(a, x), read_step(b, y), f"{x} {op} {y} = {answer}."]
+    elif kind == "three_sum":
+        question = f"What is the {a} digit plus the {b} digit plus the {c} digit?"
+        answer = x + y + z
+        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} + {y} = {x + y}.", f"{x + y} + {z} = {answer}."]
+    elif kind == "product_minus":
+        question = f"What is the {a} digit times the {b} digit minus the {c} digit?"
+        answer = x * y - z
+        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} * {y} = {x * y}.", f"{x * y} - {z} = {answer}."]
+    else:  # sum_times
+        question = f"What is the sum of the {a} and {b} digits times the {c} digit?"
+        answer = (x + y) * z
+        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} + {y} = {x + y}.", f"{x + y} * {z} = {answer}."]
     steps.append(f"The answer is \\boxed{{{answer}}}.")
     return WorldProblem(
         id=f"synthetic-{split}-{index}", digits=tuple(tuple(int(v) for v in row) for row in digits),
@@ -195,12 +176,10 @@ def problems(seed: int, split: str, count: int, start: int = 0) -> Iterator[Worl
 
 
 def _replace_number(text: str, rng) -> str | None:
-    """Change one number in a step: a misread digit in a listing, or a slipped result."""
+    """Change one number in a step: a misread digit, or a slipped result of an equation."""
     import re
 
     numbers = list(re.finditer(r"-?\d+", text))
-    if text.startswith(("Row", "Column")):
-        numbers = numbers[1:]  # keep the row/column index; a wrong index is its own mistake
     if not numbers:
         return None
     if "=" in text:
@@ -216,10 +195,10 @@ def _replace_number(text: str, rng) -> str | None:
 def corrupt_step(problem: WorldProblem, k: int, rng) -> tuple[str, str]:
     """A realistic wrong version of step k: (text, kind of mistake).
 
-    "skipped" (the step after next) can state a true fact, e.g. "The largest is 9." before
-    the row was read; it is labelled wrong because it does not follow from the steps so far
-    (SPEC.md's judge asks for logical validity too). The judge therefore also learns the
-    order of the reference solution, which the draft, trained on the same solutions, follows."""
+    "skipped" (the step after next) can state a true fact, e.g. "The blue digit is 4." before
+    the red one was read; it is labelled wrong because it does not follow the solution's order
+    (SPEC.md's judge asks for logical validity too). The judge therefore also learns the order
+    of the reference solution, which the draft, trained on the same solutions, follows."""
     import re
 
     steps = problem.steps
@@ -230,22 +209,19 @@ def corrupt_step(problem: WorldProblem, k: int, rng) -> tuple[str, str]:
     if k + 1 < len(steps) - 1:
         options.append("skipped")
     options += ["number"] * 4
-    if step.startswith(("Row", "Column")):
-        options += ["wrong_index"] * 2
+    m = re.fullmatch(r"The (\w+) digit is \w+?(\d)\.", step)
+    if m:
+        options += ["wrong_colour"] * 2
     choice = options[int(rng.integers(0, len(options)))]
     if choice == "repeated":
         return steps[k - 1], choice
     if choice == "skipped":
         return steps[k + 1], choice
-    if choice == "wrong_index":
-        m = re.match(r"(Row|Column) (\d)", step)
-        other = [i for i in (1, 2, 3) if i != int(m.group(2))]
-        idx = other[int(rng.integers(0, 2))] - 1
-        digits = np.array(problem.digits)
-        values = digits[idx] if m.group(1) == "Row" else digits[:, idx]
-        wrong = f"{m.group(1)} {m.group(2)} is {_listing(int(v) for v in values)}."
-        if wrong != step:
-            return wrong, "wrong_row" if m.group(1) == "Row" else "wrong_column"
+    if choice == "wrong_colour":  # the digit of another cell, under this colour's name
+        others = [problem.digits[r][c] for r in range(GRID) for c in range(GRID)
+                  if problem.colours[r][c] != m.group(1) and problem.digits[r][c] != int(m.group(2))]
+        if others:
+            return read_step(m.group(1), others[int(rng.integers(0, len(others)))]), "wrong_colour"
     wrong = _replace_number(step, rng)
     if wrong is None or wrong == step:
         return steps[k - 1] if k >= 1 else steps[k + 1], "repeated" if k >= 1 else "skipped"
