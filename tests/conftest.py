@@ -137,3 +137,28 @@ def tiny_world_model(world_token_ids):
 
     config = qwen3_vl_config(token_ids=world_token_ids, **TINY_WORLD_ARCH)
     return QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_world_pair(tmp_path_factory, world_token_ids):
+    """Random tiny target and draft with the world's tokenizer, saved as checkpoints."""
+    import os
+    import shutil
+
+    from flax import nnx
+
+    from dreamr_jax import assets
+    from dreamr_jax.assets import qwen3_vl_config
+    from dreamr_jax.models.qwen_vl.config import QwenVLConfig
+    from dreamr_jax.models.qwen_vl.model import QwenVLModel
+    from dreamr_jax.models.qwen_vl.params import save_state
+
+    folders = []
+    for seed, layers in ((0, 2), (1, 1)):
+        folder = str(tmp_path_factory.mktemp(f"world{seed}"))
+        config = qwen3_vl_config(token_ids=world_token_ids, **dict(TINY_WORLD_ARCH, num_hidden_layers=layers))
+        save_state(QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(seed)), folder, config)
+        for name in os.listdir(assets.path("tokenizer")):
+            shutil.copy(os.path.join(assets.path("tokenizer"), name), folder)
+        folders.append(folder)
+    return folders

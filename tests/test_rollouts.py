@@ -4,38 +4,12 @@ and R_draft's batched CPN scores against the check run step by step."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
-import pytest
 
 import dreamr_jax as dr
-from dreamr_jax import assets
 from dreamr_jax.data import synthetic
 from dreamr_jax.rl.rollouts import Rollout, cut_at_answer, sample_rollouts, split_steps, step_rhos
-
-from conftest import TINY_WORLD_ARCH
-
-
-@pytest.fixture(scope="module")
-def tiny_world_pair(tmp_path_factory, world_token_ids):
-    """Random tiny target and draft with the world's tokenizer, saved as checkpoints."""
-    from flax import nnx
-
-    from dreamr_jax.assets import qwen3_vl_config
-    from dreamr_jax.models.qwen_vl.config import QwenVLConfig
-    from dreamr_jax.models.qwen_vl.model import QwenVLModel
-    from dreamr_jax.models.qwen_vl.params import save_state
-
-    folders = []
-    for seed, layers in ((0, 2), (1, 1)):
-        folder = str(tmp_path_factory.mktemp(f"world{seed}"))
-        config = qwen3_vl_config(token_ids=world_token_ids, **dict(TINY_WORLD_ARCH, num_hidden_layers=layers))
-        save_state(QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(seed)), folder, config)
-        for name in os.listdir(assets.path("tokenizer")):
-            shutil.copy(os.path.join(assets.path("tokenizer"), name), folder)
-        folders.append(folder)
-    return folders
 
 
 def test_split_and_cut():

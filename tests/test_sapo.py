@@ -14,10 +14,8 @@ from dreamr_jax.data import synthetic
 from dreamr_jax.rl.sapo import GRPOSettings, _logprobs, policy_batch, sapo_step
 from dreamr_jax.rl.rollouts import Rollout
 
-from test_rollouts import tiny_world_pair  # noqa: F401  (fixture)
 
-
-def test_response_logprobs_match_the_inference_forward(tiny_world_pair):  # noqa: F811
+def test_response_logprobs_match_the_inference_forward(tiny_world_pair):
     draft = dr.load_model(tiny_world_pair[1])
     proc = dr.load_processor(tiny_world_pair[1])
     problems = list(synthetic.problems(0, "val", 2))
@@ -40,7 +38,7 @@ def test_response_logprobs_match_the_inference_forward(tiny_world_pair):  # noqa
         np.testing.assert_allclose(got[b][mask > 0], want, atol=1e-4)
 
 
-def test_one_sapo_step_updates_the_policy_only(tiny_world_pair):  # noqa: F811
+def test_one_sapo_step_updates_the_policy_only(tiny_world_pair):
     import optax
 
     from dreamr_jax.config import load_config
