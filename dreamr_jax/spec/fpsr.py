@@ -161,8 +161,7 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
         key = (epoch, len(problem.committed))
         if need_fallback and not (fallback_for == key and _step_done(engine, problem, fallback_tokens)):
             if fallback_for != key:
-                target.set_tokens(problem.target_ctx, problem.committed)
-                fallback_ctx, fallback_tokens, fallback_for = target.fork(problem.target_ctx), [], key
+                fallback_ctx, fallback_tokens, fallback_for = _context_at(target, problem, check_ctx), [], key
             chunk = min(cfg.fallback_chunk, engine.step_budget(problem, in_step=len(fallback_tokens)))
             new, _ = target.write(fallback_ctx, max_tokens=chunk, stop_ids=engine.stop_ids,
                                   params=engine.target_params, seed=cfg.seed + len(problem.committed) + len(fallback_tokens),
@@ -174,6 +173,26 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
         with shared.cond:
             if shared.epoch == epoch and len(shared.drafts) == len(drafts) and shared.error is None:
                 shared.cond.wait(timeout=1.0)
+
+
+def _context_at(target, problem: Problem, check_ctx):
+    """A fresh target context holding exactly the committed text, forked from whichever of the
+    target's contexts already has more of it computed: after accepted drafts that is the check
+    context (it ran them), so the fallback starts with a cheap truncation, not a re-run."""
+    def shared(ctx):
+        n = 0
+        for a, b in zip(ctx.fed, problem.committed):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    base = problem.target_ctx
+    if check_ctx is not None and shared(check_ctx) > shared(base):
+        base = check_ctx
+    ctx = target.fork(base)
+    target.set_tokens(ctx, problem.committed)
+    return ctx
 
 
 def _step_done(engine: StepEngine, problem: Problem, tokens: list[int]) -> bool:
