@@ -43,7 +43,10 @@ def reading_accuracy(model, processor, count: int = 64) -> dict:
             if e["weights"][t] == 0:
                 continue
             before = tok.decode(ids[t - 1:t]).strip()
-            kind = "read" if before in COLOUR_NAMES else "result" if tok.decode(ids[max(0, t - 2):t]).strip() == "=" else None
+            is_digit = tok.decode(ids[t:t + 1]).strip().isdigit()
+            # a read digit follows its colour word ("red7"); a result's first digit follows "= "
+            kind = ("read" if before in COLOUR_NAMES else
+                    "result" if tok.decode(ids[max(0, t - 2):t]).strip() == "=" else None) if is_digit else None
             if kind:
                 hits[kind][0] += int(logits[j, t - 1].argmax() == ids[t])
                 hits[kind][1] += 1

@@ -9,10 +9,10 @@ image and computing, e.g.
     The red digit is 7.\n\nThe blue digit is 4.\n\nThe green digit is 9.\n\n7 * 4 = 28.\n\n
     28 - 9 = 19.\n\nThe answer is \\boxed{19}.
 
-Digits are named by colour, not by row and column, on purpose: reading a cell is then a
-content lookup (the query "red" matches the red cell's features), which a tiny model learns
-within this world's CPU training budget; addressing cells by row and column through the
-multimodal rotary positions did not get off chance level in 1,000 steps of the 8-layer target.
+Digits are named by colour, not by row and column: reading a cell is then a content lookup
+(the query "red" matches the red cell's features) rather than an address computed through
+the multimodal rotary positions. Neither was learned by the tiny models within this
+machine's CPU training budget (docs/BENCHMARKS.md, "learnability").
 
 Everything is a pure function of (seed, split, index): problem `i` of a split is the same on
 every machine and every run. Each split draws from its own random stream, so a train and a
@@ -124,10 +124,8 @@ def _grid(rng):
 
 def read_step(colour: str, digit: int) -> str:
     """ "The red digit is red7.": the colour word right before the digit (no space, so no
-    space token between them), so the digit is predicted at the colour token itself: one
-    attention lookup into the image. After "is 7" the digit would follow a bare space token and
-    need two composed lookups (find the colour, then its cell), which the tiny models here did
-    not learn within the CPU budget, nor the same lookup with the digits written as text."""
+    bare space token between them), so the digit is predicted at the colour token itself: one
+    attention lookup into the image instead of two composed ones after "is 7"."""
     return f"The {colour} digit is {colour}{digit}."
 
 
