@@ -28,6 +28,8 @@ import operator
 import re
 import string
 
+from ..spec.steps import brace_group
+
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -79,21 +81,6 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Pow: operator.pow}
 
 
-def _brace_group(text: str, start: int) -> tuple[str, int] | None:
-    """The content of the `{...}` group starting at text[start] ("{"), and the index after it."""
-    if start >= len(text) or text[start] != "{":
-        return None
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i], i + 1
-    return None
-
-
 def _latex_to_expr(t: str) -> str:
     """\\frac{a}{b} -> ((a)/(b)), \\sqrt{x} -> sqrt(x), \\pi -> pi, operators, braces -> parens."""
     out, i = [], 0
@@ -101,14 +88,14 @@ def _latex_to_expr(t: str) -> str:
         m = re.match(r"\\[dt]?frac\s*", t[i:])
         if m:
             j = i + m.end()
-            num = _brace_group(t, j)
+            num = brace_group(t, j)
             if num is None:  # \frac12
                 if j + 1 < len(t) and t[j].isdigit() and t[j + 1].isdigit():
                     out.append(f"(({t[j]})/({t[j + 1]}))")
                     i = j + 2
                     continue
                 raise ValueError("malformed \\frac")
-            den = _brace_group(t, num[1])
+            den = brace_group(t, num[1])
             if den is None:
                 raise ValueError("malformed \\frac")
             out.append(f"(({_latex_to_expr(num[0])})/({_latex_to_expr(den[0])}))")
@@ -121,7 +108,7 @@ def _latex_to_expr(t: str) -> str:
             if j < len(t) and t[j] == "[":
                 k = t.index("]", j)
                 root, j = _latex_to_expr(t[j + 1:k]), k + 1
-            arg = _brace_group(t, j)
+            arg = brace_group(t, j)
             if arg is None:  # \sqrt3
                 m2 = re.match(r"\d+(\.\d+)?", t[j:])
                 if not m2:

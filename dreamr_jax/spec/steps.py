@@ -25,16 +25,26 @@ def boxed_answer(text: str) -> str | None:
     """The content of the last complete `\\boxed{...}` (nested braces allowed), else None."""
     result = None
     for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    result = text[start:i]
-                    break
+        group = brace_group(text, match.end() - 1)
+        if group is not None:
+            result = group[0]
     return result
+
+
+def brace_group(text: str, start: int) -> tuple[str, int] | None:
+    """The content of the `{...}` group opening at text[start] (nested braces allowed) and the
+    index after it; None if text[start] is not "{" or the group never closes."""
+    if start >= len(text) or text[start] != "{":
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i], i + 1
+    return None
 
 
 def choice_answer(text: str) -> str | None:
