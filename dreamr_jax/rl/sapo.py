@@ -41,6 +41,11 @@ class GRPOSettings:
     grpo_iterations: int = 1
     logprob_chunk: int = 128
 
+    def __post_init__(self):
+        if self.grpo_iterations < 1 or self.group_size < 2:
+            raise ValueError(f"grpo_iterations must be >= 1 and group_size >= 2 (advantages need a group), "
+                             f"got {self.grpo_iterations} and {self.group_size}")
+
 
 # ---- log-probs of responses ------------------------------------------------------------------
 
