@@ -44,6 +44,13 @@ def _build(cls, data: dict, where: str, nested: dict | None = None):
     for key, value in data.items():
         if key in nested and isinstance(value, dict):
             value = _build(nested[key], value, f"{where}.{key}", nested)
+        elif str(fields[key].type).split(" |")[0] in ("float", "<class 'float'>") and isinstance(value, (str, int)) \
+                and not isinstance(value, bool):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; a float field takes it as the number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {key} must be a number, got '{value}'") from None
         kwargs[key] = value
     try:
         return cls(**kwargs)

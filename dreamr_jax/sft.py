@@ -44,6 +44,8 @@ class SFTConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     export_dtype: str = "float16"  # dtype of the exported safetensors
+    data_workers: int = 0  # grain worker processes rendering batches; 0 = one prefetch thread
+    time_limit_s: float | None = None  # stop (checkpoint + export) once training has run this long
 
 
 def load_sft_config(path: str, overrides: list[str] | None = None) -> SFTConfig:
@@ -197,8 +199,16 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     local_batch = cfg.batch_size // jax.process_count()
     dataset = world_dataset(encoder, model.cfg, local_batch, process_index=jax.process_index(),
                             process_count=jax.process_count())
-    # A background thread prepares the next batches (rendering, image processing, positions).
-    iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+    # A background thread prepares the next batches (rendering, image processing, positions);
+    # on an accelerator one thread cannot keep up, so worker processes take over.
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+    if cfg.data_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; we are not an absl app
+            flags.FLAGS.mark_as_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data_workers))
+    iterator = iter(iter_dataset)
 
     ckpt = TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -219,6 +229,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     history = []
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="sft")
     t_window, tokens_window = time.perf_counter(), 0
+    t_start = time.perf_counter()
     try:
         with open(metrics_path, "a") as sink:
             while step < cfg.steps:
@@ -240,10 +251,16 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
                     bar.set_postfix(loss=f"{row['loss']:.3f}", judge=f"{row['verdict_accuracy']:.2f}")
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                # A run out of time ends like a finished one (checkpoint + export); rerunning the
+                # command resumes it. Every process takes process 0's clock so all stop together.
+                out_of_time = (cfg.time_limit_s is not None and step % cfg.log_every == 0
+                               and _agreed(time.perf_counter() - t_start >= cfg.time_limit_s))
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                     ckpt.save(step, model=model, optimizer=optimizer, data_iterator=iterator, meta={"seed": cfg.seed})
                 if stop_after is not None and step >= stop_after:
                     return {"step": step, "metrics": last_metrics, "history": history}
+                if out_of_time:
+                    break
     finally:
         bar.close()
         ckpt.close()
@@ -257,6 +274,15 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
                    "special_tokens_map.json")
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's value of `flag` on every process (a no-op on one host)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def _copy_processor_files(src: str, dst: str) -> None:

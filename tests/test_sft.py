@@ -86,11 +86,16 @@ def test_config_file_and_overrides(tmp_path):
     path.write_text("output_dir: a\ntokenizer: b\ndata: {seq_len: 99}\nsteps: 5\n")
     cfg = load_sft_config(str(path), ["steps=7", "data.judging_fraction=0.25"])
     assert cfg.steps == 7 and cfg.data.seq_len == 99 and cfg.data.judging_fraction == 0.25
+    # YAML reads "1e-3" as a string; a float field must still get the number.
+    assert load_sft_config(str(path), ["learning_rate=1e-3"]).learning_rate == 0.001
     path.write_text("output_dir: a\ntokenizer: b\nstepz: 5\n")
     from dreamr_jax.config import ConfigError
 
     with pytest.raises(ConfigError, match="stepz"):
         load_sft_config(str(path))
+    path.write_text("output_dir: a\ntokenizer: b\n")
+    with pytest.raises(ConfigError, match="learning_rate must be a number"):
+        load_sft_config(str(path), ["learning_rate=fast"])
 
 
 def test_resume_is_exact(tmp_path):
@@ -116,6 +121,21 @@ def test_resume_is_exact(tmp_path):
     model = dr.load_model(str(tmp_path / "b" / "hf"))
     assert model.cfg.text.num_hidden_layers == 1
     dr.load_processor(str(tmp_path / "b" / "hf"))
+
+
+def test_worker_processes_and_time_limit(tmp_path):
+    """grain worker processes feed the same batches as the prefetch thread; a run that hits its
+    time limit checkpoints and exports like a finished one, and rerunning it resumes exactly."""
+    threads = train(_cfg(tmp_path / "a", steps=2), progress=False, export=False)
+    timed = train(_cfg(tmp_path / "b", steps=2, data_workers=2, time_limit_s=0.0), progress=False)
+    assert timed["step"] == 1 and os.path.exists(tmp_path / "b" / "hf" / "model.safetensors")
+    resumed = train(_cfg(tmp_path / "b", steps=2, data_workers=2), progress=False, export=False)
+    a = {r["step"]: r for r in threads["history"]}
+    b = {r["step"]: r for r in timed["history"] + resumed["history"]}
+    assert sorted(b) == [1, 2]
+    for step in (1, 2):
+        for key in ("loss", "grad_norm", "verdict_accuracy", "token_accuracy"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fake CPU devices")

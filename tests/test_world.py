@@ -55,7 +55,7 @@ def test_splits_do_not_share_problems():
     assert not any((p.digits, p.colours, p.question) in seen for p in synthetic.problems(0, "test", 500))
 
 
-def test_image_shows_each_digit_in_its_colour():
+def test_image_shows_each_digit_on_its_colour():
     p = synthetic.make_problem(0, "test", 7)
     img = np.asarray(p.image())
     assert img.shape == (64, 64, 3)
@@ -63,15 +63,15 @@ def test_image_shows_each_digit_in_its_colour():
     for r in range(2):
         for c in range(2):
             cell = img[32 * r:32 * r + 32, 32 * c:32 * c + 32].astype(int)
-            ink = (cell != 255).any(-1)
-            # The ink is the digit's 5x7 glyph at 4x scale, somewhere in the cell.
+            ink = (cell == 255).all(-1)
+            # The white ink is the digit's 5x7 glyph at 4x scale, somewhere in the cell.
             ys, xs = np.nonzero(ink)
             crop = ink[ys.min():ys.min() + 28, xs.min():xs.min() + 20]
             glyph = np.kron(synthetic._GLYPHS[str(p.digits[r][c])], np.ones((4, 4), bool))
             top, left = np.argwhere(glyph).min(0)
             assert np.array_equal(crop[:28 - top, :20 - left], glyph[top:, left:]), (r, c)
-            # The ink colour is nearest to the named colour.
-            mean = cell[ink].mean(0)
+            # The rest of the cell is filled with a shade of the named colour.
+            mean = cell[~ink].mean(0)
             nearest = min(synthetic.COLOURS, key=lambda k: np.abs(np.array(synthetic.COLOURS[k]) - mean).sum())
             assert nearest == p.colours[r][c]
 
