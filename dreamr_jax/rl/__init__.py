@@ -1,7 +1,22 @@
-"""SAPO: GRPO training of the draft with the composite reward (SPEC.md section 5)."""
+"""SAPO: GRPO training of the draft with the composite reward (SPEC.md section 5).
+
+Pure pieces (`grpo_loss`, `group_advantages`, `chunked_token_logprobs`, the reward terms) load
+with the package; the trainer (`SAPOConfig`, `SAPOData`, `load_sapo_config`, `train`, from
+`rl.trainer`) loads on first use.
+"""
 
 from .grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from .rewards import composite_reward, draft_reward, length_reward, outcome_reward
 
+_TRAINER = ("SAPOConfig", "SAPOData", "load_sapo_config", "train")
+
 __all__ = ["chunked_token_logprobs", "group_advantages", "grpo_loss", "composite_reward", "draft_reward",
-           "length_reward", "outcome_reward"]
+           "length_reward", "outcome_reward", *_TRAINER]
+
+
+def __getattr__(name):
+    if name in _TRAINER:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,12 +13,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.grading import answers_match
+from ..data.grading import answers_match, grade
 from ..spec.tbvm import is_accepted
 
 
-def outcome_reward(answers: Sequence[str | None], references: Sequence[str | None]) -> np.ndarray:
-    return np.array([float(answers_match(a, r)) for a, r in zip(answers, references)], np.float32)
+def outcome_reward(answers: Sequence[str | None], references: Sequence[str | dict | None]) -> np.ndarray:
+    """1 where the answer is right: a reference string is compared with `answers_match`, a
+    record (the data loaders' schema: answer, answer_type, choices) is graded with `grade`."""
+    return np.array([float(grade(a, r) if isinstance(r, dict) else answers_match(a, r))
+                     for a, r in zip(answers, references)], np.float32)
 
 
 def draft_reward(step_rhos: Sequence[Sequence[float]], alpha: float = 0.7, soft: bool = False) -> np.ndarray:

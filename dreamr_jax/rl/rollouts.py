@@ -76,21 +76,32 @@ def sample_rollouts(model, processor, prompts: Sequence[dict], group_size: int, 
     return rollouts
 
 
-def step_rhos(engine, prompt: dict, rollouts: Sequence[Rollout]) -> list[list[float]]:
+def step_rhos(engine, prompt: dict, rollouts: Sequence[Rollout], max_rows: int = 32) -> list[list[float]]:
     """rho of every step of every rollout of one prompt, from the frozen target's CPN check.
 
     The prompt (question + image) is prefilled once; every (rollout, step) pair is one row of
-    a single batched forward over the cached prefix: that rollout's earlier steps, the step and
-    the judging suffix, the same token sequence FPSR's check runs."""
+    a batched forward over the cached prefix: that rollout's earlier steps, the step and the
+    judging suffix, the same token sequence FPSR's check runs. Rows go in chunks of at most
+    `max_rows`, each padded to a power of two rows, so varying step counts reuse a few
+    compiled programs instead of compiling one per count."""
     target = engine.target
-    ctx = target.open(prompt["input_ids"], prompt.get("pixel_values"), prompt.get("image_grid_thw"), capacity=16)
     candidates, where = [], []
     for r, rollout in enumerate(rollouts):
         for k in range(len(rollout.steps)):
             candidates.append([t for s in rollout.steps[: k + 1] for t in s])
             where.append(r)
     rhos: list[list[float]] = [[] for _ in rollouts]
-    if candidates:
-        for r, rho in zip(where, engine.cpn_scores(ctx, candidates)):
-            rhos[r].append(float(rho))
+    if not candidates:
+        return rhos
+    # Room for the longest row up front, so the cache never grows (a new shape) mid-check.
+    longest = max(map(len, candidates)) + len(engine.judge_ids)
+    ctx = target.open(prompt["input_ids"], prompt.get("pixel_values"), prompt.get("image_grid_thw"), capacity=longest)
+    max_rows = 1 << (max(1, max_rows) - 1).bit_length()
+    scores = []
+    for start in range(0, len(candidates), max_rows):
+        chunk = candidates[start: start + max_rows]
+        rows = 1 << (len(chunk) - 1).bit_length()
+        scores.extend(engine.cpn_scores(ctx, chunk + [chunk[0]] * (rows - len(chunk)))[: len(chunk)])
+    for r, rho in zip(where, scores):
+        rhos[r].append(float(rho))
     return rhos

@@ -1,0 +1,647 @@
+"""The SAPO trainer (SPEC.md section 5): GRPO training of the draft against a frozen target.
+
+Roles and meshes. The draft being trained holds float master weights replicated over the
+draft mesh (a 1-D "data" mesh over the first `draft_devices` devices of every process); its
+update runs data parallel over that mesh. The reference (a frozen copy of the initial draft)
+lives there too. The frozen target runs on each process's next `target_devices` devices
+(`sharding.split_devices`; on a single device both roles share it), where it checks the
+steps of that process's own rollouts. Rollouts are sampled on each process from its local
+copy of the replicated policy, so processes never exchange tokens: only the update's
+gradients (inside the jitted step) and a few host statistics cross processes.
+
+One step, on every process for its slice of the prompt batch:
+1. G rollouts per prompt (temperature / top-p), cut into steps at the delimiter;
+2. R_outcome (graders), R_draft (the target's CPN check of every step, batched), R_length,
+   R = w1 R_outcome + w2 R_draft + w3 R_length, advantages within each prompt's group;
+3. old and reference log-probs, then `grpo_iterations` AdamW updates of `grpo_loss`.
+
+Checkpoints (orbax, atomic): policy, optimizer, reference, the grain iterator's position,
+the RNG key and the step; a run stopped anywhere and resumed repeats the next step's
+metrics exactly. Metrics go to `metrics.jsonl` and TensorBoard (`tensorboard/`).
+Entry point: `python train/sapo.py --config configs/sapo_synthetic.yaml [key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ..config import ConfigError, _NESTED, _build, read_yaml
+from ..spec.config import SpecConfig, question_text
+from .sapo import GRPOSettings, collect, in_dtype, means, policy_batch, update
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SOURCES = ("synthetic", "geo3k", "ocrvqa", "scienceqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAPOData:
+    """Where the training prompts come from."""
+
+    sources: tuple = ("synthetic",)  # "synthetic" (the embedded world) and/or geo3k, ocrvqa, scienceqa
+    paths: dict = dataclasses.field(default_factory=dict)  # source -> local file / folder (else the hub)
+    split: str | None = None  # benchmark split (default: each set's training split)
+    limit: int | None = None  # at most this many records per benchmark source
+    world_seed: int = 0  # the embedded world's seed; its problems come from the "train" split
+    world_size: int = 100_000  # embedded-world problems per epoch
+
+    def __post_init__(self):
+        sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources)
+        object.__setattr__(self, "sources", sources)
+        unknown = [s for s in sources if s not in TRAIN_SOURCES]
+        if not sources or unknown:
+            raise ValueError(f"data.sources must name some of {TRAIN_SOURCES}, got {list(sources)}")
+        if set(self.paths) - set(sources):
+            raise ValueError(f"data.paths names {sorted(set(self.paths) - set(sources))}, not among the sources")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAPOConfig:
+    output_dir: str  # checkpoints/, metrics.jsonl, tensorboard/ and the trained draft (hf/)
+    draft: str  # the draft to train: checkpoint folder, hub id or "asset:draft"
+    target: str  # the frozen verifier: checkpoint folder, hub id or "asset:target"
+    data: SAPOData = SAPOData()
+    # Prompts, judging suffix, keywords and the step delimiter, as the speculative engine uses them.
+    spec: SpecConfig = SpecConfig()
+    dtype: str = "float32"  # compute dtype: rollouts, target, reference, the loss's forward
+    param_dtype: str = "float32"  # the trained draft's master weights (and so its optimizer state)
+    max_pixels: int | None = None  # image processor bound (default: the checkpoint's)
+    # ---- rollouts and rewards
+    group_size: int = 8  # G rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024  # response tokens per rollout
+    max_length: int = 8192  # prompt + response; longer prompts are replaced (logged)
+    alpha: float = 0.7  # a step counts as accepted when rho >= alpha
+    soft_draft_reward: bool = False  # R_draft = mean rho instead of the accepted fraction
+    l_ref: int = 1024  # R_length = 1 - min(1, L / l_ref)
+    reward_weights: tuple = (1.0, 1.0, 1.0)  # w1 (outcome), w2 (draft), w3 (length)
+    # ---- GRPO
+    epsilon: float = 0.2
+    beta: float = 0.01
+    grpo_iterations: int = 1  # updates per rollout batch (old log-probs kept)
+    logprob_chunk: int = 128  # sequence positions per chunk of the full-vocabulary log-probs
+    check_rows: int = 32  # rows per batched CPN check
+    micro_batches: int = 1  # each process's prompts go through the update in this many parts (gradients accumulated)
+    rollout_prompts: int = 0  # prompts per generation call (0: all of a process's at once), spread over its draft devices
+    # ---- optimizer: AdamW, global-norm clipping, linear warmup then constant / cosine / linear
+    learning_rate: float = 1e-6
+    schedule: str = "constant"
+    warmup_steps: int = 0  # training steps
+    end_lr_ratio: float = 0.0  # cosine / linear decay to learning_rate * end_lr_ratio at `steps`
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    clip_norm: float = 1.0
+    # ---- the run
+    batch_size: int = 64  # prompts per step, over all processes
+    steps: int = 1000
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    tensorboard: bool = True
+    export_dtype: str = "float32"  # dtype of the exported trained draft (output_dir/hf)
+    # ---- devices, per process: the draft's data-parallel share and the target's
+    draft_devices: int = 1
+    target_devices: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "reward_weights", tuple(float(w) for w in self.reward_weights))
+        if len(self.reward_weights) != 3:
+            raise ValueError(f"reward_weights must be (w1, w2, w3), got {self.reward_weights}")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"schedule must be constant, cosine or linear, got '{self.schedule}'")
+        for name in ("dtype", "param_dtype", "export_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got '{getattr(self, name)}'")
+        if min(self.batch_size, self.steps, self.checkpoint_every, self.log_every, self.micro_batches) < 1:
+            raise ValueError("batch_size, steps, checkpoint_every, log_every and micro_batches must be >= 1")
+        if self.rollout_prompts < 0:
+            raise ValueError(f"rollout_prompts must be >= 0, got {self.rollout_prompts}")
+        if self.max_new_tokens < 1 or self.max_new_tokens >= self.max_length:
+            raise ValueError(f"max_new_tokens {self.max_new_tokens} must be >= 1 and below max_length {self.max_length}")
+        self.settings()  # GRPOSettings validates G and the iterations
+
+    def settings(self) -> GRPOSettings:
+        return GRPOSettings(
+            group_size=self.group_size, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            top_p=self.top_p, alpha=self.alpha, soft_draft_reward=self.soft_draft_reward, l_ref=self.l_ref,
+            reward_weights=self.reward_weights, epsilon=self.epsilon, beta=self.beta,
+            grpo_iterations=self.grpo_iterations, logprob_chunk=self.logprob_chunk,
+            compute_dtype=None if self.dtype == self.param_dtype else self.dtype, check_rows=self.check_rows,
+            rollout_prompts=self.rollout_prompts)
+
+
+def load_sapo_config(path: str, overrides: list[str] | None = None) -> SAPOConfig:
+    """A SAPOConfig from YAML with `a.b=value` overrides; errors name the file and key."""
+    return _build(SAPOConfig, read_yaml(path, overrides), path, nested=dict(_NESTED, data=SAPOData))
+
+
+# ---- optimizer --------------------------------------------------------------------------------
+
+
+def make_schedule(cfg: SAPOConfig):
+    """Learning rate at training step s (0-based): linear warmup from 0 over `warmup_steps`,
+    then constant, cosine or linear decay to learning_rate * end_lr_ratio at `steps`."""
+    peak, warm = cfg.learning_rate, cfg.warmup_steps
+    end = peak * cfg.end_lr_ratio
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, max(1, cfg.steps - warm), alpha=cfg.end_lr_ratio)
+    else:
+        after = optax.linear_schedule(peak, end, max(1, cfg.steps - warm))
+    if warm <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def make_optimizer(cfg: SAPOConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping. optax counts updates; each training step makes
+    `grpo_iterations` of them, all at that step's learning rate."""
+    per_step = make_schedule(cfg)
+    iterations = cfg.grpo_iterations
+
+    def schedule(count):
+        return per_step(count // iterations)
+
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+# ---- devices ------------------------------------------------------------------------------------
+
+
+def role_devices(draft_devices: int, target_devices: int):
+    """(the draft's devices over all processes, this process's target devices).
+
+    Every process splits its own devices with `split_devices`; the draft mesh is the union
+    of the draft shares in process order, so process p's rows are the p-th block of a batch."""
+    from ..sharding import split_devices
+
+    per_process: dict[int, list] = {}
+    for d in jax.devices():
+        per_process.setdefault(d.process_index, []).append(d)
+    draft, mine = [], None
+    for p in sorted(per_process):
+        local = sorted(per_process[p], key=lambda d: d.id)
+        try:
+            d, t = split_devices(draft_devices, target_devices, local)
+        except ValueError as e:
+            raise ConfigError(f"process {p}: {e} (draft_devices and target_devices count per process)") from e
+        draft += d
+        if p == jax.process_index():
+            mine = t
+    return draft, mine
+
+
+def replicate(tree, mesh):
+    """Every array of `tree` (the same values on every process) replicated over `mesh`, from
+    this process's copy. Built from per-device copies: `jax.device_put` onto a mesh that spans
+    processes and leaves out some local devices gives arrays whose shards cannot be read."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec())
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x  # already there (e.g. optimizer state made from replicated weights)
+            raise ValueError(f"cannot replicate an array already spread as {x.sharding}")
+        x = jnp.asarray(x)
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, [jax.device_put(x, d) for d in local])
+
+    return jax.tree.map(put, tree)
+
+
+def local_copy(model, device=None):
+    """The model on one of this process's devices (default: its first) of its replicated
+    weights: that device's shard of every array, no copy made."""
+    graphdef, state = nnx.split(model)
+
+    def shard(a):
+        if device is None:
+            return a.addressable_data(0)
+        return next(s.data for s in a.addressable_shards if s.device == device)
+
+    return nnx.merge(graphdef, jax.tree.map(shard, state))
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def load_records(data: SAPOData) -> list[dict] | None:
+    """Benchmark records of the configured sources (None when the only source is the world)."""
+    from ..data.datasets import load_benchmark
+
+    records = []
+    for source in data.sources:
+        if source == "synthetic":
+            continue
+        loaded = load_benchmark(source, data.split, path=data.paths.get(source), limit=data.limit, on_error="skip")
+        if not loaded:
+            raise ConfigError(f"data source {source} gave no records")
+        records += list(loaded)
+    return records
+
+
+class PromptEncoder:
+    """Record -> the draft's chat prompt (instruction + question, its images) as token ids and
+    pixel patches, plus the fields the graders need."""
+
+    def __init__(self, processor, instruction: str, max_prompt_tokens: int):
+        self.proc, self.instruction, self.max_prompt_tokens = processor, instruction, max_prompt_tokens
+
+    def __call__(self, record: dict) -> dict:
+        images = [im for im in (record.get("images") or []) if im is not None]
+        text = self.proc.user_prompt(question_text(self.instruction, record["question"]), len(images))
+        enc = self.proc.encode(text, images)
+        keep = {k: record.get(k) for k in ("id", "source", "answer", "answer_type", "choices")}
+        return dict(enc, record=keep)
+
+    def batch(self, records: Sequence[dict]) -> list[dict]:
+        """Encode a batch; a prompt too long for max_length is replaced by the batch's shortest,
+        so every batch keeps its shape (GRPO's groups are per prompt, a repeat is harmless)."""
+        encoded = [self(r) for r in records]
+        fits = [e for e in encoded if len(e["input_ids"]) <= self.max_prompt_tokens]
+        if not fits:
+            raise ValueError(f"no prompt of records {[r.get('id') for r in records]} fits in "
+                             f"{self.max_prompt_tokens} tokens (max_length - max_new_tokens)")
+        shortest = min(fits, key=lambda e: len(e["input_ids"]))
+        out = []
+        for e in encoded:
+            if len(e["input_ids"]) > self.max_prompt_tokens:
+                logger.warning("prompt of %s has %d tokens, over %d; replaced", e["record"]["id"],
+                               len(e["input_ids"]), self.max_prompt_tokens)
+                e = shortest
+            out.append(e)
+        return out
+
+
+def prompt_dataset(cfg: SAPOConfig, encoder: PromptEncoder, records: list[dict] | None, local_batch: int,
+                   process_index: int = 0, process_count: int = 1):
+    """grain MapDataset of prompt batches for one process: the sources shuffled (reshuffled every
+    epoch) by cfg.seed, repeated forever, every process taking its own interleaved slice."""
+    import grain
+
+    from ..data import synthetic
+
+    world = "synthetic" in cfg.data.sources
+    n_world = cfg.data.world_size if world else 0
+    n_total = n_world + len(records or [])
+
+    def record(index: int) -> dict:
+        index = int(index)
+        if index < n_world:
+            return synthetic.make_problem(cfg.data.world_seed, "train", index).record()
+        return records[index - n_world]
+
+    ds = grain.MapDataset.range(n_total).shuffle(seed=cfg.seed).repeat(None)
+    ds = ds[process_index::process_count].map(record)
+    return ds.batch(local_batch, drop_remainder=True, batch_fn=list).map(encoder.batch)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+
+class SAPOCheckpointer:
+    """Orbax checkpoints of a SAPO run: policy, optimizer, reference, the data iterator's
+    position (grain's handler, one file per process) and meta (step, RNG key, seed). Orbax
+    writes into a temporary folder and renames it when complete, so a run killed mid-save
+    keeps its previous checkpoint."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+
+    def save(self, step: int, *, policy, optimizer, reference, data_iterator, meta: dict) -> None:
+        import grain
+        import orbax.checkpoint as ocp
+
+        args = ocp.args.Composite(
+            policy=ocp.args.StandardSave(nnx.state(policy)),
+            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+            reference=ocp.args.StandardSave(nnx.state(reference)),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+        )
+        self.manager.save(int(step), args=args, force=True)
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, *, policy, optimizer, reference, data_iterator) -> dict:
+        """Load checkpoint `step` into the live objects (keeping their shardings); return meta."""
+        import grain
+        import orbax.checkpoint as ocp
+
+        def abstract(module):
+            return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
+
+        args = ocp.args.Composite(
+            policy=ocp.args.StandardRestore(abstract(policy)),
+            optimizer=ocp.args.StandardRestore(abstract(optimizer)),
+            reference=ocp.args.StandardRestore(abstract(reference)),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            meta=ocp.args.JsonRestore(),
+        )
+        restored = self.manager.restore(int(step), args=args)
+        nnx.update(policy, restored["policy"])
+        nnx.update(optimizer, restored["optimizer"])
+        nnx.update(reference, restored["reference"])
+        return dict(restored["meta"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ---- multi-process helpers ------------------------------------------------------------------------
+
+
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """(process_count, ...) stack of every process's `values` (just [values] on one process).
+    Across processes the values travel as 32-bit JAX arrays."""
+    if jax.process_count() == 1:
+        return np.asarray(values)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
+def _shift(a: np.ndarray, by: int) -> np.ndarray:
+    return np.where(a >= 0, a + by, a).astype(np.int32)
+
+
+def offset_for_process(batch: dict, process_index: int, units: int, segments: int, windows: int) -> dict:
+    """Make one process's batch index the global batch its rows join: in the global arrays
+    process p's patches, merge units, image segments and windows come after those of
+    processes 0..p-1, each holding `units` merge units (equal patch buckets) and at most
+    `segments` images / `windows` windows. -1 (padding, text) stays -1."""
+    if process_index == 0 or batch["vision"] is None:
+        return batch
+    vision = dict(batch["vision"])
+    vision["segment_ids"] = _shift(vision["segment_ids"], process_index * segments)
+    vision["window_segment_ids"] = _shift(vision["window_segment_ids"], process_index * windows)
+    vision["unit_order"] = _shift(vision["unit_order"], process_index * units)
+    vision["unit_restore"] = _shift(vision["unit_restore"], process_index * units)
+    return dict(batch, vision=vision, image_gather=_shift(batch["image_gather"], process_index * units))
+
+
+def global_policy_batch(model_cfg, rollouts, prompts, pad_id: int) -> dict:
+    """`policy_batch` with the row length and patch bucket every process agrees on, offset
+    for this process's place in the global batch."""
+    from ..generation import length_bucket, patch_bucket
+
+    patches = sum(int(np.prod(np.asarray(prompts[r.group]["image_grid_thw"]).reshape(-1, 3), -1).sum())
+                  for r in rollouts if prompts[r.group].get("pixel_values") is not None)
+    longest = max(len(r.prompt_ids) + len(r.response) for r in rollouts)
+    agreed = _allgather(np.array([longest, patches], np.int64)).max(0)
+    width = length_bucket(int(agreed[0]))
+    num_patches = patch_bucket(int(agreed[1]), model_cfg.vision.merge_unit) if agreed[1] else None
+    host = policy_batch(model_cfg, rollouts, prompts, pad_id, width=width, num_patches=num_patches)
+    if jax.process_count() > 1 and host["vision"] is not None:
+        v = host["vision"]
+        counts = _allgather(np.array([v["segment_ids"].max() + 1, v["window_segment_ids"].max() + 1], np.int64)).max(0)
+        host = offset_for_process(host, jax.process_index(), len(v["unit_order"]), int(counts[0]), int(counts[1]))
+    return host
+
+
+def _scalars(tree) -> dict:
+    """Replicated device scalars -> floats (read from this process's own copy)."""
+    return {k: float(np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v)) for k, v in tree.items()}
+
+
+def _trim_metrics(path: str, last_step: int) -> None:
+    """On resume, drop metric lines a stopped run wrote after its last checkpoint."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def _step_seed(key, process_index: int) -> int:
+    """This process's rollout seed for a step, from the step's key."""
+    bits = jax.random.bits(jax.random.fold_in(key, process_index), (), jnp.uint32)
+    return int(np.asarray(bits)) >> 1
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = True, export: bool = True,
+          extra_reward: Callable | None = None) -> dict:
+    """Run (or resume from output_dir's latest checkpoint) SAPO training of cfg.draft.
+
+    `stop_after` ends the call after that global step, like a job killed right after it
+    (no export); `extra_reward(rollouts, records) -> (N,)` is added to R (logged as
+    `reward_extra`). Returns {"step", "metrics" (the last row), "history", "policy", ...}."""
+    import grain
+    from tqdm import tqdm
+
+    from ..hub import resolve_checkpoint
+    from ..loading import load_model
+    from ..processing import load_processor
+    from ..sft import shard_batch
+    from ..sharding import role_mesh
+    from ..spec.methods import StepEngine, check_same_tokenizer
+    from ..spec.roles import Role
+
+    settings = cfg.settings()
+    n_proc, pid = jax.process_count(), jax.process_index()
+    if cfg.batch_size % n_proc:
+        raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {n_proc} processes")
+    draft_devices, target_devices = role_devices(cfg.draft_devices, cfg.target_devices)
+    mesh = role_mesh(draft_devices)
+    local_batch = cfg.batch_size // n_proc
+    local_devices = [d for d in draft_devices if d.process_index == pid]
+    if local_batch % cfg.micro_batches:
+        raise ConfigError(f"{local_batch} prompts per process must split into micro_batches={cfg.micro_batches}")
+    micro_prompts = local_batch // cfg.micro_batches
+    if (micro_prompts * cfg.group_size) % len(local_devices):
+        raise ConfigError(f"a micro-batch of {micro_prompts} prompts x {cfg.group_size} rollouts per process must "
+                          f"divide over its {len(local_devices)} draft devices")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    image_overrides = {} if cfg.max_pixels is None else {"max_pixels": cfg.max_pixels}
+    processor = load_processor(cfg.draft, **image_overrides)
+    check_same_tokenizer(processor, load_processor(cfg.target, **image_overrides))
+    policy = load_model(cfg.draft, dtype=cfg.param_dtype)
+    nnx.update(policy, replicate(nnx.state(policy), mesh))
+    # The frozen copy of the initial draft. A clone shares the policy's graph, so jitted
+    # functions compiled for one serve the other.
+    reference = in_dtype(nnx.clone(policy), None if cfg.dtype == cfg.param_dtype else cfg.dtype)
+    optimizer = nnx.Optimizer(policy, make_optimizer(cfg), wrt=nnx.Param)
+    # The optimizer's counters start on the default device; place them like a step's outputs.
+    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+    target = load_model(cfg.target, dtype=cfg.dtype)
+    if target.cfg.text.vocab_size != policy.cfg.text.vocab_size:
+        raise ConfigError(f"draft vocabulary {policy.cfg.text.vocab_size} != target vocabulary "
+                          f"{target.cfg.text.vocab_size}")
+    engine = StepEngine(None, Role("target", target, target_devices), processor, cfg.spec)
+
+    encoder = PromptEncoder(processor, cfg.spec.instruction, cfg.max_length - cfg.max_new_tokens)
+    dataset = prompt_dataset(cfg, encoder, load_records(cfg.data), local_batch, pid, n_proc)
+    # A background thread encodes the next batches (images, tokenizer) while this one trains.
+    iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+    ckpt = SAPOCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    step, key = 0, jax.random.key(cfg.seed)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        if latest > cfg.steps:
+            raise ConfigError(f"{cfg.output_dir} holds a checkpoint at step {latest}, past steps={cfg.steps}; "
+                              "raise steps or use a new output_dir")
+        meta = ckpt.restore(latest, policy=policy, optimizer=optimizer, reference=reference, data_iterator=iterator)
+        if meta.get("process_count", 1) != n_proc:
+            raise ConfigError(f"the checkpoint at step {latest} was written by {meta['process_count']} processes; "
+                              f"resume with as many (the data iterator is per process)")
+        step = int(meta["step"])
+        key = jax.random.wrap_key_data(np.asarray(meta["rng_key"], np.uint32))
+    _trim_metrics(metrics_path, step if latest is not None else -1)
+
+    writer = None
+    if cfg.tensorboard and pid == 0:
+        try:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=step + 1)
+        except ImportError:
+            logger.warning("tensorboardX is not installed; metrics go to metrics.jsonl only")
+
+    schedule = make_schedule(cfg)
+    history, last = [], {}
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or pid != 0, desc="sapo")
+    try:
+        with open(metrics_path, "a") as sink:
+            while step < cfg.steps:
+                prompts = next(iterator)
+                key, step_key = jax.random.split(key)
+                samplers = [in_dtype(local_copy(policy, d), settings.compute_dtype) for d in local_devices]
+                got = collect(samplers, engine, processor, prompts, [p["record"] for p in prompts], settings,
+                              _step_seed(step_key, pid), extra_reward)
+                rows = micro_prompts * cfg.group_size  # rollouts come prompt after prompt
+                batches = []
+                for m in range(cfg.micro_batches):
+                    part = slice(m * rows, (m + 1) * rows)
+                    host = global_policy_batch(policy.cfg, got.rollouts[part], prompts, processor.pad_token_id)
+                    host["advantages"] = got.advantages[part].astype(np.float32)
+                    batches.append(shard_batch(host, mesh))
+                t0 = time.perf_counter()
+                device_metrics = update(policy, optimizer, reference, batches, settings)
+                row = _scalars(device_metrics)  # waits for the update
+                t_update = time.perf_counter() - t0
+                step += 1
+                bar.update(1)
+
+                sums = got.sums(cfg.alpha)
+                names = sorted(sums)
+                local = np.array([sums[k] for k in names] + [got.rollout_seconds, got.check_seconds], np.float64)
+                gathered = _allgather(local)
+                totals = {k: float(v) for k, v in zip(names, gathered[:, : len(names)].sum(0).tolist())}
+                t_rollout, t_check = float(gathered[:, len(names)].max()), float(gathered[:, len(names) + 1].max())
+                tokens = totals["response_tokens"]
+                row = dict(step=step, **row, **means(totals), learning_rate=float(schedule(step - 1)),
+                           rollout_tokens_per_s=tokens / max(t_rollout, 1e-9),
+                           check_tokens_per_s=tokens / max(t_check, 1e-9),
+                           update_tokens_per_s=settings.grpo_iterations * tokens / max(t_update, 1e-9),
+                           rollout_seconds=float(t_rollout), check_seconds=float(t_check),
+                           update_seconds=float(t_update))
+                history.append(row)
+                last = row
+                if pid == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+                    if writer is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                writer.add_scalar(f"sapo/{k}", v, step)
+                        writer.flush()
+                bar.set_postfix(reward=f"{row['reward']:.3f}", accept=f"{row['acceptance_rate']:.2f}",
+                                kl=f"{row['kl']:.4f}")
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    ckpt.save(step, policy=policy, optimizer=optimizer, reference=reference, data_iterator=iterator,
+                              meta={"seed": cfg.seed, "process_count": n_proc,
+                                    "rng_key": np.asarray(jax.random.key_data(key)).tolist()})
+                if stop_after is not None and step >= stop_after:
+                    return {"step": step, "metrics": last, "history": history, "policy": policy}
+    finally:
+        bar.close()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+    export_dir = os.path.join(cfg.output_dir, "hf")
+    if export and pid == 0:
+        from ..models.qwen_vl.params import save_state
+        from ..sft import _copy_processor_files
+
+        source = resolve_checkpoint(cfg.draft)
+        with open(os.path.join(source, "config.json")) as f:
+            model_config = json.load(f)
+        save_state(local_copy(policy), export_dir, model_config, dtype=np.dtype(cfg.export_dtype))
+        _copy_processor_files(source, export_dir)
+    return {"step": step, "metrics": last, "history": history, "policy": policy, "export_dir": export_dir}
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, cpu_collectives: str | None = None) -> bool:
+    """`jax.distributed.initialize()` when this is one process of several: explicit arguments,
+    JAX_COORDINATOR_ADDRESS (+ DREAMR_NUM_PROCESSES / DREAMR_PROCESS_ID), or DREAMR_MULTIHOST=1
+    where JAX detects the cluster itself (TPU pod slices, SLURM, ...). Returns whether it did."""
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("DREAMR_NUM_PROCESSES"):
+        num_processes = int(os.environ["DREAMR_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("DREAMR_PROCESS_ID"):
+        process_id = int(os.environ["DREAMR_PROCESS_ID"])
+    if not (coordinator or num_processes or os.environ.get("DREAMR_MULTIHOST")):
+        return False
+    if cpu_collectives:  # CPU-only runs (tests): cross-process collectives over gloo
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SAPO: GRPO training of a DREAM-R draft against a frozen target")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 group_size=4 data.limit=500")
+    parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs without cluster detection)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--cpu-collectives", choices=("gloo", "mpi"), help="CPU collectives for multi-process CPU runs")
+    parser.add_argument("--stop-after", type=int, help="stop after this global step (no export), as if killed")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
+    cfg = load_sapo_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        print(json.dumps({"steps": out["step"], "final": out["metrics"], "seconds": round(time.perf_counter() - t0, 1),
+                          "export_dir": out.get("export_dir")}, indent=2))
