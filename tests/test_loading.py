@@ -327,3 +327,11 @@ def test_hub_id_found_in_cache_offline(monkeypatch, tmp_path, tiny_checkpoints):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     model = load_model("tiny-org/tiny-qwen3-vl")
     assert model.checkpoint_path == str(snapshot)
+
+
+def test_two_loads_share_one_graph_definition():
+    """Loading the same checkpoint twice gives equal NNX graph definitions, so jitted functions
+    keyed on them are reused rather than recompiled (a lambda activation once broke this)."""
+    first, _ = nnx.split(load_model("asset:draft"))
+    second, _ = nnx.split(load_model("asset:draft"))
+    assert first == second and hash(first) == hash(second)

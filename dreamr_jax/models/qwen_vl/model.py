@@ -8,6 +8,8 @@ candidate against a cached prefix and a plain forward are all calls of it.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +23,22 @@ from .vision import VisionTower
 
 
 class QwenVLModel(nnx.Module):
-    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, int4=None, int4_method: str = "auto"):
+        """int4: {"layers.3.mlp.down_proj": group size, ...}: decoder projections held as `Int4Linear`
+        (what `load_model` finds quantized in a checkpoint); None: all dense."""
         t = cfg.text
         self.cfg = cfg
         self.dtype = dtype
+        int4 = int4 or {}
+        for name in int4:
+            if not re.fullmatch(r"layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)", name) or \
+                    int(name.split(".")[1]) >= t.num_hidden_layers:
+                raise ValueError(f"int4: '{name}' is not a decoder projection of this model")
+        per_layer = [{k.split(".", 2)[2]: v for k, v in int4.items() if k.split(".")[1] == str(i)}
+                     for i in range(t.num_hidden_layers)]
         self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size), dtype) * 0.02)
-        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs) for _ in range(t.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs, int4=per_layer[i], int4_method=int4_method)
+                                for i in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False, dtype=dtype, rngs=rngs)
         self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)

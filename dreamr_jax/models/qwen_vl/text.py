@@ -14,16 +14,29 @@ from .config import TextConfig
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a harmless uniform softmax, not NaN
 
 
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Module-level functions, not lambdas: the activation is part of a module's graph definition,
+# and a fresh lambda per load would make every loaded model a new jit cache key (a recompile
+# of every jitted function after each load or resume).
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "gelu_fast": gelu_tanh,
+                "gelu": gelu_exact, "quick_gelu": quick_gelu}
+
+
 def activation(name: str):
-    if name == "silu":
-        return jax.nn.silu
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    raise ValueError(f"unsupported activation '{name}'")
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation '{name}'; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
 
 
 class RMSNorm(nnx.Module):
@@ -79,7 +92,7 @@ def attention(q, k, v, mask, scale, kv_layout: str = "blkd"):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel stored (in, out). The int4 path swaps this class."""
+    """y = x @ kernel (+ bias); kernel stored (in, out). `Int4Linear` has the same interface."""
 
     def __init__(self, n_in: int, n_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (n_in, n_out), dtype) * 0.02)
@@ -90,15 +103,26 @@ class Linear(nnx.Module):
         return y + self.bias[...] if self.bias is not None else y
 
 
+def make_linear(name: str, n_in: int, n_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, int4=None,
+                int4_method: str = "auto"):
+    """A dense `Linear`, or an `Int4Linear` when `int4` (projection name -> group size) lists `name`."""
+    if int4 and name in int4:
+        from ...quant.linear import Int4Linear
+
+        return Int4Linear(n_in, n_out, group_size=int4[name], bias=bias, dtype=dtype, rngs=rngs, method=int4_method)
+    return Linear(n_in, n_out, bias=bias, dtype=dtype, rngs=rngs)
+
+
 class TextAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, int4=None, int4_method: str = "auto"):
         self.cfg = cfg
         h, kv, d, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = Linear(e, h * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(e, kv * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(e, kv * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        q = dict(dtype=dtype, rngs=rngs, int4=int4, int4_method=int4_method)
+        self.q_proj = make_linear("q_proj", e, h * d, bias=cfg.qkv_bias, **q)
+        self.k_proj = make_linear("k_proj", e, kv * d, bias=cfg.qkv_bias, **q)
+        self.v_proj = make_linear("v_proj", e, kv * d, bias=cfg.qkv_bias, **q)
         # Qwen2 has no o_proj bias; Qwen3 follows attention_bias (False in every release).
-        self.o_proj = Linear(h * d, e, bias=cfg.qkv_bias and cfg.qk_norm, dtype=dtype, rngs=rngs)
+        self.o_proj = make_linear("o_proj", h * d, e, bias=cfg.qkv_bias and cfg.qk_norm, **q)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
@@ -131,10 +155,12 @@ class TextAttention(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    def __init__(self, n_in: int, n_hidden: int, act: str, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear(n_in, n_hidden, bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(n_in, n_hidden, bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(n_hidden, n_in, bias=bias, dtype=dtype, rngs=rngs)
+    def __init__(self, n_in: int, n_hidden: int, act: str, *, bias: bool, dtype, rngs: nnx.Rngs, int4=None,
+                 int4_method: str = "auto"):
+        q = dict(bias=bias, dtype=dtype, rngs=rngs, int4=int4, int4_method=int4_method)
+        self.gate_proj = make_linear("gate_proj", n_in, n_hidden, **q)
+        self.up_proj = make_linear("up_proj", n_in, n_hidden, **q)
+        self.down_proj = make_linear("down_proj", n_hidden, n_in, **q)
         self.act = activation(act)
 
     def __call__(self, x):
@@ -142,11 +168,15 @@ class GatedMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, int4=None, int4_method: str = "auto"):
+        """int4: {"self_attn.q_proj": group size, "mlp.down_proj": ...} for the projections held as int4."""
+        int4 = int4 or {}
+        sub = lambda prefix: {k.split(".", 1)[1]: v for k, v in int4.items() if k.startswith(prefix + ".")}  # noqa: E731
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = TextAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = TextAttention(cfg, dtype=dtype, rngs=rngs, int4=sub("self_attn"), int4_method=int4_method)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, dtype=dtype, rngs=rngs)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, dtype=dtype, rngs=rngs,
+                            int4=sub("mlp"), int4_method=int4_method)
 
     def __call__(self, x, cos, sin, mask, layer_cache, write_slots):
         attn, layer_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_slots)

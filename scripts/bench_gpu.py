@@ -1,0 +1,606 @@
+#!/usr/bin/env python
+"""int4 vs bf16 decode on one GPU: dreamr-jax beside transformers, against the memory floor, and the
+projected dreamr speedup of a 2B draft with a 32B int4 target.
+
+    python scripts/bench_gpu.py [--json PATH] [--shapes 8b,32b] [--layers N] [--skip-torch]
+    python scripts/bench_gpu.py --smoke          # tiny shapes, runs anywhere (CPU) in about a minute
+
+What it measures (batch 1, greedy, random weights, text decoder only; no downloads):
+
+1. Copy bandwidth: a jitted 1 GiB copy into a donated buffer and torch's device-to-device
+   `copy_`, counting read + write (2 x size / time); the best is the floor's bandwidth.
+2. int4 matmul methods: one 32B-shaped projection (rows = 1) as bf16 dense and as each
+   `Int4Linear` method, with XLA's own estimate of the bytes each program touches (fused
+   dequantization touches ~0.5 byte per weight, an expanded weight ~4.5).
+3. Decode: for each shape, a Qwen3-VL text model (the real vocabulary 151936; a one-block
+   vision tower that decode never runs) built directly on the device in bf16 and in int4
+   (every decoder projection an `Int4Linear`, group 128, random packed weights; one run per
+   `--methods` entry, the first reported as "int4"), prefill of a random prompt then
+   `Generator.decode` of `--steps` tokens in one `lax.while_loop`;
+   ms/step = decode time / steps, best of `--repeats`. Floor = bytes one step reads (every
+   decoder layer's weights, the final norm, the lm_head, the allocated KV cache) / copy
+   bandwidth. transformers (PyTorch bf16, sdpa, `generate` with EOS off): ms/step =
+   (t(generate N) - t(generate 1)) / (N - 1), same config, same GPU.
+   `--layers N` builds each model with N decoder layers (and N/2), and extrapolates the step
+   time linearly in the layer count to the real depth (t(L) = t(N) + (L - N) * slope); the
+   floor is computed for the real depth. Both measured points are in the JSON.
+4. Projection: per-call times of the 2B draft (bf16 decode, ms/token), the 32B int4 target
+   (decode, ms/token) and one target check (extend a cached `--prefix-len` context by a
+   step plus the judging suffix, `Generator.extend_last`). SPEC.md gives no closed form, so
+   this model of FPSR's steady state is ours (roles on separate devices, as in the paper; a
+   step is `--step-tokens` tokens; a accepted fraction):
+       target alone per step  T = L t_t
+       dreamr per step        a * max(L t_d, t_c) + (1 - a) * max(L t_t, L t_d + t_c)
+   (accepted steps pipeline the draft against the checks; a rejected step commits the
+   target's own step, started eagerly with the draft's, once its check has failed). Its
+   upper bound as t_d, t_c -> 0 is 1 / (1 - a): 2x at 50%, 3.3x at 70%.
+
+Each measurement runs in its own process (so one model's memory is gone before the next);
+--smoke runs them in-process with tiny shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Qwen3-VL text decoders (Qwen3-1.7B / 8B / 32B shapes); "tiny*" for --smoke, "cpu" for a CPU run.
+SHAPES = {
+    "2b": dict(hidden=2048, intermediate=6144, layers=28, heads=16, kv_heads=8, head_dim=128, vocab=151936, tie=True),
+    "8b": dict(hidden=4096, intermediate=12288, layers=36, heads=32, kv_heads=8, head_dim=128, vocab=151936, tie=False),
+    "32b": dict(hidden=5120, intermediate=25600, layers=64, heads=64, kv_heads=8, head_dim=128, vocab=151936, tie=False),
+    "cpu": dict(hidden=1024, intermediate=3072, layers=8, heads=16, kv_heads=8, head_dim=64, vocab=32000, tie=False),
+    "tiny": dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, head_dim=16, vocab=512, tie=False),
+    "tiny-draft": dict(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, head_dim=16, vocab=512, tie=True),
+}
+PAPER = {"0.526": 2.38, "note": "paper: 2.38x (32B/2B, MathVerse, acceptance 52.6%), 2.48x (32B/4B, MMBench), 4x L40S"}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--shapes", default=None, help="decode shapes (default 8b,32b; --smoke: tiny)")
+    p.add_argument("--draft", default=None, help="draft shape for the projection (default 2b)")
+    p.add_argument("--target", default=None, help="target shape for the projection (default 32b, int4)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="build models with at most N decoder layers (and N/2) and extrapolate (default: full depth)")
+    p.add_argument("--steps", type=int, default=None, help="decode steps per timed call (default 64)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens before decoding (default 128)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
+    p.add_argument("--dtype", default=None, help="dense dtype (default bfloat16; float32 for a CPU comparison)")
+    p.add_argument("--methods", default="auto,pallas",
+                   help="Int4Linear decode methods, comma separated; the first is reported as 'int4' and used in the "
+                        "projection, the others as 'int4-<method>' (default auto,pallas)")
+    p.add_argument("--step-tokens", type=int, default=None, help="tokens per reasoning step (default 64)")
+    p.add_argument("--judge-tokens", type=int, default=48, help="judging-suffix tokens a check adds (default 48)")
+    p.add_argument("--prefix-len", type=int, default=None, help="cached context before a check (default 1024)")
+    p.add_argument("--skip-torch", action="store_true", help="no transformers runs")
+    p.add_argument("--skip-projection", action="store_true", help="no draft / check timing")
+    p.add_argument("--skip-matmul", action="store_true", help="no single-projection method comparison")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, in-process: a test that the script runs")
+    p.add_argument("--inline", action="store_true", help="run measurements in this process (default with --smoke)")
+    p.add_argument("--subprocess", action="store_true", help="one process per measurement even with --smoke")
+    p.add_argument("--worker-timeout", type=float, default=300, help="seconds before a measurement is abandoned")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the measurement processes "
+                   "(e.g. --xla_gpu_autotune_level=0 to skip GEMM autotuning)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    s = a.smoke
+    a.shapes = (a.shapes or ("tiny" if s else "8b,32b")).split(",")
+    a.draft = a.draft or ("tiny-draft" if s else "2b")
+    a.target = a.target or ("tiny" if s else "32b")
+    a.steps = a.steps or (8 if s else 64)
+    a.prompt_len = a.prompt_len or (16 if s else 128)
+    a.repeats = a.repeats or (1 if s else 3)
+    a.group_size = a.group_size or (32 if s else 128)
+    a.dtype = a.dtype or "bfloat16"
+    a.methods = a.methods.split(",")
+    a.step_tokens = a.step_tokens or (8 if s else 64)
+    a.judge_tokens = 8 if s else a.judge_tokens
+    a.prefix_len = a.prefix_len or (32 if s else 1024)
+    a.inline = (a.inline or s) and not a.subprocess
+    for name in a.shapes + [a.draft, a.target]:
+        if name not in SHAPES:
+            p.error(f"unknown shape '{name}'; known: {sorted(SHAPES)}")
+    return a
+
+
+# ---- workers (each runs alone in a fresh process unless --inline) ------------------------------------
+
+
+def config_dict(shape: dict, layers: int) -> dict:
+    half = shape["head_dim"] // 2
+    t_sec = round(half * 24 / 64)  # Qwen3-VL's (24, 20, 20) of 64 frequencies, scaled to head_dim
+    h_sec = (half - t_sec) // 2
+    return dict(
+        model_type="qwen3_vl", tie_word_embeddings=shape["tie"],
+        image_token_id=min(151655, shape["vocab"] - 4), video_token_id=min(151656, shape["vocab"] - 3),
+        vision_start_token_id=min(151652, shape["vocab"] - 2), vision_end_token_id=min(151653, shape["vocab"] - 1),
+        text_config=dict(
+            vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+            num_hidden_layers=layers, num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+            head_dim=shape["head_dim"], hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768,
+            eos_token_id=0, tie_word_embeddings=shape["tie"],
+            rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0,
+                                 mrope_section=[t_sec, h_sec, half - t_sec - h_sec], mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=shape["hidden"],
+                           num_position_embeddings=16, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh"),
+    )
+
+
+def _best(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), times
+
+
+def w_bandwidth(mib: int = 1024) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = mib * (1 << 20) // 4
+    x = jnp.ones((n,), jnp.float32)
+    box = [jnp.zeros((n,), jnp.float32)]
+    copy = jax.jit(lambda a, o: o.at[:].set(a), donate_argnums=1)
+
+    def do_copy():
+        box[0] = copy(x, box[0])
+        box[0].block_until_ready()
+
+    out = dict(array_mib=mib, device=str(jax.devices()[0]), jax_copy_gbs=2 * n * 4 / _best(do_copy, 5)[0] / 1e9)
+    box.clear()  # free the device buffers before torch measures
+    x = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            a = torch.ones(n, dtype=torch.float32, device="cuda")
+            b = torch.empty_like(a)
+
+            def tcopy():
+                b.copy_(a)
+                torch.cuda.synchronize()
+
+            out["torch_copy_gbs"] = 2 * n * 4 / _best(tcopy, 5)[0] / 1e9
+            del a, b
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    out["copy_gbs"] = max(v for k, v in out.items() if k.endswith("_copy_gbs"))
+    return out
+
+
+def w_matmul(shape_name: str, group_size: int, dtype: str, repeats: int = 20) -> dict:
+    """One gate/up-shaped (hidden -> intermediate) and one down-shaped projection at rows = 1."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dreamr_jax.quant.linear import Int4Linear
+
+    shape = SHAPES[shape_name]
+    dt = jnp.dtype(dtype)
+    out = {}
+    for name, (n_in, n_out) in (("gate_up", (shape["hidden"], shape["intermediate"])),
+                                ("down", (shape["intermediate"], shape["hidden"]))):
+        x = jax.random.normal(jax.random.key(0), (1, n_in), dt)
+        results = {}
+        w = jax.random.normal(jax.random.key(1), (n_in, n_out), dt) * 0.02
+        progs = {"dense": (jax.jit(lambda x, w: jnp.dot(x, w)), (x, w), n_in * n_out * dt.itemsize)}
+        layer = Int4Linear(n_in, n_out, group_size=group_size, bias=False, dtype=dt, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(layer)
+        int4_bytes = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(state))
+        for method in ("dequant", "reduce", "int4dot", "pallas"):
+            layer.method = method
+            g, st = nnx.split(layer)
+            progs[method] = (jax.jit(lambda st, x, g=g: nnx.merge(g, st)(x)), (st, x), int4_bytes)
+        for label, (fn, args, weight_bytes) in progs.items():
+            compiled = fn.lower(*args).compile()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+            hlo = compiled.as_text()
+            t, _ = _best(lambda: jax.block_until_ready(compiled(*args)), repeats)
+            results[label] = dict(us=t * 1e6, weight_bytes=weight_bytes, xla_bytes_accessed=cost.get("bytes accessed"),
+                               fusions=hlo.count(" fusion("), gemm_calls=hlo.count("__cublas") + hlo.count("triton_gemm"))
+        del w, x
+        out[name] = dict(n_in=n_in, n_out=n_out, **results)
+    return out
+
+
+def _model_bytes(model, shape: dict) -> dict:
+    """Bytes one decode step reads: decoder layers + final norm + lm_head (the embedding when tied)."""
+    import numpy as np
+    from flax import nnx
+
+    layer_bytes = other = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        nbytes = int(np.prod(var.get_value().shape)) * var.get_value().dtype.itemsize
+        head = str(path[0])
+        if head == "layers":
+            layer_bytes += nbytes
+        elif head in ("norm", "lm_head") or (head == "embed_tokens" and shape["tie"]):
+            other += nbytes
+    return dict(layer_bytes=layer_bytes, head_bytes=other)
+
+
+def _jax_point(shape_name, kind, layers, steps, prompt_len, repeats, group_size, dtype, methods, check):
+    """One depth: build the model on the device, time prefill + decode per method (and a target check)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from dreamr_jax.generation import Generator, length_bucket, prepare_batch
+    from dreamr_jax.models.qwen_vl.config import QwenVLConfig
+    from dreamr_jax.models.qwen_vl.model import QwenVLModel
+    from dreamr_jax.quant.linear import set_int4_method
+
+    shape = SHAPES[shape_name]
+    cfg = QwenVLConfig.from_hf(config_dict(shape, layers))
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    int4 = {f"layers.{i}.{n}": group_size for i in range(layers) for n in names} if kind == "int4" else None
+    t0 = time.perf_counter()
+    model = QwenVLModel(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), int4=int4)
+    jax.block_until_ready(nnx.state(model))
+    build_s = time.perf_counter() - t0
+    stage(f"{shape_name} {kind} {layers} layers built in {build_s:.1f} s")
+    rng = np.random.default_rng(0)
+    vocab = min(shape["vocab"] - 8, 150000)
+    batch = prepare_batch(model, [list(rng.integers(0, vocab, prompt_len))])
+    out_len = length_bucket(steps)
+    cache_len = batch.input_ids.shape[1] + out_len
+    t = cfg.text
+    kv_bytes = t.num_hidden_layers * 2 * cache_len * t.num_key_value_heads * t.head_dim * jnp.dtype(dtype).itemsize
+    points = []
+    points_methods = methods if kind == "int4" else ["-"]
+    for method in points_methods:
+        if kind == "int4":
+            set_int4_method(model, method)
+        gen = Generator(model)
+
+        def run():
+            t0 = time.perf_counter()
+            logits, cache = gen.prefill(batch, cache_len)
+            jax.block_until_ready(logits)
+            t1 = time.perf_counter()
+            tokens, _, n_gen, cache, last = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=out_len)
+            jax.block_until_ready((tokens, cache, last))
+            t2 = time.perf_counter()
+            assert int(np.asarray(n_gen)[0]) == steps
+            return t1 - t0, t2 - t1
+
+        first = run()
+        stage(f"  {method}: first prefill {first[0]:.1f} s, first decode {first[1]:.1f} s (with compiles)")
+        samples = [run() for _ in range(repeats)]
+        prefill, decode = min(x[0] for x in samples), min(x[1] for x in samples)
+        stage(f"  {method}: {decode * 1e3 / steps:.2f} ms/step")
+        res = dict(shape=shape_name, kind=kind, dtype=dtype, method=method, layers=layers, steps=steps,
+                   prompt_len=prompt_len, cache_len=cache_len, build_s=build_s, prefill_ms=prefill * 1e3,
+                   ms_per_step=decode * 1e3 / steps, decode_s_all=[x[1] for x in samples],
+                   compile_s=(first[0] - prefill) + (first[1] - decode), kv_bytes=kv_bytes,
+                   **_model_bytes(model, shape), device=str(jax.devices()[0]))
+        if check is not None and method == points_methods[0]:
+            # A target check: extend a cached prefix by step + judging suffix, logits at the last token
+            # (many rows: the "dequant" path whatever the method, so measured once).
+            n_new = check["step_tokens"] + check["judge_tokens"]
+            s_bucket = length_bucket(n_new)
+            prefix = prepare_batch(model, [list(rng.integers(0, vocab, check["prefix_len"]))])
+            c_len = prefix.input_ids.shape[1] + s_bucket
+            _, cache = gen.prefill(prefix, c_len)
+            lengths = cache.lengths
+            ids = np.asarray(rng.integers(0, 1000, (1, s_bucket)), np.int32)
+            box = [cache]
+
+            def one_check():
+                logits, box[0] = gen.extend_last(box[0].truncate(lengths), ids, np.array([n_new], np.int32))
+                jax.block_until_ready(logits)
+
+            best, all_ = _best(one_check, max(repeats, 3))
+            stage(f"  {method}: check {best * 1e3:.1f} ms")
+            res["check"] = dict(ms=best * 1e3, ms_all=[x * 1e3 for x in all_], prefix_len=check["prefix_len"],
+                                new_tokens=n_new, bucket=s_bucket, cache_len=c_len)
+            del box, cache
+        points.append(res)
+    del model
+    return points
+
+
+def w_jax(shape_name: str, kind: str, depths: list, steps: int, prompt_len: int, repeats: int, group_size: int,
+          dtype: str, methods=("auto",), check: dict | None = None) -> dict:
+    """Every depth (deepest first) and, for int4, every method, in this one process."""
+    import gc
+
+    points = []
+    for n in depths:
+        points += _jax_point(shape_name, kind, n, steps, prompt_len, repeats, group_size, dtype, list(methods), check)
+        gc.collect()
+    return dict(points=points)
+
+
+def w_torch(shape_name: str, depths: list, steps: int, prompt_len: int, repeats: int, dtype: str) -> dict:
+    import gc
+
+    import torch
+    import transformers
+
+    shape = SHAPES[shape_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    points = []
+    for layers in depths:
+        d = config_dict(shape, layers)
+        hf = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        with torch.device(device):
+            model = transformers.Qwen3VLForConditionalGeneration._from_config(
+                hf, attn_implementation="sdpa", dtype=getattr(torch, dtype)).eval()
+        build_s = time.perf_counter() - t0
+        stage(f"transformers {shape_name} {layers} layers built in {build_s:.1f} s")
+        ids = torch.randint(0, min(shape["vocab"] - 8, 150000), (1, prompt_len), device=device)
+
+        def gen(n):
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            assert out.shape[1] == prompt_len + n
+
+        t_n, all_n = _best(lambda: gen(steps), repeats)
+        t_1, all_1 = _best(lambda: gen(1), repeats)
+        points.append(dict(shape=shape_name, layers=layers, steps=steps, build_s=build_s, generate_n_s=t_n,
+                           generate_1_s=t_1, generate_n_all=all_n, generate_1_all=all_1,
+                           ms_per_step=(t_n - t_1) * 1e3 / (steps - 1),
+                           device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                           torch=torch.__version__, transformers=transformers.__version__))
+        model = None  # noqa: F841 - frees the weights before the next depth
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return dict(points=points)
+
+
+WORKERS = {"bandwidth": w_bandwidth, "matmul": w_matmul, "jax": w_jax, "torch": w_torch}
+
+
+def stage(msg: str) -> None:
+    """Progress inside a worker (streamed to the main log), so a slow build or compile shows where."""
+    print(f"  | {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def run_worker(a, task: str, **kw) -> dict:
+    """A measurement in a fresh process (or inline); failures and timeouts are recorded, not fatal."""
+    t0 = time.perf_counter()
+    try:
+        if a.inline:
+            res = WORKERS[task](**kw)
+        else:
+            env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.95",
+                       PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+            if a.xla_flags:
+                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + a.xla_flags).strip()
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps([task, kw])],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+            result, tail = None, []
+            deadline = time.perf_counter() + a.worker_timeout
+            for line in proc.stdout:  # streamed: progress lines as they come
+                line = line.rstrip("\n")
+                if line.startswith("RESULT "):
+                    result = json.loads(line[len("RESULT "):])
+                elif line.startswith("  | "):
+                    log(line)
+                else:
+                    tail = (tail + [line])[-30:]
+                if time.perf_counter() > deadline:
+                    proc.kill()
+                    raise TimeoutError(f"worker passed --worker-timeout {a.worker_timeout} s; last output: "
+                                       + "\n".join(tail[-10:]))
+            proc.wait()
+            if proc.returncode != 0 or result is None:
+                raise RuntimeError(f"worker exited {proc.returncode}: " + "\n".join(tail))
+            res = result
+    except Exception as e:  # noqa: BLE001 - one failed measurement must not lose the others
+        log(f"  !! {task} {kw.get('shape_name', '')} {kw.get('kind', '')} failed: {type(e).__name__}: {str(e)[-1500:]}")
+        return dict(error=f"{type(e).__name__}: {str(e)[-3000:]}")
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def depths(a, shape_name):
+    full = SHAPES[shape_name]["layers"]
+    if a.layers and a.layers < full:
+        return full, [a.layers, max(1, a.layers // 2)]
+    return full, [full]
+
+
+def extrapolate(points: list[dict], full: int, key="ms_per_step"):
+    """Step time at the real depth from one or two measured depths (linear in the layer count)."""
+    if any("error" in p for p in points):
+        return None
+    if len(points) == 1:
+        return points[0][key]
+    (n1, t1), (n2, t2) = ((p["layers"], p[key]) for p in points)
+    slope = (t1 - t2) / (n1 - n2)
+    return t1 + slope * (full - n1)
+
+
+def floor_ms(points: list[dict], full: int, bw_gbs: float):
+    p = points[0]
+    per_layer = (p["layer_bytes"] + p["kv_bytes"]) / p["layers"]
+    bytes_full = per_layer * full + p["head_bytes"]
+    return bytes_full / (bw_gbs * 1e9) * 1e3, bytes_full
+
+
+def projection(t_d, t_t, t_c, step_tokens, rates=(0.5, 0.7)):
+    """FPSR steady state (see the module docstring): speedup of dreamr over the target alone."""
+    out = {}
+    L = step_tokens
+    for a in rates:
+        dreamr = a * max(L * t_d, t_c) + (1 - a) * max(L * t_t, L * t_d + t_c)
+        out[str(a)] = (L * t_t) / dreamr
+    return out
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        task, kw = json.loads(a.worker)
+        print("RESULT " + json.dumps(WORKERS[task](**kw)), flush=True)
+        return 0
+    t_start = time.perf_counter()
+    import jax
+
+    env = dict(python=platform.python_version(), jax=jax.__version__, backend=jax.default_backend(),
+               device=str(jax.devices()[0]), argv=sys.argv[1:])
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    log(f"# bench_gpu: {env}")
+    if jax.default_backend() == "cpu" and not a.smoke and "cpu" not in a.shapes:
+        log("# warning: no accelerator; these shapes will be very slow on CPU (use --smoke or --shapes cpu)")
+    doc = dict(env=env, args={k: v for k, v in vars(a).items() if k != "worker"}, paper=PAPER)
+
+    log("\n## copy bandwidth")
+    bw = run_worker(a, "bandwidth", mib=64 if a.smoke else 1024)
+    doc["bandwidth"] = bw
+    write_json(a, doc)
+    bw_gbs = bw.get("copy_gbs", float("nan"))
+    log(f"copy (read + write): {', '.join(f'{k} {v:.0f} GB/s' for k, v in bw.items() if k.endswith('_gbs'))}")
+
+    if not a.skip_matmul:
+        shape = "tiny" if a.smoke else a.target
+        log(f"\n## one projection at rows = 1 ({shape} shapes, {a.dtype}, int4 group {a.group_size})")
+        mm = run_worker(a, "matmul", shape_name=shape, group_size=a.group_size, dtype=a.dtype,
+                        repeats=3 if a.smoke else 20)
+        doc["matmul"] = mm
+        write_json(a, doc)
+        for name, r in mm.items():
+            if not isinstance(r, dict):
+                continue
+            parts = []
+            for label in ("dense", "dequant", "reduce", "int4dot", "pallas"):
+                x = r[label]
+                floor_us = x["weight_bytes"] / (bw_gbs * 1e3)
+                acc = x["xla_bytes_accessed"]
+                parts.append(f"{label} {x['us']:.1f} us (floor {floor_us:.1f}, XLA bytes/weight "
+                             f"{acc / (r['n_in'] * r['n_out']):.2f}, fusions {x['fusions']})" if acc else
+                             f"{label} {x['us']:.1f} us (floor {floor_us:.1f})")
+            log(f"{name} ({r['n_in']} -> {r['n_out']}): " + "; ".join(parts))
+
+    decode = {}
+    doc["decode"] = decode
+    for shape_name in a.shapes:
+        full, ns = depths(a, shape_name)
+        log(f"\n## decode, {shape_name} shape ({full} layers{'; measured at ' + str(ns) if len(ns) > 1 else ''}), "
+            f"batch 1, {a.steps} steps after a {a.prompt_len}-token prompt")
+        entry = decode[shape_name] = {}
+        common = dict(shape_name=shape_name, depths=ns, steps=a.steps, prompt_len=a.prompt_len, repeats=a.repeats,
+                      group_size=a.group_size, dtype=a.dtype)
+        check = None
+        if shape_name == a.target and not a.skip_projection:
+            check = dict(step_tokens=a.step_tokens, judge_tokens=a.judge_tokens, prefix_len=a.prefix_len)
+        for kind in ("dense", "int4"):
+            res = run_worker(a, "jax", kind=kind, methods=a.methods, check=check if kind == "int4" else None, **common)
+            for method in (a.methods if kind == "int4" else ["-"]):
+                label = kind if (kind == "dense" or method == a.methods[0]) else f"int4-{method}"
+                pts = [p for p in res.get("points", []) if p["method"] == method] or [res]
+                ms = extrapolate(pts, full)
+                e = entry[label] = dict(points=pts, ms_per_step=ms)
+                if ms is None:
+                    continue
+                e["floor_ms"], e["bytes_per_step"] = floor_ms(pts, full, bw_gbs)
+                e["over_floor"] = ms / e["floor_ms"]
+                e["tok_s"] = 1e3 / ms
+                if pts and all("check" in p for p in pts):
+                    e["check_ms"] = extrapolate([dict(layers=p["layers"], ms=p["check"]["ms"]) for p in pts], full, "ms")
+                log(f"dreamr-jax {label:14s} {ms:8.2f} ms/step = {1e3 / ms:7.1f} tok/s; floor {e['floor_ms']:.2f} ms "
+                    f"({e['bytes_per_step'] / 1e9:.2f} GB / {bw_gbs:.0f} GB/s), step/floor {e['over_floor']:.2f}; "
+                    f"compile {pts[0]['compile_s']:.1f} s, build {pts[0]['build_s']:.1f} s"
+                    + (f"; check {e['check_ms']:.1f} ms" if "check_ms" in e else ""))
+            write_json(a, doc)
+        dense_ms = entry.get("dense", {}).get("ms_per_step")
+        for label, e in entry.items():
+            if label.startswith("int4") and dense_ms and e.get("ms_per_step"):
+                e["speedup_over_dense"] = dense_ms / e["ms_per_step"]
+                log(f"{label} / {a.dtype} decode speed: {e['speedup_over_dense']:.2f}x")
+        if not a.skip_torch:
+            res = run_worker(a, "torch", shape_name=shape_name, depths=ns, steps=a.steps, prompt_len=a.prompt_len,
+                             repeats=max(1, a.repeats - 1), dtype=a.dtype)
+            pts = res.get("points", [res])
+            ms = extrapolate(pts, full)
+            entry["torch"] = dict(points=pts, ms_per_step=ms)
+            if ms is not None:
+                log(f"transformers {a.dtype:12s} {ms:8.2f} ms/step = {1e3 / ms:7.1f} tok/s (eager, sdpa, generate)")
+        write_json(a, doc)
+
+    if not a.skip_projection:
+        full, ns = depths(a, a.draft)
+        log(f"\n## projection: {a.draft} draft ({a.dtype}) + {a.target} int4 target, steps of {a.step_tokens} tokens")
+        if a.draft in decode and decode[a.draft].get("dense", {}).get("ms_per_step"):
+            t_d = decode[a.draft]["dense"]["ms_per_step"]
+        else:
+            res = run_worker(a, "jax", shape_name=a.draft, kind="dense", depths=ns, steps=a.steps,
+                             prompt_len=a.prompt_len, repeats=a.repeats, group_size=a.group_size, dtype=a.dtype)
+            pts = res.get("points", [res])
+            t_d = extrapolate(pts, full)
+            doc["draft"] = dict(points=pts, ms_per_step=t_d)
+            if t_d is not None:
+                log(f"draft {a.draft} {a.dtype}: {t_d:.2f} ms/token (compile {pts[0]['compile_s']:.1f} s)")
+        tgt = decode.get(a.target, {}).get("int4", {})
+        t_t, t_c = tgt.get("ms_per_step"), tgt.get("check_ms")
+        if None in (t_d, t_t, t_c):
+            log("projection skipped: a per-call time is missing (run the target shape in --shapes)")
+        else:
+            sp = projection(t_d, t_t, t_c, a.step_tokens)
+            doc["projection"] = dict(draft_ms_per_token=t_d, target_ms_per_token=t_t, check_ms=t_c,
+                                     step_tokens=a.step_tokens, judge_tokens=a.judge_tokens, prefix_len=a.prefix_len,
+                                     speedup=sp, bound={str(r): 1 / (1 - r) for r in (0.5, 0.7)},
+                                     formula="L t_t / (a max(L t_d, t_c) + (1 - a) max(L t_t, L t_d + t_c))")
+            log(f"draft {t_d:.2f} ms/token, target {t_t:.2f} ms/token, check {t_c:.1f} ms "
+                f"({a.step_tokens} + {a.judge_tokens} tokens after {a.prefix_len})")
+            log(f"projected dreamr speedup: {sp['0.5']:.2f}x at acceptance 50%, {sp['0.7']:.2f}x at 70% "
+                f"(bound 1/(1-a): 2.00x / 3.33x); {PAPER['note']}")
+
+    doc["total_s"] = time.perf_counter() - t_start
+    log(f"\ntotal {doc['total_s']:.0f} s")
+    write_json(a, doc)
+    if a.json:
+        log(f"wrote {a.json}")
+    return 0
+
+
+def write_json(a, doc):
+    """Written after every section, so a run cut short keeps what it measured."""
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        os.replace(a.json + ".tmp", a.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
