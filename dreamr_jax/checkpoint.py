@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run: model, optimizer, data iterator, step and extras.
 
-One `CheckpointManager` item per part: "model" and "optimizer" (NNX states, restored onto the
-live objects' shardings), "data" (the grain iterator's position, via grain's own orbax
+One `CheckpointManager` item per part: each named NNX object (e.g. "model" and "optimizer",
+restored onto the live objects' shardings), "data" (the grain iterator's position, via grain's own orbax
 handler) and "meta" (JSON: the step and the run's seed). Orbax writes each step to a
 temporary folder and renames it when complete, so a run killed mid-save leaves the previous
 checkpoint intact; `latest_step` names the newest complete one.
@@ -9,6 +9,7 @@ checkpoint intact; `latest_step` names the newest complete one.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -17,18 +18,20 @@ from flax import nnx
 
 
 class TrainCheckpointer:
+    """Checkpoints of a run's NNX objects, passed by name (SFT: model + optimizer; SAPO:
+    policy + optimizer + reference), with the grain iterator's position and a JSON meta item."""
+
     def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = False):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, *, model, optimizer, data_iterator, meta: dict) -> None:
+    def save(self, step: int, *, data_iterator, meta: dict, **modules) -> None:
         import grain
 
         args = ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.state(model)),
-            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+            **{name: ocp.args.StandardSave(nnx.state(module)) for name, module in modules.items()},
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(dict(meta, step=int(step))),
         )
@@ -38,23 +41,35 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, step: int, *, model, optimizer, data_iterator) -> dict:
-        """Load checkpoint `step` into the live model, optimizer and iterator; return meta."""
+    def restore(self, step: int, *, data_iterator, **modules) -> dict:
+        """Load checkpoint `step` into the live objects (keeping their shardings) and the
+        iterator; return meta."""
         import grain
 
-        def abstract(tree):
-            return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        def abstract(module):
+            return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
 
         args = ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract(nnx.state(model))),
-            optimizer=ocp.args.StandardRestore(abstract(nnx.state(optimizer))),
+            **{name: ocp.args.StandardRestore(abstract(module)) for name, module in modules.items()},
             data=grain.checkpoint.CheckpointRestore(data_iterator),
             meta=ocp.args.JsonRestore(),
         )
         restored = self.manager.restore(int(step), args=args)
-        nnx.update(model, restored["model"])
-        nnx.update(optimizer, restored["optimizer"])
+        for name, module in modules.items():
+            nnx.update(module, restored[name])
         return dict(restored["meta"])
 
     def close(self) -> None:
         self.manager.close()
+
+
+def trim_metrics(path: str, last_step: int) -> None:
+    """On resume, drop metric lines a stopped run wrote after its last checkpoint (process 0
+    writes the file; the rewrite is atomic)."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)

@@ -161,24 +161,13 @@ def token_ids_of(processor) -> dict:
     return ids
 
 
-def _trim_metrics(path: str, last_step: int) -> None:
-    """On resume, drop metric lines a killed run wrote after its last checkpoint."""
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
 def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = True, export: bool = True) -> dict:
     """Run (or resume) SFT. `stop_after` ends the call after that global step without a final
     export, like a job killed right after its checkpoint (for resume tests)."""
     import grain
     from tqdm import tqdm
 
-    from .checkpoint import TrainCheckpointer
+    from .checkpoint import TrainCheckpointer, trim_metrics
     from .models.qwen_vl.params import save_state
     from .processing import load_processor
 
@@ -220,9 +209,9 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
                               "raise steps or use a new output_dir")
         meta = ckpt.restore(latest, model=model, optimizer=optimizer, data_iterator=iterator)
         step = int(meta["step"])
-        _trim_metrics(metrics_path, step)
+        trim_metrics(metrics_path, step)
     else:
-        _trim_metrics(metrics_path, -1)
+        trim_metrics(metrics_path, -1)
 
     schedule = make_schedule(cfg)
     last_metrics = {}

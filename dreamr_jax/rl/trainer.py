@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..checkpoint import TrainCheckpointer, trim_metrics
 from ..config import ConfigError, _NESTED, _build, read_yaml
 from ..spec.config import SpecConfig, question_text
 from .sapo import GRPOSettings, collect, in_dtype, means, policy_batch, update
@@ -314,64 +315,6 @@ def prompt_dataset(cfg: SAPOConfig, encoder: PromptEncoder, records: list[dict] 
     return ds.batch(local_batch, drop_remainder=True, batch_fn=list).map(encoder.batch)
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
-
-
-class SAPOCheckpointer:
-    """Orbax checkpoints of a SAPO run: policy, optimizer, reference, the data iterator's
-    position (grain's handler, one file per process) and meta (step, RNG key, seed). Orbax
-    writes into a temporary folder and renames it when complete, so a run killed mid-save
-    keeps its previous checkpoint."""
-
-    def __init__(self, directory: str, *, max_to_keep: int = 2):
-        import orbax.checkpoint as ocp
-
-        self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
-
-    def save(self, step: int, *, policy, optimizer, reference, data_iterator, meta: dict) -> None:
-        import grain
-        import orbax.checkpoint as ocp
-
-        args = ocp.args.Composite(
-            policy=ocp.args.StandardSave(nnx.state(policy)),
-            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
-            reference=ocp.args.StandardSave(nnx.state(reference)),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(dict(meta, step=int(step))),
-        )
-        self.manager.save(int(step), args=args, force=True)
-        self.manager.wait_until_finished()
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def restore(self, step: int, *, policy, optimizer, reference, data_iterator) -> dict:
-        """Load checkpoint `step` into the live objects (keeping their shardings); return meta."""
-        import grain
-        import orbax.checkpoint as ocp
-
-        def abstract(module):
-            return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
-
-        args = ocp.args.Composite(
-            policy=ocp.args.StandardRestore(abstract(policy)),
-            optimizer=ocp.args.StandardRestore(abstract(optimizer)),
-            reference=ocp.args.StandardRestore(abstract(reference)),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-            meta=ocp.args.JsonRestore(),
-        )
-        restored = self.manager.restore(int(step), args=args)
-        nnx.update(policy, restored["policy"])
-        nnx.update(optimizer, restored["optimizer"])
-        nnx.update(reference, restored["reference"])
-        return dict(restored["meta"])
-
-    def close(self) -> None:
-        self.manager.close()
-
-
 # ---- multi-process helpers ------------------------------------------------------------------------
 
 
@@ -426,17 +369,6 @@ def global_policy_batch(model_cfg, rollouts, prompts, pad_id: int) -> dict:
 def _scalars(tree) -> dict:
     """Replicated device scalars -> floats (read from this process's own copy)."""
     return {k: float(np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v)) for k, v in tree.items()}
-
-
-def _trim_metrics(path: str, last_step: int) -> None:
-    """On resume, drop metric lines a stopped run wrote after its last checkpoint."""
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
 def _step_seed(key, process_index: int) -> int:
@@ -504,7 +436,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     # A background thread encodes the next batches (images, tokenizer) while this one trains.
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
-    ckpt = SAPOCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    ckpt = TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     step, key = 0, jax.random.key(cfg.seed)
     latest = ckpt.latest_step()
@@ -518,7 +450,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
                               f"resume with as many (the data iterator is per process)")
         step = int(meta["step"])
         key = jax.random.wrap_key_data(np.asarray(meta["rng_key"], np.uint32))
-    _trim_metrics(metrics_path, step if latest is not None else -1)
+    trim_metrics(metrics_path, step if latest is not None else -1)
 
     writer = None
     if cfg.tensorboard and pid == 0:
