@@ -457,3 +457,96 @@ def test_bench_gpu_smoke(tmp_path):
         assert doc["decode"][shape]["torch"]["ms_per_step"] > 0
     assert doc["projection"]["speedup"]["0.5"] > 0 and doc["projection"]["speedup"]["0.7"] > 0
     assert set(doc["matmul"]["down"]) >= {"dense", "dequant", "reduce", "int4dot"}
+
+
+# ---- AWQ activation-aware scaling ----------------------------------------------------------------------
+
+
+def ref_fake_quant(w_out_in: np.ndarray, group: int) -> np.ndarray:
+    """Round to nearest per group of input features, written from the formula in quant/quantize.py."""
+    out = np.empty_like(w_out_in, dtype=np.float32)
+    for o in range(w_out_in.shape[0]):
+        for g0 in range(0, w_out_in.shape[1], group):
+            w = w_out_in[o, g0:g0 + group].astype(np.float32)
+            s = np.float32(np.float16(max(w.max() - w.min(), 1e-5) / 15))
+            z = np.clip(np.round(-w.min() / s), 0, 15)
+            out[o, g0:g0 + group] = (np.clip(np.round(w / s) + z, 0, 15) - z) * s
+    return out
+
+
+def test_awq_search_scales_up_the_salient_channels():
+    from dreamr_jax.quant.awq import fake_quantize, search_scale
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    x[:, [3, 40]] *= 30.0  # two outlier input channels, as LLM activations have
+    w = [rng.standard_normal((48, 64)).astype(np.float32), rng.standard_normal((32, 64)).astype(np.float32)]
+    np.testing.assert_allclose(fake_quantize(w[0], 32), ref_fake_quant(w[0], 32), atol=1e-6)
+    found = search_scale(x, np.abs(x).mean(0), w, group_size=32)
+    assert found.ratio is not None and found.loss < 0.5 * found.rtn_loss
+    assert found.scale[[3, 40]].min() > np.median(found.scale)  # the outliers get the largest scales
+    w_all = np.concatenate(w)  # the reported loss, recomputed with the reference rounding
+    loss = np.mean(((x / found.scale) @ ref_fake_quant(w_all * found.scale, 32).T - x @ w_all.T) ** 2)
+    assert abs(loss - found.loss) <= 1e-5 * found.rtn_loss
+    # all-equal activations: nothing to protect, plain round to nearest stays (never worse)
+    flat = search_scale(np.ones((16, 64), np.float32), np.ones(64, np.float32), w, group_size=32)
+    assert flat.loss <= flat.rtn_loss
+
+
+def test_awq_scale_folding_keeps_the_float_model(tmp_path):
+    """Every group's factors folded into a dense checkpoint (v_proj -> o_proj included: no GQA
+    here, and v_proj has a bias in Qwen2.5-VL) leave the logits unchanged."""
+    from conftest import build_torch_model, tiny_config_dict
+    from dreamr_jax.models.qwen_vl.params import canonical_key
+    from dreamr_jax.quant.awq import GROUPS, scale_weights
+
+    config = tiny_config_dict("qwen2_5_vl")
+    config["text_config"]["num_key_value_heads"] = 4
+    build_torch_model(config, seed=3).save_pretrained(tmp_path / "dense")
+    src = str(tmp_path / "dense")
+    rng = np.random.default_rng(1)
+    plan = {}
+    for i in range(3):
+        for producer, readers in GROUPS:
+            n = 96 if producer == "mlp.up_proj" else 64
+            s = np.exp(rng.uniform(-1, 1, n)).astype(np.float32)
+            for r in readers:
+                plan.setdefault(f"text.layers.{i}.{r}.weight", []).append((1, s))
+            plan.setdefault(f"text.layers.{i}.{producer}.weight", []).append((0, 1 / s))
+            plan.setdefault(f"text.layers.{i}.{producer}.bias", []).append((0, 1 / s))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    touched = {k for k in tensors if canonical_key(k) in plan}
+    assert len(touched) == 3 * (2 + 7 + 1)  # per layer: 2 norms, 7 projections, the v_proj bias
+    folded = {k: scale_weights(v, plan[canonical_key(k)]) if k in touched else v for k, v in tensors.items()}
+    write_dense_copy(src, str(tmp_path / "folded"), folded)
+    a, b = load_model(src), load_model(str(tmp_path / "folded"))
+    inputs = probe(a)
+    want = jax_logits(a, *inputs)
+    assert np.abs(jax_logits(b, *inputs) - want).max() <= LOGITS_TOL * max(1.0, np.abs(want).max())
+
+
+def test_awq_checkpoint_beats_round_to_nearest(tiny_checkpoints, tmp_path):
+    """A model whose norms make two outlier channels: AWQ-scaled int4 logits are closer to the
+    dense model's than round-to-nearest int4 on held-out inputs, and still load as int4."""
+    folder, _ = tiny_checkpoints["qwen3_vl"]
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    for key in tensors:
+        if key.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            tensors[key] = tensors[key].copy()
+            tensors[key][[5, 50]] *= 25.0
+    src = write_dense_copy(folder, str(tmp_path / "outliers"), tensors)
+    rng = np.random.default_rng(2)
+    calibration = [list(rng.integers(0, 400, 48)) for _ in range(8)]
+    stats = quantize_checkpoint(src, str(tmp_path / "awq"), group_size=GROUP, calibration=calibration)
+    quantize_checkpoint(src, str(tmp_path / "rtn"), group_size=GROUP)
+    assert sum(g["ratio"] is not None for g in stats["awq"]) >= 3  # 2 groups per layer under GQA, 3 layers
+    assert all(g["loss"] <= g["rtn_loss"] for g in stats["awq"])
+    dense = load_model(src)
+    inputs = probe(dense)
+    want = jax_logits(dense, *inputs)
+    awq = load_model(str(tmp_path / "awq"))
+    assert len(int4_linears(awq)) == 3 * len(PROJECTIONS)
+    err_awq = np.abs(jax_logits(awq, *inputs) - want).mean()
+    err_rtn = np.abs(jax_logits(load_model(str(tmp_path / "rtn")), *inputs) - want).mean()
+    print(f"int4 mean |logit error|: AWQ {err_awq:.4g}, round to nearest {err_rtn:.4g}")
+    assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)

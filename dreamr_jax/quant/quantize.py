@@ -1,4 +1,5 @@
-"""Dense Qwen-VL checkpoint -> AutoAWQ "gemm" int4 checkpoint (round-to-nearest per group).
+"""Dense Qwen-VL checkpoint -> AutoAWQ "gemm" int4 checkpoint (round to nearest per group, after
+AWQ's activation-aware scaling when calibration texts are given).
 
 Every decoder projection (q/k/v/o, gate/up/down) of every text layer is quantized; the vision
 tower, embeddings, norms and lm_head are copied unchanged (AutoAWQ leaves them too). Per group of
@@ -8,7 +9,10 @@ nearest, as AutoAWQ computes it before its activation-aware search:
     s = max(w_max - w_min, 1e-5) / 15 (rounded to float16),  z = clamp(round(-w_min / s), 0, 15),
     q = clamp(round(w / s) + z, 0, 15),  W ~= (q - z) * s.
 
-Activation-aware scaling (AWQ's per-channel search on calibration prompts) is not done.
+With `calibration` texts, AWQ's per-channel scales (`quant.awq`) are searched on the dense model
+first and folded into the weights: the projections' columns times s, the norms (and v_proj /
+up_proj rows) that produce their inputs divided by s; the float model computes the same, the
+int4 one rounds the salient columns more finely.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import json
 import os
 import re
 import shutil
+from typing import Sequence
 
 import ml_dtypes
 import numpy as np
 
 from ..models.qwen_vl.params import SafetensorsFile, canonical_key, checkpoint_files
+from .awq import awq_scales, scale_weights
 from .formats import pack_awq
 
 _PROJECTION = re.compile(r"text\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -52,6 +58,20 @@ def quantize_rtn(weight_out_in: np.ndarray, group_size: int) -> tuple[np.ndarray
             np.ascontiguousarray(scales.T))
 
 
+def _awq_plan(src: str, texts: Sequence[str], max_tokens: int, group_size: int, n_grid: int, log) -> dict:
+    from ..loading import load_model
+    from ..processing import load_processor
+
+    model = load_model(src, dtype="float32")
+    if any(isinstance(t, str) for t in texts):
+        tokenizer = load_processor(src).tokenizer
+        texts = [tokenizer.encode(t) if isinstance(t, str) else t for t in texts]
+    rows = [list(r)[:max_tokens] for r in texts if len(r)]
+    if not rows:
+        raise ValueError("the calibration texts are empty")
+    return awq_scales(model, rows, group_size, n_grid=n_grid, log=log)
+
+
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
     """safetensors writer for every dtype the reader knows (bfloat16 included), via a temporary name."""
     header, offset = {}, 0
@@ -74,26 +94,35 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
     os.replace(path + ".tmp", path)
 
 
-def quantize_checkpoint(src: str, dst: str, *, group_size: int = 128, log=None) -> dict:
+def quantize_checkpoint(src: str, dst: str, *, group_size: int = 128, calibration: Sequence[str] | None = None,
+                        calibration_tokens: int = 512, n_grid: int = 20, log=None) -> dict:
     """Write `dst`, the AutoAWQ gemm int4 version of the dense checkpoint folder `src`.
 
-    Shards stay shards (same file names, index rewritten); tokenizer and processor files are
-    copied. Returns {"quantized": n linears, "copied": n tensors, "max_abs_error": float,
-    "group_size": ...}."""
+    calibration: texts (or token-id lists) for AWQ's scale search, each cut to `calibration_tokens`; None:
+    plain round to nearest. Shards stay shards (same file names, index rewritten); tokenizer and
+    processor files are copied. Returns {"quantized": n linears, "copied": n tensors,
+    "max_abs_error": float (of the scaled weights), "group_size": ..., "awq": per-group search
+    results or None}."""
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
     if config.get("quantization_config"):
         raise ValueError(f"{src}: already quantized ({config['quantization_config'].get('quant_method')})")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("dst must differ from src")
+    plan = {}
+    if calibration:
+        plan = _awq_plan(src, calibration, calibration_tokens, group_size, n_grid, log)
     os.makedirs(dst, exist_ok=True)
-    stats = dict(quantized=0, copied=0, max_abs_error=0.0, group_size=group_size)
+    stats = dict(quantized=0, copied=0, max_abs_error=0.0, group_size=group_size, awq=plan.pop("__stats__", None))
     weight_map = {}
     for path in checkpoint_files(src):
         reader = SafetensorsFile(path)
         out = {}
         for raw_key in reader.keys():
             array = reader.read(raw_key)
+            factors = plan.get(canonical_key(raw_key))
+            if factors:
+                array = scale_weights(array, factors).astype(array.dtype)
             if _PROJECTION.match(canonical_key(raw_key)):
                 q, z, s = quantize_rtn(np.asarray(array), group_size)
                 prefix = raw_key[: -len("weight")]
