@@ -142,8 +142,10 @@ def build_model(cfg: SFTConfig, token_ids: dict):
     from .models.qwen_vl.model import QwenVLModel
 
     if cfg.init:
+        from .hub import resolve_checkpoint
+
         model = load_model(cfg.init, dtype="float32")
-        with open(os.path.join(cfg.init, "config.json")) as f:
+        with open(os.path.join(resolve_checkpoint(cfg.init), "config.json")) as f:
             return model, json.load(f)
     if not cfg.model:
         raise ConfigError("sft config: give either `model` (architecture) or `init` (a checkpoint)")
@@ -168,6 +170,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     from tqdm import tqdm
 
     from .checkpoint import TrainCheckpointer, trim_metrics
+    from .hub import resolve_checkpoint
     from .models.qwen_vl.params import save_state
     from .processing import load_processor
 
@@ -256,7 +259,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     export_dir = os.path.join(cfg.output_dir, "hf")
     if export and jax.process_index() == 0:
         save_state(model, export_dir, model_config, dtype=np.dtype(cfg.export_dtype))
-        _copy_processor_files(cfg.init or cfg.tokenizer, export_dir)
+        _copy_processor_files(resolve_checkpoint(cfg.init) if cfg.init else cfg.tokenizer, export_dir)
     return {"step": step, "metrics": last_metrics, "history": history, "export_dir": export_dir,
             "model": model}
 

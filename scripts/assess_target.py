@@ -32,6 +32,7 @@ def judging_agreement(reasoner, count: int, alpha: float) -> dict:
     rng = np.random.default_rng(1)
     rhos = {True: [], False: []}
     agree = 0
+    by_mistake = {}  # mistake kind ("" for correct steps) -> [examples, verdicts that agree]
     for i in range(count):
         ex = synthetic.judging_example(synthetic.make_problem(0, "val", i), rng)
         prompt = reasoner.processor.encode(reasoner.prompt(ex.problem.question, 1), [ex.problem.image()])
@@ -40,8 +41,12 @@ def judging_agreement(reasoner, count: int, alpha: float) -> dict:
         rho = float(engine.cpn_scores(ctx, [tok.encode(ex.candidate + "\n\n")])[0])
         rhos[bool(ex.label)].append(rho)
         agree += (rho >= alpha) == bool(ex.label)
+        tally = by_mistake.setdefault(ex.mistake or "correct", [0, 0])
+        tally[0] += 1
+        tally[1] += (rho >= alpha) == bool(ex.label)
     return {"judge": round(agree / count, 4), "rho_correct": round(float(np.mean(rhos[True])), 4),
-            "rho_wrong": round(float(np.mean(rhos[False])), 4)}
+            "rho_wrong": round(float(np.mean(rhos[False])), 4),
+            "judge_by_mistake": {k: round(a / n, 3) for k, (n, a) in sorted(by_mistake.items())}}
 
 
 def assess(folder: str, count: int) -> dict:

@@ -9,7 +9,9 @@ The shipped target was trained on one H100 (about 7 minutes):
 the 2-core CPU reaches in 40 minutes.)
 
 1. trains the world tokenizer (dreamr_jax/assets/synthetic-tokenizer);
-2. SFT of the target (configs/sft_synthetic_target.yaml: solutions + CPN judging);
+2. SFT of the target (configs/sft_synthetic_target.yaml: solutions + CPN judging), then its
+   judge fine-tune (configs/sft_synthetic_target_judge.yaml: the same mix with the draft-style
+   arithmetic mistakes weighted up, from the SFT export; `--judge-override KEY=VALUE`);
 3. SFT of the draft (configs/sft_synthetic_draft.yaml: solutions only);
 4. copies both exported HF checkpoints (config.json, float16 safetensors, tokenizer and
    processor files) into dreamr_jax/assets/synthetic-{target,draft};
@@ -66,6 +68,8 @@ def main() -> None:
     parser.add_argument("--draft-steps", type=int, default=None)
     parser.add_argument("--target-override", action="append", default=[], help="KEY=VALUE for the target's SFT config")
     parser.add_argument("--draft-override", action="append", default=[], help="KEY=VALUE for the draft's SFT config")
+    parser.add_argument("--judge-override", action="append", default=[],
+                        help="KEY=VALUE for the target's judge fine-tune config")
     parser.add_argument("--work", default=os.path.join(ROOT, "out", "assets"), help="training runs go here")
     parser.add_argument("--resume", action="store_true",
                         help="continue the runs in --work (default: delete them and train from scratch)")
@@ -83,32 +87,41 @@ def main() -> None:
     import jax
 
     info = {"seconds": {}, "device": jax.devices()[0].device_kind,
-            "overrides": {"target": args.target_override, "draft": args.draft_override}}
+            "overrides": {"target": args.target_override, "target_judge": args.judge_override,
+                          "draft": args.draft_override}}
     t0 = time.perf_counter()
     tokenizer_dir = os.path.join(assets.ASSETS_DIR, "synthetic-tokenizer")
     if not args.skip_training:
         write_tokenizer_files(tokenizer_dir)
     info["seconds"]["tokenizer"] = round(time.perf_counter() - t0, 1)
-    for role, steps in (("target", args.target_steps), ("draft", args.draft_steps)):
-        overrides = [f"output_dir={os.path.join(args.work, role)}", f"tokenizer={tokenizer_dir}"]
-        if steps:
-            overrides.append(f"steps={steps}")
-        overrides += args.target_override if role == "target" else args.draft_override
-        cfg = load_sft_config(os.path.join(ROOT, "configs", f"sft_synthetic_{role}.yaml"), overrides)
+
+    def sft(stage: str, overrides: list[str]):
+        cfg = load_sft_config(os.path.join(ROOT, "configs", f"sft_synthetic_{stage}.yaml"),
+                              [f"output_dir={os.path.join(args.work, stage)}", f"tokenizer={tokenizer_dir}"] + overrides)
         t = time.perf_counter()
         if not args.skip_training:
             train(cfg)
-        info["seconds"][f"sft_{role}"] = round(time.perf_counter() - t, 1)
+        info["seconds"][f"sft_{stage}"] = round(time.perf_counter() - t, 1)
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+            return cfg, json.loads(f.readlines()[-1])
+
+    for role, steps in (("target", args.target_steps), ("draft", args.draft_steps)):
+        extra = ([f"steps={steps}"] if steps else []) + (args.target_override if role == "target" else args.draft_override)
+        cfg, final = sft(role, extra)
+        base_steps, base_final = final["step"], final  # step below cfg.steps where a time limit ended the run
+        if role == "target":
+            base_cfg = cfg
+            cfg, final = sft("target_judge", [f"init={os.path.join(cfg.output_dir, 'hf')}"] + args.judge_override)
+            info["target_judge_finetune"] = {"steps": final["step"], "batch_size": cfg.batch_size,
+                                             "learning_rate": cfg.learning_rate, "final_metrics": final}
         dest = os.path.join(assets.ASSETS_DIR, f"synthetic-{role}")
         if os.path.exists(dest):
             shutil.rmtree(dest)
         shutil.copytree(os.path.join(cfg.output_dir, "hf"), dest)
         model = dr.load_model(dest)
-        with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
-            final = json.loads(f.readlines()[-1])
-        # final["step"] is below cfg.steps where a time limit ended the run
-        info[role] = {"steps": final["step"], "batch_size": cfg.batch_size, "mb": round(folder_mb(dest), 2),
-                      "params": count_params(model), "architecture": cfg.model, "final_metrics": final}
+        arch_cfg = base_cfg if role == "target" else cfg
+        info[role] = {"steps": base_steps, "batch_size": arch_cfg.batch_size, "mb": round(folder_mb(dest), 2),
+                      "params": count_params(model), "architecture": arch_cfg.model, "final_metrics": base_final}
     info["draft_cheaper_per_token"] = round(info["target"]["params"]["flops_per_token"]
                                             / info["draft"]["params"]["flops_per_token"], 2)
     t = time.perf_counter()

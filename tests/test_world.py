@@ -93,8 +93,38 @@ def test_judging_negatives_are_realistic_mistakes():
                 colour, digit = re.fullmatch(r"The (\w+) digit is \w+?(\d)\.", ex.candidate).groups()
                 others = {p.digits[r][c] for r in range(2) for c in range(2) if p.colours[r][c] != colour}
                 assert int(digit) in others
-    assert set(mistakes) == {"misread", "slip", "repeated", "skipped", "wrong_colour", "wrong_answer"}
+            if ex.mistake in ("operand", "swapped", "far_slip"):
+                x, op, y, z = re.fullmatch(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.", p.steps[k]).groups()
+                x2, op2, y2, z2 = re.fullmatch(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.", ex.candidate).groups()
+                assert op2 == op
+                if ex.mistake == "far_slip":  # the operands kept, the result 4 or more off
+                    assert (x2, y2) == (x, y) and abs(int(z2) - int(z)) >= 4
+                elif ex.mistake == "swapped":  # a true equation of the wrong difference
+                    assert op == "-" and (x2, y2) == (y, x) and int(z2) == int(y) - int(x)
+                elif (x2, y2) != (x, y):  # operand: one operand changed, a true equation of it
+                    assert (x2 == x) != (y2 == y)
+                    assert int(z2) == {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[op](int(x2), int(y2))
+    assert set(mistakes) == {"misread", "slip", "repeated", "skipped", "wrong_colour", "wrong_answer", "operand",
+                             "far_slip", "swapped"}
     assert 0.4 < sum(mistakes.values()) / 600 < 0.6
+
+
+def test_step_verdict_labels_written_steps_against_the_solution():
+    # A product_minus problem: read a, read b, read c, x * y, x * y - z, answer.
+    p = next(q for q in synthetic.problems(0, "val", 50) if q.kind == "product_minus")
+    s = list(p.steps)
+    a_colour, a_digit = re.fullmatch(r"The (\w+) digit is \w+?(\d)\.", s[0]).groups()
+    misread = synthetic.read_step(a_colour, (int(a_digit) + 1) % 10)
+    x, y = re.fullmatch(r"(\d+) \* (\d+) = (-?\d+)\.", s[3]).groups()[:2]
+    assert synthetic.step_verdict(p, s[:1]) == "correct"
+    assert synthetic.step_verdict(p, [t + "  " for t in s]) == "correct"  # whitespace around a step
+    assert synthetic.step_verdict(p, [misread]) == "misread"
+    assert synthetic.step_verdict(p, s[:3] + [f"{x} * {y} = {int(x) * int(y) + 10}."]) == "slip"
+    assert synthetic.step_verdict(p, s[:2] + [s[1]]) == "repeated"
+    assert synthetic.step_verdict(p, s[:1] + [s[2]]) == "skipped"
+    assert synthetic.step_verdict(p, s[:5] + ["The answer is \\boxed{1000}."]) == "wrong_answer"
+    assert synthetic.step_verdict(p, s[:3] + ["I do not know."]) == "other"
+    assert synthetic.step_verdict(p, [misread, s[1]]) == "off_path"  # after a mistake
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +191,35 @@ def test_training_examples_are_the_engines_token_sequences(world_processor):
             assert (w == 1).all()
         assert (ex["weights"][ex["length"]:] == 0).all()
     assert set(seen) == {"cpn", "specreason", "solution"}
+
+
+def test_reordered_reads_permute_only_the_reads(world_processor):
+    rng = np.random.default_rng(0)
+    orders = Counter()
+    for p in synthetic.problems(0, "train", 200):
+        steps = synthetic.reordered_reads(p, rng)
+        reads = [s for s in p.steps if s.startswith("The ") and "digit is" in s]
+        assert sorted(steps[: len(reads)]) == sorted(reads) and steps[len(reads):] == p.steps[len(reads):]
+        if len(reads) == 3:
+            orders[tuple(reads.index(s) for s in steps[:3])] += 1
+    assert len(orders) == 6  # every order of three reads occurs
+    # In training examples: 0 leaves the solutions (and the random stream) as they were; 1
+    # reorders every solution's reads.
+    same = WorldEncoder(world_processor, DataConfig(judging_fraction=0.0))
+    mixed = WorldEncoder(world_processor, DataConfig(judging_fraction=0.0, shuffled_reads=1.0))
+    tok = world_processor.tokenizer
+    changed = 0
+    for index in range(20):
+        p = synthetic.make_problem(0, "train", index)
+        a, b = same.example(index), mixed.example(index)
+        text_a = tok.decode(a["input_ids"][: a["length"]])
+        assert text_a.endswith("".join(s + "\n\n" for s in p.steps))
+        text_b = tok.decode(b["input_ids"][: b["length"]])
+        prompt_end = text_a.index("assistant\n") + len("assistant\n")
+        assert text_b[:prompt_end] == text_a[:prompt_end]
+        assert sorted(text_b[prompt_end:].split("\n\n")) == sorted(text_a[prompt_end:].split("\n\n"))
+        changed += text_a != text_b
+    assert changed >= 5
 
 
 def test_world_config_uses_the_prompts_the_models_learned():

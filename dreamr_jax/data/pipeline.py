@@ -39,6 +39,11 @@ class DataConfig:
     # answer 9 for a correct step and 0 for a wrong one), so the `specreason` baseline has a
     # scorer trained as much as the CPN judge.
     specreason_fraction: float = 0.25
+    # Share of solution examples whose digit reads come in a random order (`synthetic.
+    # reordered_reads`): a draft taught in another style than the target's (which judges only
+    # the reference order correct), the mismatch SAPO's R_draft exists to remove. 0 for the
+    # shipped pair.
+    shuffled_reads: float = 0.0
     instruction: str = synthetic.INSTRUCTION
     judge_instruction: str = synthetic.JUDGE_INSTRUCTION
     specreason_prompt: str = synthetic.SPECREASON_PROMPT
@@ -91,7 +96,10 @@ class WorldEncoder:
             weights += [0.0] * len(candidate) + [cfg.verdict_weight]
             verdict_pos = len(ids) - 1
         else:
-            for step in self._steps(problem.steps):
+            steps = problem.steps
+            if cfg.shuffled_reads and rng.random() < cfg.shuffled_reads:
+                steps = synthetic.reordered_reads(problem, rng)
+            for step in self._steps(steps):
                 ids += step
                 weights += [1.0] * len(step)
         if len(ids) > cfg.seq_len:

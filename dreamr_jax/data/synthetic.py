@@ -19,8 +19,8 @@ every machine and every run. Each split draws from its own random stream, so a t
 test problem coincide only by chance (the tests check 5,000 train against 500 test problems).
 `judging_example` builds the target's CPN training data (SPEC.md section 2): a context, a
 candidate next step and whether it is correct, where wrong candidates are realistic mistakes:
-a misread digit, the digit of another colour, an arithmetic slip, a repeated step, a skipped
-step, a wrong final answer.
+a misread digit, the digit of another colour, an arithmetic slip (off by 1-3, or far off), a
+wrong or swapped operand, a repeated step, a skipped step, a wrong final answer.
 
 Digits are drawn with a built-in 5x7 bitmap font rather than a system font so the images are
 bit-identical everywhere (PIL's default font differs between Pillow builds).
@@ -32,7 +32,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Iterator
+import re
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -128,6 +129,9 @@ def _grid(rng):
     return digits, names, jitter
 
 
+_READ = re.compile(r"The (\w+) digit is \w+?(\d)\.")
+
+
 def read_step(colour: str, digit: int) -> str:
     """ "The red digit is red7.": the colour word right before the digit (no space, so no
     bare space token between them), so the digit is predicted at the colour token itself: one
@@ -171,6 +175,14 @@ def make_problem(seed: int, split: str, index: int) -> WorldProblem:
         answer=str(answer), jitter=tuple(jitter))
 
 
+def reordered_reads(problem: WorldProblem, rng) -> tuple:
+    """The reference solution with its digit reads in a random order (the arithmetic after them
+    unchanged): as true a solution, in a style the reference order does not follow."""
+    n = sum(1 for s in problem.steps if _READ.fullmatch(s))
+    order = rng.permutation(n)
+    return tuple(problem.steps[i] for i in order) + problem.steps[n:]
+
+
 def problems(seed: int, split: str, count: int, start: int = 0) -> Iterator[WorldProblem]:
     for i in range(start, start + count):
         yield make_problem(seed, split, i)
@@ -181,8 +193,6 @@ def problems(seed: int, split: str, count: int, start: int = 0) -> Iterator[Worl
 
 def _replace_number(text: str, rng) -> str | None:
     """Change one number in a step: a misread digit, or a slipped result of an equation."""
-    import re
-
     numbers = list(re.finditer(r"-?\d+", text))
     if not numbers:
         return None
@@ -196,6 +206,31 @@ def _replace_number(text: str, rng) -> str | None:
     return text[: m.start()] + str(new) + text[m.end():]
 
 
+_EQUATION = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.")
+_APPLY = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+
+
+def _wrong_equation(m, kind: str, rng) -> str:
+    """A wrong equation of one of three kinds, all seen in drafts' rollouts:
+    "operand": one operand replaced by another value, the result right for it ("4 * 0 = 0." for 5 * 0);
+    "far_slip": the result off by 4 to 20, or with its tens digit changed ("11 * 8 = 98.");
+    "swapped": the operands of a difference swapped, the result right for that ("4 - 2 = 2." for 2 - 4)."""
+    x, op, y, result = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+    if kind == "swapped":  # offered for differences of two different numbers only
+        return f"{y} {op} {x} = {_APPLY[op](y, x)}."
+    if kind == "operand":
+        which = int(rng.integers(0, 2))
+        old = (x, y)[which]
+        new = old + int(rng.choice([-3, -2, -1, 1, 2, 3])) if abs(old) > 9 else (old + int(rng.integers(1, 10))) % 10
+        x, y = (new, y) if which == 0 else (x, new)
+        if _APPLY[op](x, y) != result:
+            return f"{x} {op} {y} = {_APPLY[op](x, y)}."
+    wrong = result + int(rng.choice([-1, 1])) * int(rng.integers(4, 21))
+    if abs(result) >= 10 and rng.random() < 0.5:
+        wrong = result + int(rng.choice([-1, 1])) * 10 * (1 if result > 0 else -1)
+    return f"{m.group(1)} {op} {m.group(3)} = {wrong}."
+
+
 def corrupt_step(problem: WorldProblem, k: int, rng) -> tuple[str, str]:
     """A realistic wrong version of step k: (text, kind of mistake).
 
@@ -203,8 +238,6 @@ def corrupt_step(problem: WorldProblem, k: int, rng) -> tuple[str, str]:
     the red one was read; it is labelled wrong because it does not follow the solution's order
     (SPEC.md's judge asks for logical validity too). The judge therefore also learns the order
     of the reference solution, which the draft, trained on the same solutions, follows."""
-    import re
-
     steps = problem.steps
     step = steps[k]
     options = []
@@ -213,14 +246,20 @@ def corrupt_step(problem: WorldProblem, k: int, rng) -> tuple[str, str]:
     if k + 1 < len(steps) - 1:
         options.append("skipped")
     options += ["number"] * 4
-    m = re.fullmatch(r"The (\w+) digit is \w+?(\d)\.", step)
+    m = _READ.fullmatch(step)
     if m:
         options += ["wrong_colour"] * 2
+    equation = _EQUATION.fullmatch(step)
+    if equation:  # the slips a draft makes, beyond a result off by 1-3 (scripts/audit_judge.py found them)
+        swappable = equation.group(2) == "-" and equation.group(1) != equation.group(3)
+        options += ["operand"] * 3 + ["far_slip"] * 2 + ["swapped"] * (2 * swappable)
     choice = options[int(rng.integers(0, len(options)))]
     if choice == "repeated":
         return steps[k - 1], choice
     if choice == "skipped":
         return steps[k + 1], choice
+    if choice in ("operand", "far_slip", "swapped"):
+        return _wrong_equation(equation, choice, rng), choice
     if choice == "wrong_colour":  # the digit of another cell, under this colour's name
         others = [problem.digits[r][c] for r in range(GRID) for c in range(GRID)
                   if problem.colours[r][c] != m.group(1) and problem.digits[r][c] != int(m.group(2))]
@@ -273,3 +312,37 @@ def fingerprint(seed: int, split: str, count: int) -> str:
     for p in problems(seed, split, count):
         h.update(repr((p.digits, p.colours, p.question, p.steps, p.jitter)).encode())
     return h.hexdigest()[:16]
+
+
+# ---- ground truth for a written step (audits of the judge and of SAPO rollouts) -------------------
+
+
+def step_verdict(problem: WorldProblem, steps: Sequence[str]) -> str:
+    """The true status of the last of `steps` (texts without their "\\n\\n"), written after the others:
+
+    - "correct": the earlier steps are the reference's and this one is the next reference step;
+    - a mistake kind ("misread", "slip", "wrong_answer", "repeated", "skipped", "other") when the
+      earlier steps are the reference's and this one is not the next one;
+    - "off_path": an earlier step already left the reference solution (what "correct" means
+      there is a matter of taste, so audits report those steps apart).
+
+    The world's steps have one fixed wording, so a correct step is the reference step verbatim."""
+    *before, last = [s.strip() for s in steps]
+    ref = problem.steps
+    k = len(before)
+    if list(ref[:k]) != before:
+        return "off_path"
+    if k < len(ref) and last == ref[k]:
+        return "correct"
+    if k >= 1 and last == ref[k - 1]:
+        return "repeated"
+    if last in ref[k + 1:]:
+        return "skipped"
+    if k < len(ref):
+        if "boxed" in ref[k]:
+            return "wrong_answer"
+        if _READ.fullmatch(ref[k]) and _READ.fullmatch(last):
+            return "misread"
+        if "=" in ref[k] and "=" in last:
+            return "slip"
+    return "other"
