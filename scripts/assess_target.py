@@ -32,7 +32,7 @@ def judging_agreement(reasoner, count: int, alpha: float) -> dict:
     rng = np.random.default_rng(1)
     rhos = {True: [], False: []}
     agree = 0
-    by_mistake = {}  # mistake kind ("" for correct steps) -> [examples, verdicts that agree]
+    by_mistake = {}  # mistake kind ("correct" for correct steps) -> [examples, verdicts that agree]
     for i in range(count):
         ex = synthetic.judging_example(synthetic.make_problem(0, "val", i), rng)
         prompt = reasoner.processor.encode(reasoner.prompt(ex.problem.question, 1), [ex.problem.image()])
