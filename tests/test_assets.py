@@ -117,3 +117,19 @@ def test_demo_runs_every_method(tmp_path, capsys):
     for name in ("results.jsonl", "summary.json", "speedup_vs_acceptance.png", "fpsr_timeline.png"):
         assert (tmp_path / name).exists(), name
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 6
+
+
+def test_judge_audit_counts_every_sampled_step():
+    """scripts/audit_judge.py end to end on the shipped pair: every sampled step is counted under
+    one true verdict, and the judge accepts the draft's correct steps and rejects its misreads."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from audit_judge import audit
+
+    out = audit("asset:draft", "asset:target", count=8, group=2, temperature=1.0, split="val")
+    rows = out["by_verdict"]
+    assert set(rows) <= {"correct", "off_path", "misread", "slip", "wrong_answer", "repeated", "skipped", "other"}
+    assert sum(r["steps"] for r in rows.values()) >= 8 * 2 * 3  # every rollout has at least 3 steps
+    assert rows["correct"]["steps"] >= 20 and rows["correct"]["accept_rate"] >= 0.95
+    assert rows.get("misread", {"accepted": 0})["accepted"] == 0
