@@ -117,8 +117,7 @@ def capture_activations(model, token_rows: Sequence[Sequence[int]], max_rows: in
 
     from ..models.qwen_vl.text import Linear
 
-    readers = {id(getattr(getattr(layer, part.split(".")[0]), part.split(".")[1])): f"layers.{i}.{part}"
-               for i, layer in enumerate(model.layers)
+    readers = {id(_module(layer, part)): f"layers.{i}.{part}" for i, layer in enumerate(model.layers)
                for part in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
     recorder = _Recorder(max_rows, seed)
     original = Linear.__call__
@@ -142,14 +141,15 @@ def capture_activations(model, token_rows: Sequence[Sequence[int]], max_rows: in
 
 
 def awq_scales(model, token_rows: Sequence[Sequence[int]], group_size: int, *, n_grid: int = 20,
-               max_rows: int = 512, seed: int = 0, log=None) -> dict:
-    """{canonical checkpoint key: [(axis, factor)]} that folds AWQ's scales into the dense
-    weights (`scale_weights` applies them): projections' columns (axis 1) times s, the producing
-    norm (axis 0) or linear rows (axis 0, and its bias) divided by s. Also returns, under the key
-    "__stats__", per group the chosen ratio and the calibration losses with and without s."""
+               max_rows: int = 512, seed: int = 0, log=None) -> tuple[dict, list]:
+    """(plan, stats). plan: {canonical checkpoint key: [(axis, factor)]} that folds AWQ's scales
+    into the dense weights (`scale_weights` applies them): projections' columns (axis 1) times s,
+    the producing norm (axis 0) or linear rows (axis 0, and its bias) divided by s. stats: per
+    group the chosen ratio and the calibration losses with and without s."""
     acts = capture_activations(model, token_rows, max_rows, seed)
     cfg = model.cfg.text
-    plan: dict[str, list] = {"__stats__": []}
+    plan: dict[str, list] = {}
+    stats: list[dict] = []
     for i, layer in enumerate(model.layers):
         for producer, readers in GROUPS:
             if producer == "self_attn.v_proj" and cfg.num_key_value_heads != cfg.num_attention_heads:
@@ -157,7 +157,7 @@ def awq_scales(model, token_rows: Sequence[Sequence[int]], group_size: int, *, n
             x_rows, x_mean = acts[f"layers.{i}.{readers[0]}"]
             weights = [np.asarray(_module(layer, r).kernel[...], np.float32).T for r in readers]
             found = search_scale(x_rows, x_mean, weights, group_size, n_grid)
-            plan["__stats__"].append({"layer": i, "group": producer, "ratio": found.ratio, "loss": found.loss,
+            stats.append({"layer": i, "group": producer, "ratio": found.ratio, "loss": found.loss,
                                       "rtn_loss": found.rtn_loss})
             if found.ratio is None:
                 continue
@@ -169,7 +169,7 @@ def awq_scales(model, token_rows: Sequence[Sequence[int]], group_size: int, *, n
                 plan.setdefault(f"{base}{producer}.bias", []).append((0, 1.0 / found.scale))
         if log:
             log(f"AWQ scales: layer {i + 1}/{len(model.layers)}")
-    return plan
+    return plan, stats
 
 
 def _module(layer, dotted: str):

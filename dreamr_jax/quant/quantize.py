@@ -58,7 +58,8 @@ def quantize_rtn(weight_out_in: np.ndarray, group_size: int) -> tuple[np.ndarray
             np.ascontiguousarray(scales.T))
 
 
-def _awq_plan(src: str, texts: Sequence[str], max_tokens: int, group_size: int, n_grid: int, log) -> dict:
+def _awq_plan(src: str, texts: Sequence[str], max_tokens: int, group_size: int, n_grid: int,
+              log) -> tuple[dict, list]:
     from ..loading import load_model
     from ..processing import load_processor
 
@@ -109,11 +110,11 @@ def quantize_checkpoint(src: str, dst: str, *, group_size: int = 128, calibratio
         raise ValueError(f"{src}: already quantized ({config['quantization_config'].get('quant_method')})")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("dst must differ from src")
-    plan = {}
+    plan, searched = {}, None
     if calibration:
-        plan = _awq_plan(src, calibration, calibration_tokens, group_size, n_grid, log)
+        plan, searched = _awq_plan(src, calibration, calibration_tokens, group_size, n_grid, log)
     os.makedirs(dst, exist_ok=True)
-    stats = dict(quantized=0, copied=0, max_abs_error=0.0, group_size=group_size, awq=plan.pop("__stats__", None))
+    stats = dict(quantized=0, copied=0, max_abs_error=0.0, group_size=group_size, awq=searched)
     weight_map = {}
     for path in checkpoint_files(src):
         reader = SafetensorsFile(path)
