@@ -46,8 +46,14 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
                 for r in by_method[method] if r["status"] == "ok" and r["id"] in ok_ids]
         return float(np.mean(vals)) if vals else float("nan")
 
+    def mean_tokens(method):
+        vals = [sum(len(st["token_ids"]) for st in r["trace"]["steps"])
+                for r in by_method[method] if r["status"] == "ok" and r["id"] in ok_ids]
+        return float(np.mean(vals)) if vals else float("nan")
+
     target_time = mean_of("target", "wall_time") if "target" in by_method else float("nan")
     target_proj = mean_of("target", "projected_time") if "target" in by_method else float("nan")
+    target_tokens = mean_tokens("target") if "target" in by_method else float("nan")
     for m, rs in by_method.items():
         ok = [r for r in rs if r["status"] == "ok"]
         graded = [r for r in ok if r.get("reference") is not None]
@@ -56,22 +62,33 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
         accepted = sum(r["trace"]["drafted_accepted"] for r in ok)
         latency = mean_of(m, "wall_time")
         projected = mean_of(m, "projected_time")
+        # Per token rather than per step: the share of committed tokens the draft wrote, and the
+        # trace length against the target's own on the same problems. If only the target's tokens
+        # cost time, the speedup is at most 1 / (length_ratio * (1 - draft_token_share)); with
+        # step acceptance a, equal step lengths and equal trace lengths that is 1 / (1 - a).
+        tokens = [(len(st["token_ids"]), st["author"]) for r in ok for st in r["trace"]["steps"]]
+        total = sum(n for n, _ in tokens)
+        drafted = sum(n for n, who in tokens if who == "draft")
         rows.append({
             "method": m, "problems": len(rs), "failed": len(rs) - len(ok), "accuracy": accuracy,
             "acceptance": accepted / checked if checked else float("nan"), "mean_latency_s": latency,
             "speedup": target_time / latency if latency else float("nan"),
             "projected_speedup": target_proj / projected if projected else float("nan"),
+            "draft_token_share": drafted / total if total else float("nan"),
+            "length_ratio": mean_tokens(m) / target_tokens if target_tokens else float("nan"),
         })
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'method':<11} {'n':>4} {'fail':>4} {'acc':>7} {'accept':>7} {'latency s':>10} {'speedup':>8} {'projected':>9}"
+    head = (f"{'method':<11} {'n':>4} {'fail':>4} {'acc':>7} {'accept':>7} {'draft tok':>9} {'length':>6} "
+            f"{'latency s':>10} {'speedup':>8} {'projected':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        length = "-" if r["length_ratio"] != r["length_ratio"] else f"{r['length_ratio']:.2f}"
         lines.append(f"{r['method']:<11} {r['problems']:>4} {r['failed']:>4} {_pct(r['accuracy']):>7} "
-                     f"{_pct(r['acceptance']):>7} {r['mean_latency_s']:>10.3f} {r['speedup']:>7.2f}x "
-                     f"{r['projected_speedup']:>8.2f}x")
+                     f"{_pct(r['acceptance']):>7} {_pct(r['draft_token_share']):>9} {length:>6} "
+                     f"{r['mean_latency_s']:>10.3f} {r['speedup']:>7.2f}x {r['projected_speedup']:>8.2f}x")
     return "\n".join(lines)
 
 

@@ -134,7 +134,7 @@ def test_from_compressed_matches_reference(n_out, n_in, groups, zero_point):
     np.testing.assert_array_equal(t.dequantize(), want.T)
 
 
-@pytest.mark.parametrize("method", ["dequant", "reduce", "int4dot", "pallas", "auto"])
+@pytest.mark.parametrize("method", ["dequant", "reduce", "int4dot", "u4dequant", "u4dot", "pallas", "auto"])
 @pytest.mark.parametrize("lead", [(1,), (3,), (3, 5), (40,)])
 def test_int4_linear_methods(method, lead):
     rng = np.random.default_rng(1)
@@ -153,6 +153,38 @@ def test_int4_linear_methods(method, lead):
     assert got.shape == (*lead, n_out)
     assert layer.resolved_method(int(np.prod(lead))) == ("dequant" if np.prod(lead) > 4 or method == "auto" else method)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+
+@pytest.mark.parametrize("rows,block_out,k_splits", [(1, 32, 1), (3, 64, 3), (8, 32, 3), (2, None, None)])
+def test_pallas_gemv_tilings(rows, block_out, k_splits):
+    """Every (block_out, k_splits) tiling bench_gpu.py sweeps computes the same product (Pallas interpreter)."""
+    from dreamr_jax.quant import pallas_gemv
+
+    rng = np.random.default_rng(rows)
+    n_in, n_out, groups = 96, 64, 3
+    t = from_awq(random_words(rng, (n_in, n_out // 8)), random_words(rng, (groups, n_out // 8)),
+                 rng.uniform(0.001, 0.1, (groups, n_out)).astype(np.float16))
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    want = x.astype(np.float64) @ t.dequantize().astype(np.float64)
+    got = pallas_gemv.int4_gemv(jnp.asarray(x), jnp.asarray(t.qweight), jnp.asarray(t.scales), jnp.asarray(t.zeros),
+                                group_size=n_in // groups, block_out=block_out, k_splits=k_splits, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+def test_pallas_gemv_lowers_to_triton_for_cuda():
+    """Cross-lowered on CPU: the kernel must go to Triton. Since jax 0.10 a bare pallas_call on GPU
+    goes to Mosaic GPU, which stages whole operands in shared memory and fails on these shapes."""
+    from dreamr_jax.quant import pallas_gemv
+
+    n_in, n_out, group = 25600, 5120, 128  # a 32B down projection
+    assert pallas_gemv.plan(n_out, n_in // group) == (64, 8)
+    args = (jax.ShapeDtypeStruct((1, n_in), jnp.bfloat16), jax.ShapeDtypeStruct((n_out, n_in // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((n_out, n_in // group), jnp.float16),
+            jax.ShapeDtypeStruct((n_out, n_in // group), jnp.float16))
+    fn = jax.jit(lambda x, q, s, z: pallas_gemv.int4_gemv(x, q, s, z, group_size=group))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and "grid_x = 80" in text and "grid_y = 8" in text
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -221,7 +253,7 @@ def test_awq_logits_match_dequantized_dense(awq_pair, family):
     assert q.layers[0].mlp.down_proj.n_groups == 96 // GROUP == 3
     inputs = probe(q)
     want = jax_logits(d, *inputs)
-    for method in ("auto", "dequant", "reduce", "int4dot") if family == "qwen3_vl" else ("auto",):
+    for method in ("auto", "dequant", "reduce", "int4dot", "u4dequant", "u4dot") if family == "qwen3_vl" else ("auto",):
         set_int4_method(q, method, small_rows=10**6)  # every call through `method`, not only decode-sized ones
         got = jax_logits(q, *inputs)
         assert np.abs(got - want).max() <= LOGITS_TOL, method
@@ -230,7 +262,7 @@ def test_awq_logits_match_dequantized_dense(awq_pair, family):
     rows = [list(r) for r in inputs[0]]
     kw = dict(pixel_values=inputs[2], image_grid_thw=inputs[3], max_new_tokens=8, stop_ids=())
     dense = generate_from_ids(d, rows, **kw)
-    for method in ("auto", "reduce", "int4dot", "pallas") if family == "qwen3_vl" else ("pallas",):
+    for method in ("auto", "reduce", "int4dot", "u4dequant", "u4dot", "pallas") if family == "qwen3_vl" else ("pallas",):
         set_int4_method(q, method, small_rows=4)
         out = generate_from_ids(q, rows, **kw)
         assert out.token_ids == dense.token_ids, method
@@ -457,6 +489,22 @@ def test_bench_gpu_smoke(tmp_path):
         assert doc["decode"][shape]["torch"]["ms_per_step"] > 0
     assert doc["projection"]["speedup"]["0.5"] > 0 and doc["projection"]["speedup"]["0.7"] > 0
     assert set(doc["matmul"]["down"]) >= {"dense", "dequant", "reduce", "int4dot"}
+    assert doc["matmul"]["down"]["best_pallas"].startswith("pallas:")  # the tiling sweep ran
+    assert doc["decode"]["tiny"]["int4-pallas"]["ms_per_step"] > 0
+
+
+def test_bench_gpu_projection_formula():
+    """The FPSR projection against its limits: free draft and checks give 1 / (lambda (1 - a)); a draft
+    as slow as the target gives no speedup on accepted steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "scripts", "bench_gpu.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.projection(0.0, 1.0, 0.0, 64, (0.5, 0.7))["0.7"] == pytest.approx(1 / 0.3)
+    assert bench.projection(0.0, 1.0, 0.0, 64, (0.526,), 0.886)["0.526"] == pytest.approx(1 / (0.474 * 0.886))
+    # t_d = t_t, t_c = 8 ms, L = 10: accepted step max(10, 8) = 10, rejected max(10, 18) = 18.
+    assert bench.projection(1.0, 1.0, 8.0, 10, (0.5,))["0.5"] == pytest.approx(10 / (0.5 * 10 + 0.5 * 18))
 
 
 # ---- AWQ activation-aware scaling ----------------------------------------------------------------------

@@ -18,6 +18,10 @@ compute the product:
   Nothing the size of the weight is written, so XLA can fuse the unpacking into the reduction.
 * "int4dot": the same factorisation with the per-group products as batched dots on the
   unpacked nibbles (converted to x's dtype), for XLA to fuse the conversion into the matmul.
+* "u4dequant": `dequant`, but the nibbles are read through a uint4 view of the packed bytes (no
+  shifts, no interleave), the form XLA GPU's int4 GEMM fusion recognises: expansion inside the
+  matmul's operand load instead of a weight-sized intermediate.
+* "u4dot": `int4dot` on the same uint4 view.
 * "pallas": a Pallas GPU kernel (`pallas_gemv.py`) that reads the packed bytes once per call;
   run by Pallas' interpreter on CPU. Shapes it does not support fall back to "reduce".
 * "auto": the backend's choice (`SMALL_ROW_METHOD`).
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-METHODS = ("auto", "dequant", "reduce", "int4dot", "pallas")
+METHODS = ("auto", "dequant", "reduce", "int4dot", "u4dequant", "u4dot", "pallas")
 SMALL_ROWS = 4
 # The method "auto" uses for decode-sized inputs, per backend. CPU: "dequant" measured fastest
 # (scripts/bench_gpu.py --shapes cpu). GPU: "reduce", which XLA fuses (0.59 bytes touched per
@@ -106,10 +110,33 @@ class Int4Linear(nnx.Module):
                 + jnp.einsum("rgj,ogj->rog", xf[..., 1], (p >> 4).astype(cdt), preferred_element_type=jnp.float32))
         return self._combine(part, xf.reshape(rows, g, -1))
 
+    def _nibbles(self, dtype):
+        """q (out, groups, group_size) in `dtype`, read through a uint4 view of the packed bytes. The
+        view puts the low nibble first, which is the storage order (byte k = q[2k] | q[2k+1] << 4)."""
+        p = self.qweight[...]
+        if jax.default_backend() == "cpu":
+            # XLA CPU constant-folds a uint8 -> uint4 bitcast of compile-time-constant weights
+            # wrongly (jax 0.10: [0x21, 0x43] -> [1, 3, 0, 0]); the barrier keeps it a runtime op.
+            p = jax.lax.optimization_barrier(p)
+        q = jax.lax.bitcast_convert_type(p, jnp.uint4)  # (out, in/2, 2)
+        return q.reshape(self.n_out, self.n_groups, self.group_size).astype(dtype)
+
+    def _u4dequant(self, x2):
+        q = self._nibbles(jnp.float32)
+        w = (q - self.zeros[...].astype(jnp.float32)[..., None]) * self.scales[...].astype(jnp.float32)[..., None]
+        w = w.reshape(self.n_out, self.n_in).astype(x2.dtype)
+        return jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())))
+
+    def _u4dot(self, x2):
+        rows, g = x2.shape[0], self.n_groups
+        xg = x2.reshape(rows, g, self.group_size)
+        part = jnp.einsum("rgj,ogj->rog", xg, self._nibbles(x2.dtype), preferred_element_type=jnp.float32)
+        return self._combine(part, xg)
+
     def _pallas(self, x2):
         from . import pallas_gemv
 
-        if not pallas_gemv.supported(self.n_out, self.group_size, x2.shape[0]):
+        if not pallas_gemv.supported(self.n_out, self.group_size, x2.shape[0], self.n_in):
             return self._reduce(x2)
         return pallas_gemv.int4_gemv(x2, self.qweight[...], self.scales[...], self.zeros[...],
                                      group_size=self.group_size, interpret=jax.default_backend() == "cpu")
@@ -130,7 +157,7 @@ class Int4Linear(nnx.Module):
         x2 = x.reshape(-1, self.n_in)
         method = self.resolved_method(x2.shape[0])
         y = {"dequant": self._dequant, "reduce": self._reduce, "int4dot": self._int4dot,
-             "pallas": self._pallas}[method](x2)
+             "u4dequant": self._u4dequant, "u4dot": self._u4dot, "pallas": self._pallas}[method](x2)
         y = y.astype(x.dtype).reshape(*lead, self.n_out)
         return y + self.bias[...] if self.bias is not None else y
 
