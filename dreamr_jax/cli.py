@@ -33,7 +33,8 @@ def _reasoner(args):
     cfg = load_config(args.config, args.set)
     draft_devices, target_devices = split_devices(cfg.draft_devices, cfg.target_devices)
     return cfg, SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype,
-                                    draft_devices=draft_devices, target_devices=target_devices)
+                                    draft_devices=draft_devices, target_devices=target_devices,
+                                    draft_parallelism=cfg.draft_parallelism, target_parallelism=cfg.target_parallelism)
 
 
 def _reason(args):

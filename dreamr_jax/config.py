@@ -21,7 +21,16 @@ class PairConfig:
     dtype: str = "float32"
     draft_devices: int = 1
     target_devices: int = 1
+    # How a role with several devices holds its weights: "tensor" (split, `sharding.tensor_parallel_shardings`)
+    # or "replicate" (a whole copy on each).
+    draft_parallelism: str = "tensor"
+    target_parallelism: str = "tensor"
     spec: SpecConfig = SpecConfig()
+
+    def __post_init__(self):
+        for key in ("draft_parallelism", "target_parallelism"):
+            if getattr(self, key) not in ("tensor", "replicate"):
+                raise ValueError(f"{key} must be tensor or replicate, got '{getattr(self, key)}'")
 
 
 class ConfigError(ValueError):

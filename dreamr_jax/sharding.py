@@ -24,3 +24,110 @@ def split_devices(n_draft: int = 1, n_target: int = 1, devices=None):
 def role_mesh(devices, axis: str = "data") -> Mesh:
     """A 1-D mesh over a role's devices (classic Auto axes)."""
     return Mesh(np.array(list(devices)), (axis,), axis_types=(AxisType.Auto,))
+
+
+# ---- tensor parallelism of one role's weights ----------------------------------------------------
+#
+# Megatron's split of a decoder layer, written as GSPMD shardings of the weights (Auto axes): the
+# projections that widen the stream (q, k, v, gate, up) are split by output feature, the ones that
+# narrow it back (o, down) by input feature, so XLA needs one all-reduce after each narrowing
+# product. The vocabulary is split for the embedding and the output head; norms and the (small)
+# vision tower are replicated. A weight whose split axis does not divide by the device count is
+# replicated instead, so any model runs on any count. int4 layers split the same way: packed bytes
+# and group scales by output feature, or by input feature when the groups divide evenly (a shard
+# boundary must not fall inside a group).
+
+TENSOR_AXIS = "model"
+PARALLELISMS = ("tensor", "replicate")
+_WIDEN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_NARROW = ("o_proj", "down_proj")
+
+
+def _names(keypath) -> tuple[str, ...]:
+    out = []
+    for k in keypath:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        if name != "value":  # nnx.Variable's own field
+            out.append(str(name))
+    return tuple(out)
+
+
+def tensor_parallel_spec(names: tuple[str, ...], shape: tuple[int, ...], n: int):
+    """The PartitionSpec of one weight of a Qwen-VL model (path `names`) over `n` devices."""
+    from jax.sharding import PartitionSpec as P
+
+    if n == 1 or not names or names[0] == "visual":
+        return P()
+    leaf, owner = names[-1], (names[-2] if len(names) > 1 else "")
+    axis = None  # which array axis to split
+    if names[0] == "embed_tokens":
+        axis = 0  # (vocab, hidden)
+    elif names[0] == "lm_head" and leaf == "kernel":
+        axis = 1  # (hidden, vocab)
+    elif owner in _WIDEN:
+        # dense kernel (in, out); bias (out,); int4 qweight (out, in/2), scales / zeros (out, groups)
+        axis = {"kernel": 1, "bias": 0, "qweight": 0, "scales": 0, "zeros": 0}.get(leaf)
+    elif owner in _NARROW:
+        # dense kernel (in, out); int4 qweight (out, in/2), scales / zeros (out, groups); bias stays whole
+        axis = {"kernel": 0, "qweight": 1, "scales": 1, "zeros": 1}.get(leaf)
+    if axis is None or len(shape) <= axis or shape[axis] % n:
+        return P()
+    return P(*([None] * axis + [TENSOR_AXIS]))
+
+
+def tensor_parallel_shardings(state, mesh):
+    """A pytree of `NamedSharding`s matching `state` (an nnx.State of a Qwen-VL model) over `mesh`'s
+    TENSOR_AXIS. A row-split int4 layer's packed bytes and group scales must split at the same input
+    feature for each device's product to need nothing from the others (GSPMD would stay correct,
+    but move data): when only one of them divides, both stay whole."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = mesh.shape[TENSOR_AXIS]
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    specs = {_names(kp): tensor_parallel_spec(_names(kp), np.shape(x), n) for kp, x in leaves}
+    for names, spec in list(specs.items()):
+        if names[-1] in ("qweight", "scales", "zeros") and len(names) > 1 and names[-2] in _NARROW:
+            group = [names[:-1] + (leaf,) for leaf in ("qweight", "scales", "zeros")]
+            if any(specs.get(g) == P() for g in group):
+                for g in group:
+                    specs[g] = P()
+    return jax.tree_util.tree_map_with_path(lambda kp, x: NamedSharding(mesh, specs[_names(kp)]), state)
+
+
+def place_role_state(state, devices, parallelism: str = "tensor"):
+    """Put a role's weights on its devices: (placed state, sharding for its inputs). One device:
+    everything there. Several: split by `tensor_parallel_shardings` ("tensor") or copied whole to
+    each ("replicate")."""
+    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism '{parallelism}' is not one of {PARALLELISMS}")
+    devices = list(devices)
+    if len(devices) == 1:
+        sharding = SingleDeviceSharding(devices[0])
+        return jax.device_put(state, sharding), sharding
+    mesh = Mesh(np.array(devices), (TENSOR_AXIS,), axis_types=(AxisType.Auto,))
+    replicated = NamedSharding(mesh, P())
+    if parallelism == "replicate":
+        return jax.device_put(state, replicated), replicated
+    return jax.device_put(state, tensor_parallel_shardings(state, mesh)), replicated
+
+
+# ---- FSDP of a trained model's weights and optimizer state ----------------------------------------
+
+FSDP_MIN_ELEMENTS = 4096  # smaller arrays (norms, biases, counters) stay whole: splitting saves nothing
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int, axis: str = "data"):
+    """ZeRO-3 / FSDP placement of one array over `n` devices of `axis`: its largest dimension that
+    divides by n is split, anything small or indivisible stays whole. The spec depends only on the
+    shape, so AdamW's moments land exactly where their weights do; XLA gathers a weight where a
+    product needs it whole and reduce-scatters its gradient."""
+    from jax.sharding import PartitionSpec as P
+
+    if n == 1 or not shape or int(np.prod(shape)) < FSDP_MIN_ELEMENTS:
+        return P()
+    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+        if shape[i] % n == 0:
+            return P(*([None] * i + [axis]))
+    return P()

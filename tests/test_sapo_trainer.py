@@ -155,6 +155,79 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair):
     assert digest != results[0]["digest"]
 
 
+FSDP_SCRIPT = textwrap.dedent("""
+    import json, os, shutil, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import numpy as np
+    from flax import nnx
+    sys.path.insert(0, sys.argv[1])
+    import dreamr_jax as dr
+    import dreamr_jax.sharding
+    from test_sapo_trainer import _cfg, task_reward
+    from dreamr_jax.rl.trainer import train
+
+    dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny draft's matrices too
+    root, pair = sys.argv[2], json.loads(sys.argv[3])
+
+    def run(name, sharding, **kw):
+        cfg = _cfg(os.path.join(root, name), pair, steps=2, group_size=4, checkpoint_every=1, warmup_steps=0,
+                   draft_devices=2, draft_sharding=sharding, **kw)
+        return train(cfg, progress=False, extra_reward=task_reward)
+
+    def params(res):
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(res["policy"], nnx.Param))]
+
+    def split_share(tree):  # the first device's share of the bytes
+        leaves = jax.tree.leaves(tree)
+        return sum(x.addressable_shards[0].data.nbytes for x in leaves) / sum(x.nbytes for x in leaves)
+
+    keys = ("loss", "kl", "grad_norm", "reward", "clip_fraction")
+    dp, fsdp = run("dp", "replicate"), run("fsdp", "fsdp")
+    # killed after step 1 and resumed: the fsdp run's checkpoint 1 holds split arrays
+    os.makedirs(os.path.join(root, "resumed", "checkpoints"))
+    shutil.copytree(os.path.join(root, "fsdp", "checkpoints", "1"), os.path.join(root, "resumed", "checkpoints", "1"))
+    resumed = run("resumed", "fsdp")
+    exported = dr.load_model(os.path.join(root, "fsdp", "hf"))
+    print("RESULT " + json.dumps({
+        "history": {name: [{k: r[k] for k in keys} for r in res["history"]]
+                    for name, res in (("dp", dp), ("fsdp", fsdp), ("resumed", resumed))},
+        "param_diff": max(float(np.abs(a - b).max()) for a, b in zip(params(dp), params(fsdp))),
+        "resumed_equal": all(np.array_equal(a, b) for a, b in zip(params(fsdp), params(resumed))),
+        "export_equal": all(np.array_equal(np.asarray(a), b) for a, b in
+                            zip(jax.tree.leaves(nnx.state(exported, nnx.Param)), params(fsdp))),
+        "share": {"dp": split_share(nnx.state(dp["policy"])), "fsdp": split_share(nnx.state(fsdp["policy"])),
+                  "fsdp_embed": split_share(nnx.state(fsdp["policy"])["embed_tokens"]),
+                  "fsdp_adam": split_share(nnx.state(fsdp["optimizer"], nnx.OptState))},
+    }))
+""")
+
+
+def test_fsdp_draft_trains_like_data_parallel(tmp_path, tiny_world_pair):
+    """The draft's weights and AdamW state split over 2 of 3 (fake CPU) devices: two steps give the
+    data-parallel run's metrics and weights (up to reduction order), a run resumed from the split
+    checkpoint repeats step 2 bit for bit, and the export (gathered) is the trained weights."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)), str(tmp_path),
+                           json.dumps(list(tiny_world_pair))], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    hist = res["history"]
+    print(f"\nfsdp vs data parallel: max weight difference {res['param_diff']:.2e}; per-device share of the "
+          f"draft's bytes {res['share']}; {hist}")
+    for a, b in zip(hist["dp"], hist["fsdp"]):
+        for key, x in a.items():
+            assert b[key] == pytest.approx(x, rel=1e-3, abs=1e-6), (key, a, b)
+    assert res["param_diff"] < 1e-4
+    assert hist["resumed"] == hist["fsdp"][1:]
+    assert res["resumed_equal"] and res["export_equal"]
+    share = res["share"]  # the moments stay split after the updates, like their weights
+    assert share["dp"] == 1.0 and share["fsdp_embed"] == 0.5 and share["fsdp"] < 0.6 and share["fsdp_adam"] < 0.6
+
+
 def test_configs_load_and_validate(tmp_path):
     cfg = load_sapo_config(os.path.join(ROOT, "configs", "sapo_synthetic.yaml"), ["steps=5", "data.world_size=10"])
     assert cfg.draft == "asset:draft" and cfg.target == "asset:target" and cfg.steps == 5

@@ -429,7 +429,7 @@ def test_cpn_matches_transformers(tmp_path):
 
 MESH_SCRIPT = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
     from dreamr_jax.sharding import split_devices
@@ -437,8 +437,8 @@ MESH_SCRIPT = textwrap.dedent("""
     from dreamr_jax.spec.timeline import overlap_time, project
 
     draft, target, question, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    assert len(jax.devices()) == 2, jax.devices()
-    d_dev, t_dev = split_devices(1, 1)
+    assert len(jax.devices()) == 4, jax.devices()
+    d_dev, t_dev = split_devices(2, 2)  # each role's weights split over its two devices (tensor parallel)
     r = SpeculativeReasoner(draft=draft, target=target, method="dreamr", alpha=alpha, window=4,
                             steps=StepConfig(max_step_tokens=int(sys.argv[5]), token_budget=int(sys.argv[6])),
                             draft_devices=d_dev, target_devices=t_dev)
@@ -452,6 +452,8 @@ MESH_SCRIPT = textwrap.dedent("""
         "devices": [str(d) for d in jax.devices()], "draft_devices": [str(d) for d in d_dev],
         "target_devices": [str(d) for d in t_dev],
         "draft_state": where(r.draft.generator.state), "target_state": where(r.target.generator.state),
+        "q_proj_shards": {name: [list(s.data.shape) for s in getattr(r, name).generator.state["layers"][0]["self_attn"]
+                                 ["q_proj"]["kernel"].value.addressable_shards] for name in ("draft", "target")},
         "caches": caches, "steps": [s.token_ids for s in trace.steps], "authors": [s.author for s in trace.steps],
         "overlap": overlap_time(trace), "wall": trace.wall_time, "projected": project(trace),
         "draft_busy": trace.busy_time("draft"), "target_busy": trace.busy_time("target"),
@@ -474,8 +476,12 @@ def test_two_disjoint_meshes(spec_pair, loaded, tmp_path):
     print(f"\ntwo meshes: devices {res['devices']}; draft busy {res['draft_busy']:.3f}s, target busy "
           f"{res['target_busy']:.3f}s, overlap {res['overlap']:.3f}s, wall {res['wall']:.3f}s, "
           f"projected {res['projected']:.3f}s; authors {res['authors']}")
-    assert len(res["devices"]) == 2
-    assert res["draft_devices"] != res["target_devices"]
+    assert len(res["devices"]) == 4 and len(res["draft_devices"]) == len(res["target_devices"]) == 2
+    assert not set(res["draft_devices"]) & set(res["target_devices"])
+    models = {"draft": loaded[0], "target": loaded[1]}
+    for name, shards in res["q_proj_shards"].items():  # (in, out) kernels split by output feature
+        t = models[name].cfg.text
+        assert shards == [[t.hidden_size, t.num_attention_heads * t.head_dim // 2]] * 2, (name, shards)
     assert res["draft_state"] == res["draft_devices"] and res["target_state"] == res["target_devices"]
     assert res["caches"] == {"draft": res["draft_devices"], "target": res["target_devices"]}
     assert res["overlap"] > 0
@@ -754,3 +760,24 @@ def test_timeline_projection():
     # at its real start); draft#3 starts after draft#2 and after target (ended at 2.5 <= 3.0) -> 2-2.2
     assert project(chain) == pytest.approx(2.2)
     assert project(Trace("target")) == 0.0
+
+
+def test_summarise_token_share_and_length_ratio():
+    """Per-token accounting in `evaluate.summarise`, against sums written out by hand."""
+    from dreamr_jax.evaluate import summarise
+
+    def result(pid, method, steps, status="ok"):
+        trace = {"wall_time": 1.0, "projected_time": 1.0, "answer": "1", "drafted_checked": 0,
+                 "drafted_accepted": 0, "steps": [{"token_ids": [0] * n, "author": who} for n, who in steps]}
+        return {"id": pid, "method": method, "status": status, "reference": "1", "trace": trace}
+
+    results = [result("a", "target", [(10, "target"), (10, "target")]),
+               result("b", "target", [(30, "target")]),
+               result("a", "dreamr", [(6, "draft"), (8, "target")]),
+               result("b", "dreamr", [(4, "draft"), (4, "draft"), (10, "target")]),
+               result("c", "target", [(99, "target")]),  # "c" failed under dreamr: left out of the length ratio
+               result("c", "dreamr", [], status="error")]
+    rows = {r["method"]: r for r in summarise(results, ["target", "dreamr"])}
+    assert rows["dreamr"]["draft_token_share"] == pytest.approx((6 + 4 + 4) / (6 + 8 + 4 + 4 + 10))
+    assert rows["dreamr"]["length_ratio"] == pytest.approx(((14 + 18) / 2) / ((20 + 30) / 2))
+    assert rows["target"]["draft_token_share"] == 0 and rows["target"]["length_ratio"] == pytest.approx(1.0)

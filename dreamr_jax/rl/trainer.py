@@ -117,11 +117,20 @@ class SAPOConfig:
     # ---- devices, per process: the draft's data-parallel share and the target's
     draft_devices: int = 1
     target_devices: int = 1
+    target_parallelism: str = "tensor"  # the frozen target over its devices: "tensor" (split) or "replicate"
+    # The draft's float weights, AdamW moments and reference copy over the draft mesh: "replicate"
+    # (plain data parallelism) or "fsdp" (each array split over the devices, `sharding.fsdp_spec`;
+    # rollouts and the export gather a whole copy first).
+    draft_sharding: str = "replicate"
 
     def __post_init__(self):
         object.__setattr__(self, "reward_weights", tuple(float(w) for w in self.reward_weights))
         if len(self.reward_weights) != 3:
             raise ValueError(f"reward_weights must be (w1, w2, w3), got {self.reward_weights}")
+        if self.draft_sharding not in ("replicate", "fsdp"):
+            raise ValueError(f"draft_sharding must be replicate or fsdp, got '{self.draft_sharding}'")
+        if self.target_parallelism not in ("tensor", "replicate"):
+            raise ValueError(f"target_parallelism must be tensor or replicate, got '{self.target_parallelism}'")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"schedule must be constant, cosine or linear, got '{self.schedule}'")
         for name in ("dtype", "param_dtype", "export_dtype"):
@@ -208,24 +217,38 @@ def role_devices(draft_devices: int, target_devices: int):
     return draft, mine
 
 
-def replicate(tree, mesh):
-    """Every array of `tree` (the same values on every process) replicated over `mesh`, from
-    this process's copy. Built from per-device copies: `jax.device_put` onto a mesh that spans
-    processes and leaves out some local devices gives arrays whose shards cannot be read."""
+def distribute(tree, mesh, fsdp: bool = False):
+    """Every array of `tree` (the same values on every process) placed over `mesh` from this
+    process's copy: replicated, or split by `sharding.fsdp_spec` when `fsdp`. Built shard by
+    shard on this process's devices: `jax.device_put` onto a mesh that spans processes and
+    leaves out some local devices gives arrays whose shards cannot be read."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    sharding = NamedSharding(mesh, PartitionSpec())
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    from ..sharding import fsdp_spec
+
+    axis = mesh.axis_names[0]
 
     def put(x):
+        spec = fsdp_spec(np.shape(x), mesh.shape[axis], axis) if fsdp else PartitionSpec()
+        sharding = NamedSharding(mesh, spec)
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if x.sharding.is_equivalent_to(sharding, x.ndim):
-                return x  # already there (e.g. optimizer state made from replicated weights)
-            raise ValueError(f"cannot replicate an array already spread as {x.sharding}")
-        x = jnp.asarray(x)
-        return jax.make_array_from_single_device_arrays(x.shape, sharding, [jax.device_put(x, d) for d in local])
+                return x  # already there (e.g. optimizer state made from placed weights)
+            raise ValueError(f"cannot place an array already spread as {x.sharding} as {spec}")
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, tree)
+
+
+def gather_whole(model, mesh):
+    """`model` with every array replicated over `mesh` (an all-gather of FSDP-split weights, run by
+    every process together), so that `local_copy` can take one device's whole copy."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    graphdef, state = nnx.split(model)
+    state = jax.jit(lambda s: s, out_shardings=NamedSharding(mesh, PartitionSpec()))(state)
+    return nnx.merge(graphdef, state)
 
 
 def local_copy(model, device=None):
@@ -386,7 +409,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
 
     `stop_after` ends the call after that global step, like a job killed right after it
     (no export); `extra_reward(rollouts, records) -> (N,)` is added to R (logged as
-    `reward_extra`). Returns {"step", "metrics" (the last row), "history", "policy", ...}."""
+    `reward_extra`). Returns {"step", "metrics" (the last row), "history", "policy", "optimizer", ...}."""
     import grain
     from tqdm import tqdm
 
@@ -417,19 +440,21 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     image_overrides = {} if cfg.max_pixels is None else {"max_pixels": cfg.max_pixels}
     processor = load_processor(cfg.draft, **image_overrides)
     check_same_tokenizer(processor, load_processor(cfg.target, **image_overrides))
+    fsdp = cfg.draft_sharding == "fsdp"
     policy = load_model(cfg.draft, dtype=cfg.param_dtype)
-    nnx.update(policy, replicate(nnx.state(policy), mesh))
+    nnx.update(policy, distribute(nnx.state(policy), mesh, fsdp))
     # The frozen copy of the initial draft. A clone shares the policy's graph, so jitted
     # functions compiled for one serve the other.
     reference = in_dtype(nnx.clone(policy), None if cfg.dtype == cfg.param_dtype else cfg.dtype)
     optimizer = nnx.Optimizer(policy, make_optimizer(cfg), wrt=nnx.Param)
-    # The optimizer's counters start on the default device; place them like a step's outputs.
-    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+    # The optimizer's counters start on the default device; place them like a step's outputs
+    # (its moments, made from the placed weights, are there already).
+    nnx.update(optimizer, distribute(nnx.state(optimizer), mesh, fsdp))
     target = load_model(cfg.target, dtype=cfg.dtype)
     if target.cfg.text.vocab_size != policy.cfg.text.vocab_size:
         raise ConfigError(f"draft vocabulary {policy.cfg.text.vocab_size} != target vocabulary "
                           f"{target.cfg.text.vocab_size}")
-    engine = StepEngine(None, Role("target", target, target_devices), processor, cfg.spec)
+    engine = StepEngine(None, Role("target", target, target_devices, cfg.target_parallelism), processor, cfg.spec)
 
     encoder = PromptEncoder(processor, cfg.spec.instruction, cfg.max_length - cfg.max_new_tokens)
     dataset = prompt_dataset(cfg, encoder, load_records(cfg.data), local_batch, pid, n_proc)
@@ -469,9 +494,14 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
             while step < cfg.steps:
                 prompts = next(iterator)
                 key, step_key = jax.random.split(key)
-                samplers = [in_dtype(local_copy(policy, d), settings.compute_dtype) for d in local_devices]
+                if fsdp:  # one whole compute-dtype copy per device, gathered from the split weights
+                    whole = gather_whole(in_dtype(policy, settings.compute_dtype), mesh)
+                    samplers = [local_copy(whole, d) for d in local_devices]
+                else:
+                    samplers = [in_dtype(local_copy(policy, d), settings.compute_dtype) for d in local_devices]
                 got = collect(samplers, engine, processor, prompts, [p["record"] for p in prompts], settings,
                               _step_seed(step_key, pid), extra_reward)
+                whole = samplers = None  # the gathered / cast copies are not needed by the update: free them
                 rows = micro_prompts * cfg.group_size  # rollouts come prompt after prompt
                 batches = []
                 for m in range(cfg.micro_batches):
@@ -516,7 +546,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
                               meta={"seed": cfg.seed, "process_count": n_proc,
                                     "rng_key": np.asarray(jax.random.key_data(key)).tolist()})
                 if stop_after is not None and step >= stop_after:
-                    return {"step": step, "metrics": last, "history": history, "policy": policy}
+                    return {"step": step, "metrics": last, "history": history, "policy": policy, "optimizer": optimizer}
     finally:
         bar.close()
         ckpt.close()
@@ -524,6 +554,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
             writer.close()
 
     export_dir = os.path.join(cfg.output_dir, "hf")
+    whole = gather_whole(policy, mesh) if export and fsdp else policy  # every process joins the gather
     if export and pid == 0:
         from ..models.qwen_vl.params import save_state
         from ..sft import _copy_processor_files
@@ -531,9 +562,10 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
         source = resolve_checkpoint(cfg.draft)
         with open(os.path.join(source, "config.json")) as f:
             model_config = json.load(f)
-        save_state(local_copy(policy), export_dir, model_config, dtype=np.dtype(cfg.export_dtype))
+        save_state(local_copy(whole), export_dir, model_config, dtype=np.dtype(cfg.export_dtype))
         _copy_processor_files(source, export_dir)
-    return {"step": step, "metrics": last, "history": history, "policy": policy, "export_dir": export_dir}
+    return {"step": step, "metrics": last, "history": history, "policy": policy, "optimizer": optimizer,
+            "export_dir": export_dir}
 
 
 # ---- command line ---------------------------------------------------------------------------------

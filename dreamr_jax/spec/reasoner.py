@@ -37,14 +37,17 @@ class SpeculativeReasoner:
     trace = reasoner.solve("What is 3 + 4?", image="figure.png")
 
     draft / target: loaded models or checkpoint paths; processor: a `Processor` (default: the
-    target checkpoint's). Roles sit on disjoint devices from `split_devices` (or share one).
+    target checkpoint's). Roles sit on disjoint devices from `split_devices` (or share one); a role
+    with several devices splits its weights over them (`*_parallelism="tensor"`, the default) or
+    keeps a copy on each ("replicate").
     method / alpha / window default to `config`'s (SpecConfig(): dreamr, 0.7, 4); any other
     `SpecConfig` field can be passed as a keyword.
     """
 
     def __init__(self, draft=None, target=None, processor=None, method: str | None = None, alpha: float | None = None,
                  window: int | None = None, *, config: SpecConfig | None = None, draft_processor=None, dtype="float32",
-                 draft_devices=None, target_devices=None, **overrides):
+                 draft_devices=None, target_devices=None, draft_parallelism: str = "tensor",
+                 target_parallelism: str = "tensor", **overrides):
         import dataclasses
 
         if target is None:
@@ -73,8 +76,8 @@ class SpeculativeReasoner:
         if draft_devices is None or target_devices is None:
             d, t = split_devices(1, 1)
             draft_devices, target_devices = draft_devices or d, target_devices or t
-        self.target = Role("target", target_model, target_devices)
-        self.draft = Role("draft", draft_model, draft_devices) if draft_model is not None else None
+        self.target = Role("target", target_model, target_devices, target_parallelism)
+        self.draft = Role("draft", draft_model, draft_devices, draft_parallelism) if draft_model is not None else None
         self._engines: dict[str, StepEngine] = {}
         self.engine(self.config.method)  # validates keywords etc. at start-up
 

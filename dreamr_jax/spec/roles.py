@@ -21,6 +21,7 @@ import numpy as np
 
 from ..generation import Generator, length_bucket, prepare_batch
 from ..kv_cache import KVCache
+from ..sharding import place_role_state
 from ..sampling import SamplingParams
 from .trace import Interval
 
@@ -40,20 +41,15 @@ class Context:
 
 
 class Role:
-    def __init__(self, name: str, model, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, name: str, model, devices: Sequence[jax.Device] | None = None, parallelism: str = "tensor"):
         self.name = name
         self.model = model
         self.devices = list(devices) if devices else [jax.devices()[0]]
+        self.parallelism = parallelism
         self.generator = Generator(model)
-        # Place this role's weights on its devices (replicated if several); every jitted call then
-        # runs there because its committed inputs live there.
-        if len(self.devices) == 1:
-            sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
-        else:
-            mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.sharding = sharding
-        self.generator.state = jax.device_put(self.generator.state, sharding)
+        # Place this role's weights on its devices (split by tensor parallelism, or replicated, if
+        # several); every jitted call then runs there because its committed inputs live there.
+        self.generator.state, self.sharding = place_role_state(self.generator.state, self.devices, parallelism)
         self.vocab_size = model.cfg.text.vocab_size
         self.intervals: list[Interval] = []
         self.clock_start = time.perf_counter()

@@ -1,0 +1,153 @@
+"""Tensor parallelism of a role's weights (`sharding.tensor_parallel_shardings`, `Role(parallelism=...)`):
+the split rules on their own, then dense and int4 models of both families split over 2 and 4 fake
+CPU devices (a subprocess) against the same model on one device: prefill and extend logits, and
+greedy decode tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dreamr_jax.quant.quantize import quantize_checkpoint
+from dreamr_jax.sharding import TENSOR_AXIS, place_role_state, tensor_parallel_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+M = TENSOR_AXIS
+
+
+@pytest.mark.parametrize("names,shape,n,want", [
+    (("layers", "0", "self_attn", "q_proj", "kernel"), (64, 128), 4, P(None, M)),  # widen: by output
+    (("layers", "0", "self_attn", "q_proj", "bias"), (128,), 4, P(M)),
+    (("layers", "0", "self_attn", "o_proj", "kernel"), (128, 64), 4, P(M)),  # narrow: by input
+    (("layers", "0", "mlp", "down_proj", "bias"), (64,), 4, P()),
+    (("layers", "0", "mlp", "up_proj", "qweight"), (96, 32), 4, P(M)),  # int4 (out, in/2)
+    (("layers", "0", "mlp", "up_proj", "scales"), (96, 2), 4, P(M)),
+    (("layers", "0", "mlp", "down_proj", "qweight"), (64, 48), 4, P(None, M)),
+    (("layers", "0", "mlp", "down_proj", "zeros"), (64, 3), 4, P()),  # 3 groups over 4: whole
+    (("layers", "0", "self_attn", "k_proj", "kernel"), (64, 30), 4, P()),  # 30 outputs over 4: whole
+    (("layers", "0", "input_layernorm", "weight"), (64,), 4, P()),
+    (("embed_tokens",), (512, 64), 4, P(M)),
+    (("lm_head", "kernel"), (64, 512), 4, P(None, M)),
+    (("visual", "blocks", "0", "attn", "qkv", "kernel"), (32, 96), 4, P()),
+    (("layers", "0", "self_attn", "q_proj", "kernel"), (64, 128), 1, P()),
+])
+def test_tensor_parallel_spec(names, shape, n, want):
+    assert tensor_parallel_spec(names, shape, n) == want
+
+
+def test_place_role_state_rejects_unknown_parallelism():
+    import jax
+
+    with pytest.raises(ValueError, match="'pipeline' is not one of"):
+        place_role_state({}, jax.devices()[:1], "pipeline")
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from conftest import image_prompt, random_image_inputs
+    from dreamr_jax.loading import load_model
+    from dreamr_jax.spec.roles import Role
+
+    assert len(jax.devices()) == 4
+    out = {}
+    for name, folder in json.loads(sys.argv[2]).items():
+        model = load_model(folder)
+        grids = [(1, 4, 6)]
+        pix, g = random_image_inputs(grids, model.cfg.vision.patch_dim, seed=3)
+        prompt = [int(t) for t in image_prompt(np.random.default_rng(3), [grids])[0]]
+        extra = [5, 9, 2, 7, 11]
+        results = {}
+        for n in (1, 2, 4):
+            role = Role("target", model, jax.devices()[:n], parallelism="tensor")
+            ctx = role.open(prompt, pix, g, capacity=32)
+            first = np.asarray(ctx.logits, np.float64)
+            role.set_tokens(ctx, extra)
+            after = np.asarray(role.feed(ctx), np.float64)
+            tokens, _, n_gen, _, _ = role.generator.decode(ctx.cache, ctx.logits, max_new_tokens=8, stop_ids=())
+            state = role.generator.state
+            leaves = jax.tree_util.tree_leaves(state)
+            layer = jax.tree_util.tree_leaves(state["layers"])
+            # the first device's share of the decoder layers' bytes, and of the whole model's
+            share = {k: sum(x.addressable_shards[0].data.nbytes for x in v) / sum(x.nbytes for x in v)
+                     for k, v in (("layers", layer), ("model", leaves))}
+            results[n] = dict(first=first, after=after, tokens=np.asarray(tokens)[0, : int(np.asarray(n_gen)[0])].tolist(),
+                              share=share, devices=sorted({str(d) for x in leaves for d in x.devices()}),
+                              cache_spec=list(ctx.cache.keys[0].sharding.spec) if n > 1 else None)
+        ref = results[1]
+        out[name] = {n: dict(first_err=float(np.abs(r["first"] - ref["first"]).max()),
+                             after_err=float(np.abs(r["after"] - ref["after"]).max()),
+                             scale=float(np.abs(ref["after"]).max()), same_tokens=r["tokens"] == ref["tokens"],
+                             share=r["share"], devices=len(r["devices"]), cache_spec=r["cache_spec"])
+                     for n, r in results.items()}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_tensor_parallel_roles_match_one_device(tiny_checkpoints, tmp_path):
+    folders = {name: tiny_checkpoints[name][0] for name in ("qwen3_vl", "qwen2_5_vl")}
+    # int4 at group 32: o_proj (64 inputs, 2 groups) splits by input over 2 devices, not over 4;
+    # down_proj (96 inputs, 3 groups) never does; q/k/v/gate/up split by output.
+    quantize_checkpoint(folders["qwen3_vl"], str(tmp_path / "int4"), group_size=32)
+    folders["qwen3_vl_int4"] = str(tmp_path / "int4")
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "tests"), json.dumps(folders)],
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    for name, by_n in res.items():
+        print(f"\n{name}: " + "; ".join(f"{n} devices: logits err {r['first_err']:.1e} / {r['after_err']:.1e} "
+                                         f"(max |logit| {r['scale']:.1f}), per device {r['share']['layers']:.2f} of the "
+                                         f"decoder layers, {r['share']['model']:.2f} of all weights"
+                                         for n, r in by_n.items()))
+        for n, r in by_n.items():
+            assert r["devices"] == int(n)
+            assert r["first_err"] <= 1e-4 and r["after_err"] <= 1e-4, (name, n, r)
+            assert r["same_tokens"], (name, n)
+        # XLA keeps the KV cache (B, kv_heads, L, D) split by head, like k_proj / v_proj's outputs
+        assert by_n["2"]["cache_spec"][:2] == [None, TENSOR_AXIS], (name, by_n["2"]["cache_spec"])
+        # the split weights really are split (norms, and int4 layers whose groups do not divide, stay whole)
+        layers = {int(n): r["share"]["layers"] for n, r in by_n.items()}
+        if name.endswith("int4"):  # down_proj (3 groups) whole at 2 and 4; o_proj whole at 4
+            assert layers[2] < 0.65 and layers[4] < min(0.55, layers[2]), (name, layers)
+        else:
+            assert layers[2] < 0.52 and layers[4] < 0.27, (name, layers)
+
+
+def test_parallelism_config_errors():
+    from dreamr_jax.config import ConfigError, load_config
+    from dreamr_jax.rl.trainer import SAPOConfig
+
+    with pytest.raises(ConfigError, match="synthetic.yaml: target_parallelism must be tensor or replicate, got 'pipeline'"):
+        load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), ["target_parallelism=pipeline"])
+    assert load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), ["draft_parallelism=replicate"]).draft_parallelism \
+        == "replicate"
+    with pytest.raises(ValueError, match="target_parallelism must be tensor or replicate"):
+        SAPOConfig(output_dir="x", draft="x", target="x", target_parallelism="fsdp")
+
+
+@pytest.mark.parametrize("shape,n,want", [
+    ((151936, 2048), 4, P("data")),  # the largest dimension that divides
+    ((2048, 6144), 4, P(None, "data")),
+    ((6, 4096), 4, P(None, "data")),  # largest first, whatever its place
+    ((4099, 3), 4, P()),  # nothing divides
+    ((2048,), 4, P()),  # small: whole
+    ((), 4, P()),
+    ((151936, 2048), 1, P()),
+])
+def test_fsdp_spec(shape, n, want):
+    from dreamr_jax.sharding import fsdp_spec
+
+    assert fsdp_spec(shape, n) == want
