@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import ConfigError, _build, read_yaml
 from .data.pipeline import DataConfig, WorldEncoder, world_dataset
+from .sharding import distribute, gather_whole, local_copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,13 @@ class SFTConfig:
     export_dtype: str = "float16"  # dtype of the exported safetensors
     data_workers: int = 0  # grain worker processes rendering batches; 0 = one prefetch thread
     time_limit_s: float | None = None  # stop (checkpoint + export) once training has run this long
+    # the weights and AdamW state over the data mesh: "replicate" (data parallel) or "fsdp" (each array
+    # split over the devices, `sharding.fsdp_spec`)
+    sharding: str = "replicate"
+
+    def __post_init__(self):
+        if self.sharding not in ("replicate", "fsdp"):
+            raise ValueError(f"sharding must be replicate or fsdp, got '{self.sharding}'")
 
 
 def load_sft_config(path: str, overrides: list[str] | None = None) -> SFTConfig:
@@ -128,10 +136,6 @@ def shard_batch(batch: dict, mesh) -> dict:
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
-def replicate(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
 # ---- the run ----------------------------------------------------------------------------------
 
 
@@ -181,11 +185,12 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     mesh = data_mesh()
     if cfg.batch_size % (mesh.size) or cfg.batch_size % jax.process_count():
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {mesh.size} devices")
-    nnx.update(model, replicate(nnx.state(model), mesh))
+    fsdp = cfg.sharding == "fsdp"
+    nnx.update(model, distribute(nnx.state(model), mesh, fsdp))
     optimizer = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
     # Optimizer counters are created on the default device; place them like the outputs of a
     # step will be, or the second step recompiles for the changed input shardings.
-    nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+    nnx.update(optimizer, distribute(nnx.state(optimizer), mesh, fsdp))
 
     encoder = WorldEncoder(processor, cfg.data)
     local_batch = cfg.batch_size // jax.process_count()
@@ -257,8 +262,9 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
         bar.close()
         ckpt.close()
     export_dir = os.path.join(cfg.output_dir, "hf")
+    whole = local_copy(gather_whole(model, mesh)) if export and fsdp else model  # every process gathers
     if export and jax.process_index() == 0:
-        save_state(model, export_dir, model_config, dtype=np.dtype(cfg.export_dtype))
+        save_state(whole, export_dir, model_config, dtype=np.dtype(cfg.export_dtype))
         _copy_processor_files(resolve_checkpoint(cfg.init) if cfg.init else cfg.tokenizer, export_dir)
     return {"step": step, "metrics": last_metrics, "history": history, "export_dir": export_dir,
             "model": model}

@@ -140,23 +140,43 @@ def test_worker_processes_and_time_limit(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fake CPU devices")
 def test_data_parallel_matches_one_device(tmp_path):
-    """Two steps on a 2-device data mesh (fake CPU devices) give the one-device losses."""
+    """Two steps on a 2-device data mesh (fake CPU devices), with the weights and AdamW state
+    replicated or split (FSDP), give the one-device losses; the FSDP run's export (gathered)
+    holds its trained weights."""
     script = textwrap.dedent(f"""
         import os, sys, json
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
         import jax
         jax.config.update("jax_default_matmul_precision", "highest")
+        import numpy as np
+        from flax import nnx
         sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import dreamr_jax as dr
+        import dreamr_jax.sharding
         from test_sft import _cfg
         from dreamr_jax.sft import train
-        out = train(_cfg(sys.argv[2], steps=2, checkpoint_every=100), progress=False, export=False)
-        print(json.dumps({{"devices": jax.device_count(), "loss": [r["loss"] for r in out["history"]]}}))
+        dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny model's matrices too
+        out = train(_cfg(sys.argv[2], steps=2, checkpoint_every=100, sharding=sys.argv[3]), progress=False,
+                    export=sys.argv[3] == "fsdp")
+        state = jax.tree.leaves(nnx.state(out["model"]))
+        share = sum(x.addressable_shards[0].data.nbytes for x in state) / sum(x.nbytes for x in state)
+        exported = None
+        if sys.argv[3] == "fsdp":
+            got = jax.tree.leaves(nnx.state(dr.load_model(os.path.join(sys.argv[2], "hf")), nnx.Param))
+            want = jax.tree.leaves(nnx.state(out["model"], nnx.Param))
+            exported = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+                           for a, b in zip(got, want))
+        print(json.dumps({{"devices": jax.device_count(), "loss": [r["loss"] for r in out["history"]],
+                          "share": share, "export_err": exported}}))
     """)
     results = {}
-    for n in (1, 2):
-        proc = subprocess.run([sys.executable, "-c", script, str(n), str(tmp_path / f"dp{n}")], capture_output=True,
-                              text=True, timeout=600)
+    for n, sharding in ((1, "replicate"), (2, "replicate"), (2, "fsdp")):
+        proc = subprocess.run([sys.executable, "-c", script, str(n), str(tmp_path / f"{sharding}{n}"), sharding],
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert results[2]["devices"] == 2
-    np.testing.assert_allclose(results[2]["loss"], results[1]["loss"], rtol=2e-5)
+        results[n, sharding] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results[2, "replicate"]["devices"] == 2 and results[2, "replicate"]["share"] == 1.0
+    np.testing.assert_allclose(results[2, "replicate"]["loss"], results[1, "replicate"]["loss"], rtol=2e-5)
+    np.testing.assert_allclose(results[2, "fsdp"]["loss"], results[1, "replicate"]["loss"], rtol=2e-5)
+    assert results[2, "fsdp"]["share"] < 0.55, results[2, "fsdp"]
+    assert results[2, "fsdp"]["export_err"] < 1e-3  # exported as float16 (export_dtype)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from ..checkpoint import TrainCheckpointer, trim_metrics
 from ..config import ConfigError, _NESTED, _build, read_yaml
+from ..sharding import distribute, gather_whole, local_copy
 from ..spec.config import SpecConfig, question_text
 from .sapo import GRPOSettings, collect, in_dtype, means, policy_batch, update
 
@@ -215,53 +216,6 @@ def role_devices(draft_devices: int, target_devices: int):
         if p == jax.process_index():
             mine = t
     return draft, mine
-
-
-def distribute(tree, mesh, fsdp: bool = False):
-    """Every array of `tree` (the same values on every process) placed over `mesh` from this
-    process's copy: replicated, or split by `sharding.fsdp_spec` when `fsdp`. Built shard by
-    shard on this process's devices: `jax.device_put` onto a mesh that spans processes and
-    leaves out some local devices gives arrays whose shards cannot be read."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from ..sharding import fsdp_spec
-
-    axis = mesh.axis_names[0]
-
-    def put(x):
-        spec = fsdp_spec(np.shape(x), mesh.shape[axis], axis) if fsdp else PartitionSpec()
-        sharding = NamedSharding(mesh, spec)
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            if x.sharding.is_equivalent_to(sharding, x.ndim):
-                return x  # already there (e.g. optimizer state made from placed weights)
-            raise ValueError(f"cannot place an array already spread as {x.sharding} as {spec}")
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, tree)
-
-
-def gather_whole(model, mesh):
-    """`model` with every array replicated over `mesh` (an all-gather of FSDP-split weights, run by
-    every process together), so that `local_copy` can take one device's whole copy."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    graphdef, state = nnx.split(model)
-    state = jax.jit(lambda s: s, out_shardings=NamedSharding(mesh, PartitionSpec()))(state)
-    return nnx.merge(graphdef, state)
-
-
-def local_copy(model, device=None):
-    """The model on one of this process's devices (default: its first) of its replicated
-    weights: that device's shard of every array, no copy made."""
-    graphdef, state = nnx.split(model)
-
-    def shard(a):
-        if device is None:
-            return a.addressable_data(0)
-        return next(s.data for s in a.addressable_shards if s.device == device)
-
-    return nnx.merge(graphdef, jax.tree.map(shard, state))
 
 
 # ---- data ---------------------------------------------------------------------------------------
