@@ -97,10 +97,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="CPU collectives")
-def test_two_processes_train_in_step(tmp_path, tiny_world_pair):
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_two_processes_train_in_step(tmp_path, tiny_world_pair, sharding):
     """Two processes (one CPU device each, gloo collectives) share a 2-device draft mesh: each
     samples rollouts for its own prompt, the update is global, and after two steps (with a
-    checkpoint in between) both hold bit-identical parameters that differ from the start."""
+    checkpoint in between) both hold bit-identical parameters that differ from the start. With
+    FSDP each process holds half of the split arrays, and gathers them for its rollouts."""
     script = textwrap.dedent(f"""
         import hashlib, json, sys
         import jax
@@ -111,19 +113,25 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair):
         from flax import nnx
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_sapo_trainer import _cfg, task_reward
-        from dreamr_jax.rl.trainer import local_copy, train
-        cfg = _cfg(sys.argv[3], json.loads(sys.argv[4]), steps=2, group_size=4, checkpoint_every=1, warmup_steps=0)
+        import dreamr_jax.sharding
+        from dreamr_jax.rl.trainer import gather_whole, local_copy, train
+        dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny draft's matrices too
+        cfg = _cfg(sys.argv[3], json.loads(sys.argv[4]), steps=2, group_size=4, checkpoint_every=1, warmup_steps=0,
+                   draft_sharding=sys.argv[5])
         res = train(cfg, progress=False, extra_reward=task_reward, export=False)
-        state = nnx.state(local_copy(res["policy"]), nnx.Param)
+        leaves = jax.tree.leaves(nnx.state(res["policy"]))
+        share = sum(x.addressable_shards[0].data.nbytes for x in leaves) / sum(x.nbytes for x in leaves)
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        state = nnx.state(local_copy(gather_whole(res["policy"], mesh)), nnx.Param)
         digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(state))).hexdigest()
         print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(), "devices": jax.device_count(),
-                          "digest": digest, "history": res["history"]}}))
+                          "digest": digest, "history": res["history"], "share": share}}))
     """)
     port = str(_free_port())
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-c", script, f"localhost:{port}", str(i), str(tmp_path / "run"),
-                               json.dumps(list(tiny_world_pair))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for i in range(2)]
+                               json.dumps(list(tiny_world_pair)), sharding], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     results = []
     try:
         for p in procs:
@@ -138,6 +146,7 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair):
     assert [r["process"] for r in results] == [0, 1]
     assert all(r["count"] == 2 and r["devices"] == 2 for r in results)
     assert results[0]["digest"] == results[1]["digest"]
+    assert all((r["share"] < 0.55) == (sharding == "fsdp") for r in results), [r["share"] for r in results]
     for a, b in zip(results[0]["history"], results[1]["history"]):
         for key in ("loss", "kl", "grad_norm", "reward", "acceptance_rate", "response_length"):
             assert a[key] == b[key], key  # global values, computed once for both
