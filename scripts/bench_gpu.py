@@ -11,7 +11,10 @@ What it measures (batch 1, greedy, random weights, text decoder only; no downloa
    `copy_`, counting read + write (2 x size / time); the best is the floor's bandwidth.
 2. int4 matmul methods: one 32B-shaped projection (rows = 1) as bf16 dense and as each
    `Int4Linear` method, with XLA's own estimate of the bytes each program touches (fused
-   dequantization touches ~0.5 byte per weight, an expanded weight ~4.5).
+   dequantization touches ~0.5 byte per weight, an expanded weight ~4.5), and the Pallas
+   kernel alone at several tilings (`pallas:<block_out>x<k_splits>x<warps>`); the fastest
+   tiling per shape is what decode then uses. Every int4 program's result is checked against
+   x @ W in float32 (a wrong one is reported, never timed as a win).
 3. Decode: for each shape, a Qwen3-VL text model (the real vocabulary 151936; a one-block
    vision tower that decode never runs) built directly on the device in bf16 and in int4
    (every decoder projection an `Int4Linear`, group 128, random packed weights; one run per
