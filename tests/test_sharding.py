@@ -95,7 +95,7 @@ TP_SCRIPT = textwrap.dedent("""
 
 
 def test_tensor_parallel_roles_match_one_device(tiny_checkpoints, tmp_path):
-    folders = {name: tiny_checkpoints[name][0] for name in ("qwen3_vl", "qwen2_5_vl")}
+    folders = {name: tiny_checkpoints[name][0] for name in ("qwen3_vl", "qwen2_5_vl", "qwen3_vl_tied")}
     # int4 at group 32: o_proj (64 inputs, 2 groups) splits by input over 2 devices, not over 4;
     # down_proj (96 inputs, 3 groups) never does; q/k/v/gate/up split by output.
     quantize_checkpoint(folders["qwen3_vl"], str(tmp_path / "int4"), group_size=32)
