@@ -53,13 +53,19 @@ def _names(keypath) -> tuple[str, ...]:
     return tuple(out)
 
 
-def tensor_parallel_spec(names: tuple[str, ...], shape: tuple[int, ...], n: int):
-    """The PartitionSpec of one weight of a Qwen-VL model (path `names`) over `n` devices."""
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tensor_parallel_spec(names: tuple[str, ...], shape: tuple[int, ...], n: int, split_attention: bool = True):
+    """The PartitionSpec of one weight of a Qwen-VL model (path `names`) over `n` devices.
+    `split_attention=False` keeps q / k / v / o whole (when the heads do not divide by n)."""
     from jax.sharding import PartitionSpec as P
 
     if n == 1 or not names or names[0] == "visual":
         return P()
     leaf, owner = names[-1], (names[-2] if len(names) > 1 else "")
+    if owner in _ATTENTION and not split_attention:
+        return P()
     axis = None  # which array axis to split
     if names[0] == "embed_tokens":
         axis = 0  # (vocab, hidden)
@@ -76,16 +82,23 @@ def tensor_parallel_spec(names: tuple[str, ...], shape: tuple[int, ...], n: int)
     return P(*([None] * axis + [TENSOR_AXIS]))
 
 
-def tensor_parallel_shardings(state, mesh):
+def tensor_parallel_shardings(state, mesh, text_config=None):
     """A pytree of `NamedSharding`s matching `state` (an nnx.State of a Qwen-VL model) over `mesh`'s
-    TENSOR_AXIS. A row-split int4 layer's packed bytes and group scales must split at the same input
-    feature for each device's product to need nothing from the others (GSPMD would stay correct,
-    but move data): when only one of them divides, both stay whole."""
+    TENSOR_AXIS.
+
+    Attention splits by whole heads: with `text_config` given, q / k / v / o split only when both
+    the query and the KV head counts divide by the device count (a split inside a head makes XLA
+    gather activations around the q / k norms and the GQA grouping); otherwise the attention
+    block stays whole on every device and only the MLP and the vocabulary split. A row-split int4
+    layer's packed bytes and group scales must split at the same input feature for each device's
+    product to need nothing from the others: when only one of them divides, both stay whole."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     n = mesh.shape[TENSOR_AXIS]
+    split_attention = text_config is None or (text_config.num_attention_heads % n == 0
+                                              and text_config.num_key_value_heads % n == 0)
     leaves = jax.tree_util.tree_leaves_with_path(state)
-    specs = {_names(kp): tensor_parallel_spec(_names(kp), np.shape(x), n) for kp, x in leaves}
+    specs = {_names(kp): tensor_parallel_spec(_names(kp), np.shape(x), n, split_attention) for kp, x in leaves}
     for names, spec in list(specs.items()):
         if names[-1] in ("qweight", "scales", "zeros") and len(names) > 1 and names[-2] in _NARROW:
             group = [names[:-1] + (leaf,) for leaf in ("qweight", "scales", "zeros")]
@@ -95,10 +108,10 @@ def tensor_parallel_shardings(state, mesh):
     return jax.tree_util.tree_map_with_path(lambda kp, x: NamedSharding(mesh, specs[_names(kp)]), state)
 
 
-def place_role_state(state, devices, parallelism: str = "tensor"):
+def place_role_state(state, devices, parallelism: str = "tensor", text_config=None):
     """Put a role's weights on its devices: (placed state, sharding for its inputs). One device:
-    everything there. Several: split by `tensor_parallel_shardings` ("tensor") or copied whole to
-    each ("replicate")."""
+    everything there. Several: split by `tensor_parallel_shardings` ("tensor"; `text_config` for
+    the head counts) or copied whole to each ("replicate")."""
     from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
     if parallelism not in PARALLELISMS:
@@ -111,7 +124,7 @@ def place_role_state(state, devices, parallelism: str = "tensor"):
     replicated = NamedSharding(mesh, P())
     if parallelism == "replicate":
         return jax.device_put(state, replicated), replicated
-    return jax.device_put(state, tensor_parallel_shardings(state, mesh)), replicated
+    return jax.device_put(state, tensor_parallel_shardings(state, mesh, text_config)), replicated
 
 
 # ---- FSDP of a trained model's weights and optimizer state ----------------------------------------

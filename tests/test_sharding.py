@@ -39,6 +39,8 @@ M = TENSOR_AXIS
 ])
 def test_tensor_parallel_spec(names, shape, n, want):
     assert tensor_parallel_spec(names, shape, n) == want
+    if any(name in names for name in ("q_proj", "k_proj", "v_proj", "o_proj")):  # heads that do not divide
+        assert tensor_parallel_spec(names, shape, n, split_attention=False) == P()
 
 
 def test_place_role_state_rejects_unknown_parallelism():
@@ -49,15 +51,22 @@ def test_place_role_state_rejects_unknown_parallelism():
 
 
 TP_SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import json, os, re, sys
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     from conftest import image_prompt, random_image_inputs
+    from dreamr_jax.generation import _extend
     from dreamr_jax.loading import load_model
     from dreamr_jax.spec.roles import Role
+
+    def collectives(role, cache):  # the collective ops XLA put into one forward of one new token
+        gen = role.generator
+        hlo = _extend.lower(gen.graphdef, gen.state, cache, np.array([[7]], np.int32),
+                            np.array([1], np.int32)).compile().as_text()
+        return {op: len(re.findall(rf"= \\S+ {op}(?:-start)?\\(", hlo)) for op in ("all-reduce", "all-gather")}
 
     assert len(jax.devices()) == 4
     out = {}
@@ -83,12 +92,14 @@ TP_SCRIPT = textwrap.dedent("""
                      for k, v in (("layers", layer), ("model", leaves))}
             results[n] = dict(first=first, after=after, tokens=np.asarray(tokens)[0, : int(np.asarray(n_gen)[0])].tolist(),
                               share=share, devices=sorted({str(d) for x in leaves for d in x.devices()}),
-                              cache_spec=list(ctx.cache.keys[0].sharding.spec) if n > 1 else None)
+                              cache_spec=list(ctx.cache.keys[0].sharding.spec) if n > 1 else None,
+                              collectives=collectives(role, ctx.cache) if n > 1 else None)
         ref = results[1]
         out[name] = {n: dict(first_err=float(np.abs(r["first"] - ref["first"]).max()),
                              after_err=float(np.abs(r["after"] - ref["after"]).max()),
                              scale=float(np.abs(ref["after"]).max()), same_tokens=r["tokens"] == ref["tokens"],
-                             share=r["share"], devices=len(r["devices"]), cache_spec=r["cache_spec"])
+                             share=r["share"], devices=len(r["devices"]), cache_spec=r["cache_spec"],
+                             collectives=r["collectives"], layers=model.cfg.text.num_hidden_layers)
                      for n, r in results.items()}
     print("RESULT " + json.dumps(out))
 """)
@@ -110,7 +121,8 @@ def test_tensor_parallel_roles_match_one_device(tiny_checkpoints, tmp_path):
     for name, by_n in res.items():
         print(f"\n{name}: " + "; ".join(f"{n} devices: logits err {r['first_err']:.1e} / {r['after_err']:.1e} "
                                          f"(max |logit| {r['scale']:.1f}), per device {r['share']['layers']:.2f} of the "
-                                         f"decoder layers, {r['share']['model']:.2f} of all weights"
+                                         f"decoder layers, {r['share']['model']:.2f} of all weights, "
+                                         f"collectives per token {r['collectives']}"
                                          for n, r in by_n.items()))
         for n, r in by_n.items():
             assert r["devices"] == int(n)
@@ -118,12 +130,20 @@ def test_tensor_parallel_roles_match_one_device(tiny_checkpoints, tmp_path):
             assert r["same_tokens"], (name, n)
         # XLA keeps the KV cache (B, kv_heads, L, D) split by head, like k_proj / v_proj's outputs
         assert by_n["2"]["cache_spec"][:2] == [None, TENSOR_AXIS], (name, by_n["2"]["cache_spec"])
-        # the split weights really are split (norms, and int4 layers whose groups do not divide, stay whole)
-        layers = {int(n): r["share"]["layers"] for n, r in by_n.items()}
-        if name.endswith("int4"):  # down_proj (3 groups) whole at 2 and 4; o_proj whole at 4
-            assert layers[2] < 0.65 and layers[4] < min(0.55, layers[2]), (name, layers)
-        else:
-            assert layers[2] < 0.52 and layers[4] < 0.27, (name, layers)
+        # Megatron's communication and nothing else: one all-reduce of the hidden state after each
+        # split attention and MLP block, one after the vocabulary-split embedding lookup; no gathers.
+        # Over 4 devices the 2 KV heads do not divide, so attention stays whole (MLP all-reduces only).
+        # (int4's whole 3-group down_proj too: XLA slices it to the split inputs and all-reduces.)
+        n_layers = by_n["2"]["layers"]
+        assert by_n["2"]["collectives"] == {"all-reduce": 2 * n_layers + 1, "all-gather": 0}, (name, by_n["2"])
+        assert by_n["4"]["collectives"] == {"all-reduce": n_layers + 1, "all-gather": 0}, (name, by_n["4"])
+        # the split weights really are split (norms, whole attention over 4, and int4 layers whose
+        # groups do not divide stay whole)
+        share = {int(n): r["share"]["layers"] for n, r in by_n.items()}
+        if name.endswith("int4"):  # down_proj (3 groups) whole at 2 and 4
+            assert share[2] < 0.65 and share[4] < 0.8, (name, share)
+        else:  # over 4: attention (40% of a layer) whole, the MLP in quarters
+            assert share[2] < 0.52 and share[4] < 0.6, (name, share)
 
 
 def test_parallelism_config_errors():

@@ -49,7 +49,8 @@ class Role:
         self.generator = Generator(model)
         # Place this role's weights on its devices (split by tensor parallelism, or replicated, if
         # several); every jitted call then runs there because its committed inputs live there.
-        self.generator.state, self.sharding = place_role_state(self.generator.state, self.devices, parallelism)
+        self.generator.state, self.sharding = place_role_state(self.generator.state, self.devices, parallelism,
+                                                               model.cfg.text)
         self.vocab_size = model.cfg.text.vocab_size
         self.intervals: list[Interval] = []
         self.clock_start = time.perf_counter()
