@@ -69,6 +69,8 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
         tokens = [(len(st["token_ids"]), st["author"]) for r in ok for st in r["trace"]["steps"]]
         total = sum(n for n, _ in tokens)
         drafted = sum(n for n, who in tokens if who == "draft")
+        if m == "sd":  # its steps are committed as the target's; the draft wrote the accepted proposals
+            drafted = min(accepted, total)
         rows.append({
             "method": m, "problems": len(rs), "failed": len(rs) - len(ok), "accuracy": accuracy,
             "acceptance": accepted / checked if checked else float("nan"), "mean_latency_s": latency,

@@ -777,7 +777,11 @@ def test_summarise_token_share_and_length_ratio():
                result("b", "dreamr", [(4, "draft"), (4, "draft"), (10, "target")]),
                result("c", "target", [(99, "target")]),  # "c" failed under dreamr: left out of the length ratio
                result("c", "dreamr", [], status="error")]
-    rows = {r["method"]: r for r in summarise(results, ["target", "dreamr"])}
+    for pid, n in (("a", 20), ("b", 30), ("c", 99)):  # sd: steps committed as the target's, 15 draft tokens accepted
+        results.append(result(pid, "sd", [(n, "target")]))
+        results[-1]["trace"]["drafted_accepted"] = 5
+    rows = {r["method"]: r for r in summarise(results, ["target", "dreamr", "sd"])}
+    assert rows["sd"]["draft_token_share"] == pytest.approx(15 / (20 + 30 + 99))
     assert rows["dreamr"]["draft_token_share"] == pytest.approx((6 + 4 + 4) / (6 + 8 + 4 + 4 + 10))
     assert rows["dreamr"]["length_ratio"] == pytest.approx(((14 + 18) / 2) / ((20 + 30) / 2))
     assert rows["target"]["draft_token_share"] == 0 and rows["target"]["length_ratio"] == pytest.approx(1.0)
