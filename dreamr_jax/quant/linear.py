@@ -23,7 +23,8 @@ compute the product:
   matmul's operand load instead of a weight-sized intermediate.
 * "u4dot": `int4dot` on the same uint4 view.
 * "pallas": a Pallas GPU kernel (`pallas_gemv.py`) that reads the packed bytes once per call;
-  run by Pallas' interpreter on CPU. Shapes it does not support fall back to "reduce".
+  run by Pallas' interpreter on CPU. On TPU, and for shapes it does not support, it falls back
+  to "reduce".
 * "auto": the backend's choice (`SMALL_ROW_METHOD`).
 
 The per-group forms multiply every row by every weight element outside a matmul unit, so they
@@ -136,7 +137,9 @@ class Int4Linear(nnx.Module):
     def _pallas(self, x2):
         from . import pallas_gemv
 
-        if not pallas_gemv.supported(self.n_out, self.group_size, x2.shape[0], self.n_in):
+        # A Triton kernel: GPUs, or Pallas' interpreter on CPU; TPUs (and unsupported shapes) use "reduce".
+        if jax.default_backend() == "tpu" or not pallas_gemv.supported(self.n_out, self.group_size, x2.shape[0],
+                                                                         self.n_in):
             return self._reduce(x2)
         return pallas_gemv.int4_gemv(x2, self.qweight[...], self.scales[...], self.zeros[...],
                                      group_size=self.group_size, interpret=jax.default_backend() == "cpu")
