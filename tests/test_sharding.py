@@ -91,6 +91,11 @@ TP_SCRIPT = textwrap.dedent("""
             # the first device's share of the decoder layers' bytes, and of the whole model's
             share = {k: sum(x.addressable_shards[0].data.nbytes for x in v) / sum(x.nbytes for x in v)
                      for k, v in (("layers", layer), ("model", leaves))}
+            if n > 1:  # re-split after a change (e.g. an int4 method): still placed, still split
+                role.refresh()
+                again = jax.tree_util.tree_leaves(role.generator.state["layers"])
+                assert sum(x.addressable_shards[0].data.nbytes for x in again) == sum(
+                    x.addressable_shards[0].data.nbytes for x in layer), name
             results[n] = dict(first=first, after=after, tokens=np.asarray(tokens)[0, : int(np.asarray(n_gen)[0])].tolist(),
                               share=share, devices=sorted({str(d) for x in leaves for d in x.devices()}),
                               cache_spec=list(ctx.cache.keys[0].sharding.spec) if n > 1 else None,

@@ -49,12 +49,20 @@ class Role:
         self.generator = Generator(model)
         # Place this role's weights on its devices (split by tensor parallelism, or replicated, if
         # several); every jitted call then runs there because its committed inputs live there.
-        self.generator.state, self.sharding = place_role_state(self.generator.state, self.devices, parallelism,
-                                                               model.cfg.text)
+        self._place()
         self.vocab_size = model.cfg.text.vocab_size
         self.intervals: list[Interval] = []
         self.clock_start = time.perf_counter()
         self._lock = threading.Lock()
+
+    def _place(self):
+        self.generator.state, self.sharding = place_role_state(self.generator.state, self.devices, self.parallelism,
+                                                               self.model.cfg.text)
+
+    def refresh(self):
+        """Re-split the model (after its weights or `Int4Linear` methods changed) and place it again."""
+        self.generator.refresh()
+        self._place()
 
     # ---- timing -------------------------------------------------------------------------
 
