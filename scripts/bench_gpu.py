@@ -224,12 +224,14 @@ def w_matmul(shape_name: str, group_size: int, dtype: str, repeats: int = 20) ->
             layer.method = method
             g, st = nnx.split(layer)
             progs[method] = (jax.jit(lambda st, x, g=g: nnx.merge(g, st)(x)), (st, x), int4_bytes)
+        tiling_of = {}
         for tiling in pallas_tilings(n_in, n_out, group_size):  # the kernel alone, one entry per tiling
             b, k, nw = tiling
             fn = jax.jit(functools.partial(pallas_gemv.int4_gemv, group_size=group_size, block_out=b, k_splits=k,
                                            num_warps=nw, interpret=jax.default_backend() == "cpu"))
             progs["pallas:%dx%dx%d" % tiling] = (fn, (x, layer.qweight[...], layer.scales[...], layer.zeros[...]),
                                                  int4_bytes)
+            tiling_of["pallas:%dx%dx%d" % tiling] = list(tiling)
         # Every int4 program must compute x @ W of the same packed weights; checked once per program.
         ref = np.asarray(jnp.dot(x.astype(jnp.float32), layer.dequantize(jnp.float32),
                                  precision=jax.lax.Precision.HIGHEST), np.float64)
@@ -257,7 +259,7 @@ def w_matmul(shape_name: str, group_size: int, dtype: str, repeats: int = 20) ->
         timed = {k: v["us"] for k, v in results.items()
                  if k.startswith("pallas:") and "us" in v and v["rel_err"] < REL_ERR_LIMIT}
         best = min(timed, key=timed.get) if timed else None
-        out[name] = dict(n_in=n_in, n_out=n_out, best_pallas=best, **results)
+        out[name] = dict(n_in=n_in, n_out=n_out, best_pallas=best, best_tiling=tiling_of.get(best), **results)
     return out
 
 
@@ -576,10 +578,10 @@ def main(argv=None) -> int:
                              f"{acc / (r['n_in'] * r['n_out']):.2f}, fusions {x['fusions']})" if acc else
                              f"{label} {x['us']:.1f} us (floor {floor_us:.1f})")
             log(f"{name} ({r['n_in']} -> {r['n_out']}): " + "; ".join(parts))
-            if r.get("best_pallas"):
-                log(f"  fastest Pallas tiling (block_out x k_splits x warps): {r['best_pallas'][len('pallas:'):]}"
+            if r.get("best_tiling"):
+                log(f"  fastest Pallas tiling (block_out, k_splits, warps): {r['best_tiling']}"
                     " - decode below uses it for this shape")
-                tilings[f"{r['n_in']},{r['n_out']}"] = [int(v) for v in r["best_pallas"][len("pallas:"):].split("x")]
+                tilings[f"{r['n_in']},{r['n_out']}"] = r["best_tiling"]
 
     decode = {}
     doc["decode"] = decode
