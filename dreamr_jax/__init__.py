@@ -3,14 +3,35 @@
 Public API (stable names):
     load_model, load_processor, forward, generate, SpeculativeReasoner,
     rl.grpo_loss / rl.group_advantages (SAPO's pure pieces)
+
+Names are imported on first use (PEP 562), so `import dreamr_jax` does not import jax: the
+`dreamr` command can still set XLA flags (CPU devices for the two roles) before jax starts.
 """
 
-from .generation import GenerationResult, Generator, forward, generate
-from .loading import load_model
-from .processing import Processor, load_processor
-from .spec import SpecConfig, SpeculativeReasoner, Trace
-from . import rl  # noqa: E402  (dr.rl.grpo_loss, as ARCHITECTURE.md names it)
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "GenerationResult": ".generation", "Generator": ".generation", "forward": ".generation",
+    "generate": ".generation", "load_model": ".loading", "Processor": ".processing",
+    "load_processor": ".processing", "SpecConfig": ".spec", "SpeculativeReasoner": ".spec", "Trace": ".spec",
+}
 
 __all__ = ["load_model", "load_processor", "forward", "generate", "GenerationResult", "Generator", "Processor",
            "SpeculativeReasoner", "SpecConfig", "Trace", "rl"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "rl":  # dr.rl.grpo_loss, as ARCHITECTURE.md names it
+        return importlib.import_module(".rl", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dreamr_jax' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

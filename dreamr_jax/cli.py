@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -58,7 +59,7 @@ def _eval(args):
     _, reasoner = _reasoner(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     records = read_records(args.data)[: args.limit or None]
-    run_eval(reasoner, records, methods, args.out, warmup=args.warmup)
+    run_eval(reasoner, records, methods, args.out, warmup=args.warmup, warmup_records=args.warmup_records)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="out/eval")
     e.add_argument("--limit", type=int, default=0)
     e.add_argument("--no-warmup", dest="warmup", action="store_false")
+    e.add_argument("--warmup-records", type=int, default=8,
+                   help="records each method solves untimed first, to compile the shapes the run meets")
     e.add_argument("--set", action="append", default=[])
     e.set_defaults(func=_eval)
 
@@ -106,8 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that run a draft and a target: on a CPU-only host each role gets its own CPU device
+# (jax shows one by default, and one device runs its programs one after another), so FPSR's
+# drafting and checking overlap. Set before jax starts; XLA_FLAGS that already name a device
+# count win. The CPU backend only: on a GPU or TPU host the roles sit on the accelerators.
+_ROLE_COMMANDS = ("reason", "eval", "demo")
+CPU_ROLE_DEVICES = 2
+
+
+def cpu_devices_for_roles(count: int = CPU_ROLE_DEVICES) -> bool:
+    """Ask XLA for `count` host devices, if jax is not imported yet and no count is set.
+    Returns whether the flag was set."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" in sys.modules or "xla_force_host_platform_device_count" in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    return True
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command in _ROLE_COMMANDS:
+        cpu_devices_for_roles()
     try:
         args.func(args)
     except (FileNotFoundError, ValueError) as e:

@@ -22,7 +22,7 @@ from flax import nnx
 from .kv_cache import KVCache
 from .models.qwen_vl.model import QwenVLModel
 from .models.qwen_vl.rope_index import get_rope_index, image_token_counts, prepare_vision_inputs
-from .sampling import SamplingParams, sample, token_logprob
+from .sampling import SamplingParams, sample, speculative_verify, token_logprob
 
 # ---- buckets ---------------------------------------------------------------------------------
 
@@ -33,6 +33,21 @@ def length_bucket(n: int, minimum: int = 16) -> int:
     if n <= 1024:
         return max(minimum, 1 << (n - 1).bit_length())
     return -(-n // 1024) * 1024
+
+
+def fine_bucket(n: int, step: int = 16, limit: int = 128) -> int:
+    """Multiples of `step` up to `limit`, then `length_bucket`'s powers of two. For programs whose
+    cost grows with every padded token (a compute-bound prefill or check), still few shapes."""
+    n = max(int(n), 1)
+    if n <= limit:
+        return -(-n // step) * step
+    return length_bucket(n)
+
+
+def prompt_bucket(n: int) -> int:
+    """Padded prompt length: multiples of 8 up to 128 tokens (a prefill is compute-bound, so every
+    padded token costs as much as a real one), then `length_bucket`'s powers of two."""
+    return fine_bucket(n, step=8)
 
 
 def patch_bucket(n: int, unit: int = 4) -> int:
@@ -89,7 +104,7 @@ def prepare_batch(model: QwenVLModel, rows: Sequence[Sequence[int]], pixel_value
     lengths = np.array([len(r) for r in rows], np.int32)
     if (lengths == 0).any():
         raise ValueError("empty prompt: every row needs at least one token")
-    s = seq_bucket or length_bucket(lengths.max())
+    s = seq_bucket or prompt_bucket(lengths.max())
     ids = np.full((len(rows), s), pad_id, np.int64)
     valid = np.zeros((len(rows), s), bool)
     for b, r in enumerate(rows):
@@ -101,6 +116,39 @@ def prepare_batch(model: QwenVLModel, rows: Sequence[Sequence[int]], pixel_value
 
 
 # ---- jitted programs --------------------------------------------------------------------------
+#
+# The model's state goes in as a flat tuple of arrays with its tree structure static
+# (`structure` = (graphdef, treedef)): jax flattens an `nnx.State` argument in Python on every
+# call, about 0.5 ms for a 130-leaf model, while a tuple of arrays takes its C++ fast path
+# (0.03 ms). On a small model that was half the cost of a decode step.
+
+
+class ModelStructure:
+    """A split model's graph definition and state tree structure, as one static jit argument
+    whose hash is computed once: jit hashes its static arguments on every call, and hashing an
+    nnx GraphDef walks the whole module graph in Python (0.4 ms for an 8-layer model here)."""
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, ModelStructure) and self._hash == other._hash
+                                 and self.treedef == other.treedef and self.graphdef == other.graphdef)
+
+
+def _merge(structure: ModelStructure, leaves):
+    return nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves))
+
+
+def attend_bucket(needed: int, max_len: int, minimum: int = 128) -> int:
+    """Cache slots a program attends over: a power of two >= `needed` (at least `minimum`), at
+    most the whole cache. Few buckets, so few programs, and attention never reads far past the
+    valid length."""
+    return min(int(max_len), max(minimum, 1 << (max(int(needed), 1) - 1).bit_length()))
 
 
 def _encode(model, vision):
@@ -110,48 +158,85 @@ def _encode(model, vision):
     return tokens, deepstack
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _forward(graphdef, state, input_ids, attention_mask, positions, image_gather, vision):
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("structure",))
+def _forward(structure, leaves, input_ids, attention_mask, positions, image_gather, vision):
+    model = _merge(structure, leaves)
     tokens, deepstack = _encode(model, vision)
     return model.forward(input_ids, attention_mask, positions, tokens, deepstack, image_gather)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill(graphdef, state, input_ids, num_tokens, positions, rope_delta, image_gather, vision, cache_len):
+@functools.partial(jax.jit, static_argnames=("structure", "cache_len"))
+def _prefill(structure, leaves, input_ids, num_tokens, positions, rope_delta, image_gather, vision, cache_len):
     """Fresh cache + prompt -> (next-token logits (B, V) at each row's last prompt token, cache)."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(structure, leaves)
     cfg = model.cfg.text
     b = input_ids.shape[0]
     cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=b, max_len=cache_len,
                            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=model.embed_tokens.dtype)
     cache = cache.replace(rope_delta=rope_delta)
     tokens, deepstack = _encode(model, vision)
-    hidden, cache = model.extend(cache, input_ids, num_tokens, positions, tokens, deepstack, image_gather)
+    hidden, cache = model.extend(cache, input_ids, num_tokens, positions, tokens, deepstack, image_gather,
+                                 attend_len=input_ids.shape[1])
     last = jnp.take_along_axis(hidden, (num_tokens - 1)[:, None, None], axis=1)[:, 0]
     return model.logits(last), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _extend(graphdef, state, cache, input_ids, num_new):
+@functools.partial(jax.jit, static_argnames=("structure", "attend_len"), donate_argnames=("cache",))
+def _extend(structure, leaves, cache, input_ids, num_new, attend_len=None):
     """Append text tokens to cached rows -> (logits (B, S, V), cache). Used by the speculative engine."""
-    model = nnx.merge(graphdef, state)
-    hidden, cache = model.extend(cache, input_ids, num_new)
+    model = _merge(structure, leaves)
+    hidden, cache = model.extend(cache, input_ids, num_new, attend_len=attend_len)
     return model.logits(hidden), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _extend_last(graphdef, state, cache, input_ids, num_new):
+@functools.partial(jax.jit, static_argnames=("structure", "attend_len"), donate_argnames=("cache",))
+def _extend_last(structure, leaves, cache, input_ids, num_new, attend_len=None):
     """Append text tokens -> (logits (B, V) at each row's last new token, cache): no (B, S, V) tensor."""
-    model = nnx.merge(graphdef, state)
-    hidden, cache = model.extend(cache, input_ids, num_new)
+    model = _merge(structure, leaves)
+    hidden, cache = model.extend(cache, input_ids, num_new, attend_len=attend_len)
     last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
     return model.logits(last), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "out_len", "feed_first"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, logits, rng, stop_mask, max_new, active, first_tokens, params: SamplingParams,
-            out_len: int, feed_first: bool = False):
+@functools.partial(jax.jit, static_argnames=("structure", "attend_len"), donate_argnames=("cache",))
+def _extend_packed(structure, leaves, cache, input_ids, num_new, positions, write_slots, visible, read_at, read_ids,
+                   attend_len):
+    """Several sequences packed in one row per cache row (see `QwenVLModel.extend`) ->
+    (logits (B, R, K) of tokens `read_ids` (K,) after the new tokens at `read_at` (B, R), cache
+    grown by num_new). Only those few logits leave the program."""
+    model = _merge(structure, leaves)
+    b, s = input_ids.shape
+    pos3 = jnp.broadcast_to((positions + cache.rope_delta[:, None])[None], (3, b, s))
+    hidden, cache = model.extend(cache, input_ids, num_new, pos3, attend_len=attend_len, write_slots=write_slots,
+                                 new_visible=visible)
+    picked = jnp.take_along_axis(hidden, read_at[:, :, None], axis=1)  # (B, R, E)
+    return jnp.take(model.logits(picked), read_ids, axis=-1), cache
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "target_params", "draft_params", "attend_len"),
+                   donate_argnames=("cache",))
+def _extend_verify(structure, leaves, cache, input_ids, num_new, prev_logits, n_before, proposal, n_proposed,
+                   draft_logits, seed, target_params: SamplingParams, draft_params: SamplingParams, attend_len):
+    """Token-level speculative decoding's target pass, one program: feed a batch-1 row's pending
+    tokens and the draft's proposal, then accept on the device (`speculative_verify`).
+    prev_logits (1, V): the logits after the last fed token (they predict the first new token);
+    n_before: how many pending tokens precede the proposal in input_ids; draft_logits
+    (1, >= k, V) the proposal's q rows. Returns
+    (n_accepted, token, cache); only those two integers leave the device."""
+    model = _merge(structure, leaves)
+    hidden, cache = model.extend(cache, input_ids, num_new, attend_len=attend_len)
+    rows = jnp.concatenate([prev_logits.astype(jnp.float32), model.logits(hidden[0])], axis=0)  # (S + 1, V)
+    k = proposal.shape[0]
+    target_rows = jax.lax.dynamic_slice_in_dim(rows, n_before, k + 1)
+    n_acc, token = speculative_verify(target_rows, draft_logits[0, :k], proposal, n_proposed, jax.random.key(seed),
+                                      target_params, draft_params)
+    return n_acc, token, cache
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "params", "out_len", "feed_first", "attend_len", "keep_logits"),
+                   donate_argnames=("cache",))
+def _decode(structure, leaves, cache, logits, seed, stop_mask, max_new, active, first_tokens, params: SamplingParams,
+            out_len: int, feed_first: bool = False, attend_len=None, keep_logits: bool = False):
     """The whole decode as one while_loop.
 
     Each iteration samples one token per row from `logits`, records it and its log-prob, and,
@@ -160,37 +245,49 @@ def _decode(graphdef, state, cache, logits, rng, stop_mask, max_new, active, fir
     generated tokens but each row's last (sampled, never fed), so a continuation starts by
     feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
     (in the same program) and their logits start it: continuing from a pending token costs
-    no separate dispatch.
+    no separate dispatch. `attend_len` must cover every slot the loop writes. With `keep_logits`
+    the last output is (B, out_len, V): the logits each token was sampled from (a speculative
+    proposal's q), else the logits after the last token.
     """
-    model = nnx.merge(graphdef, state)
+    model = _merge(structure, leaves)
+    rng = jax.random.key(seed)  # made inside: an eager key per call would be one more dispatch
     b = logits.shape[0]
     if feed_first:
-        hidden, cache = model.extend(cache, first_tokens[:, None], active.astype(jnp.int32))
+        hidden, cache = model.extend(cache, first_tokens[:, None], active.astype(jnp.int32), attend_len=attend_len)
         logits = model.logits(hidden[:, 0])
     tokens0 = jnp.zeros((b, out_len), jnp.int32)
     logps0 = jnp.zeros((b, out_len), jnp.float32)
     n0 = jnp.zeros((b,), jnp.int32)
+    seen0 = jnp.zeros((b, out_len if keep_logits else 0, logits.shape[-1]), jnp.float32)
 
     def cond(carry):
-        step, _, _, _, _, _, running, _ = carry
+        step, _, _, _, _, _, running, _, _ = carry
         return (step < out_len) & jnp.any(running)
 
     def body(carry):
-        step, cache, logits, tokens, logps, n_gen, running, rng = carry
+        step, cache, logits, tokens, logps, n_gen, running, rng, seen = carry
         rng, key = jax.random.split(rng)
         tok = sample(logits, key, params)
         lp = token_logprob(logits, tok)
         tokens = tokens.at[:, step].set(jnp.where(running, tok, 0))
         logps = logps.at[:, step].set(jnp.where(running, lp, 0.0))
+        if keep_logits:
+            seen = seen.at[:, step].set(logits.astype(jnp.float32))
         n_gen = n_gen + running.astype(jnp.int32)
         running = running & ~stop_mask[tok] & (n_gen < max_new)
-        hidden, cache = model.extend(cache, tok[:, None], running.astype(jnp.int32))
+        hidden, cache = model.extend(cache, tok[:, None], running.astype(jnp.int32), attend_len=attend_len)
         logits = model.logits(hidden[:, 0])
-        return step + 1, cache, logits, tokens, logps, n_gen, running, rng
+        return step + 1, cache, logits, tokens, logps, n_gen, running, rng, seen
 
-    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng)
-    _, cache, logits, tokens, logps, n_gen, _, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens, logps, n_gen, cache, logits
+    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0)
+    _, cache, logits, tokens, logps, n_gen, _, _, seen = jax.lax.while_loop(cond, body, carry)
+    return tokens, logps, n_gen, cache, seen if keep_logits else logits
+
+
+def _i32(x) -> np.ndarray:
+    """Host int32 array: jit moves numpy arguments in its C++ path (a separate jnp.asarray is a
+    Python-level transfer costing about 0.07 ms each on a small CPU)."""
+    return np.asarray(x, np.int32)
 
 
 # ---- public functions -------------------------------------------------------------------------
@@ -216,8 +313,9 @@ def forward(model: QwenVLModel, input_ids, attention_mask=None, pixel_values=Non
     positions, _, gather, vision = _image_indices(model.cfg, ids, mask, pixel_values, image_grid_thw)
     vision = _vision_arrays(vision)
     graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(positions, jnp.int32),
-                    jnp.asarray(gather, jnp.int32), vision)
+    leaves, treedef = jax.tree.flatten(state)
+    return _forward(ModelStructure(graphdef, treedef), tuple(leaves), jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
+                    jnp.asarray(positions, jnp.int32), jnp.asarray(gather, jnp.int32), vision)
 
 
 @dataclasses.dataclass
@@ -232,50 +330,86 @@ class GenerationResult:
 
 class Generator:
     """Prefill / extend / decode over one model; the building blocks of `generate` and of the
-    speculative engine. Holds the split model; call `refresh()` after changing weights."""
+    speculative engine. Holds the split model (structure + flat leaves); call `refresh()` after
+    changing weights. `attend_len` arguments bound attention to a prefix of the cache
+    (`attend_bucket`); None attends over the whole cache."""
 
     def __init__(self, model: QwenVLModel):
         self.model = model
         self.cfg = model.cfg
+        self._stop_masks: dict[tuple, jax.Array] = {}
         self.refresh()
 
     def refresh(self):
-        self.graphdef, self.state = nnx.split(self.model)
+        self.graphdef, state = nnx.split(self.model)
+        self.state = state
+
+    @property
+    def state(self):
+        return jax.tree.unflatten(self._treedef, self.leaves)
+
+    @state.setter
+    def state(self, state):
+        leaves, self._treedef = jax.tree.flatten(state)
+        self.leaves = tuple(leaves)
+        self.structure = ModelStructure(self.graphdef, self._treedef)
 
     def prefill(self, batch: PreparedBatch, cache_len: int):
         if cache_len < batch.input_ids.shape[1]:
             raise ValueError(f"cache_len {cache_len} is shorter than the prompt bucket {batch.input_ids.shape[1]}")
-        return _prefill(self.graphdef, self.state, jnp.asarray(batch.input_ids), jnp.asarray(batch.num_tokens),
-                        jnp.asarray(batch.positions), jnp.asarray(batch.rope_delta), jnp.asarray(batch.image_gather),
-                        _vision_arrays(batch.vision), cache_len=cache_len)
+        return _prefill(self.structure, self.leaves, batch.input_ids, batch.num_tokens, batch.positions,
+                        batch.rope_delta, batch.image_gather, batch.vision, cache_len=cache_len)
 
-    def extend(self, cache: KVCache, input_ids, num_new):
+    def extend(self, cache: KVCache, input_ids, num_new, attend_len=None):
         """Feed text tokens (B, S) (row b's first num_new[b] are real) -> (logits (B, S, V), cache)."""
-        return _extend(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(num_new, jnp.int32))
+        return _extend(self.structure, self.leaves, cache, _i32(input_ids), _i32(num_new), attend_len=attend_len)
 
-    def extend_last(self, cache: KVCache, input_ids, num_new):
+    def extend_last(self, cache: KVCache, input_ids, num_new, attend_len=None):
         """Like `extend`, returning only each row's logits after its last new token (B, V)."""
-        return _extend_last(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32),
-                            jnp.asarray(num_new, jnp.int32))
+        return _extend_last(self.structure, self.leaves, cache, _i32(input_ids), _i32(num_new), attend_len=attend_len)
+
+    def extend_packed(self, cache: KVCache, input_ids, num_new, positions, write_slots, visible, read_at, read_ids,
+                      attend_len):
+        """Packed sequences in one forward (see `_extend_packed`) -> (logits (B, R, K), cache).
+
+        positions / write_slots (B, S) int32 absolute (rope_delta is added); visible (B, S, S)
+        bool; read_at (B, R) int32 indices into S; read_ids (K,) the vocabulary ids to return."""
+        return _extend_packed(self.structure, self.leaves, cache, _i32(input_ids), _i32(num_new), _i32(positions),
+                              _i32(write_slots), np.asarray(visible, bool), _i32(read_at), _i32(read_ids),
+                              attend_len=attend_len)
+
+    def extend_verify(self, cache: KVCache, input_ids, num_new, prev_logits, n_before, proposal, n_proposed,
+                      draft_logits, seed, target_params, draft_params, attend_len):
+        """Speculative decoding's target pass (see `_extend_verify`) -> (n_accepted, token, cache)."""
+        return _extend_verify(self.structure, self.leaves, cache, _i32(input_ids), _i32(num_new), prev_logits,
+                              np.int32(n_before), _i32(proposal), np.int32(n_proposed), draft_logits, np.int32(seed),
+                              target_params=target_params, draft_params=draft_params, attend_len=attend_len)
 
     def decode(self, cache: KVCache, logits=None, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
-               active=None, out_len=None, first_tokens=None):
+               active=None, out_len=None, first_tokens=None, attend_len=None, keep_logits=False):
         """Decode from next-token `logits` (B, V), or from `first_tokens` (B,) not yet fed."""
         feed_first = first_tokens is not None
         b = len(first_tokens) if feed_first else logits.shape[0]
         if feed_first:
-            logits = jnp.zeros((b, 1), jnp.float32)
-        first = jnp.asarray(np.zeros(b, np.int32) if first_tokens is None else np.asarray(first_tokens, np.int32))
+            logits = np.zeros((b, 1), np.float32)
+        first = np.zeros(b, np.int32) if first_tokens is None else _i32(first_tokens)
         max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,))
         out_len = out_len or length_bucket(int(max_new.max()))
-        vocab = self.cfg.text.vocab_size
-        stop_mask = np.zeros((vocab,), bool)
-        stop_ids = [i for i in stop_ids if i < vocab]
-        stop_mask[list(stop_ids)] = True
         active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
-        return _decode(self.graphdef, self.state, cache, logits, jax.random.key(seed), jnp.asarray(stop_mask),
-                       jnp.asarray(max_new), jnp.asarray(active), first, params=params, out_len=out_len,
-                       feed_first=feed_first)
+        return _decode(self.structure, self.leaves, cache, logits, np.int32(seed), self.stop_mask(stop_ids),
+                       max_new, active, first, params=params, out_len=out_len, feed_first=feed_first,
+                       attend_len=attend_len, keep_logits=keep_logits)
+
+    def stop_mask(self, stop_ids) -> jax.Array:
+        """(V,) bool marking `stop_ids`, built once per distinct set (a host->device copy per call
+        costs as much as a decode step on a small model)."""
+        key = tuple(sorted(set(int(i) for i in stop_ids)))
+        if key not in self._stop_masks:
+            vocab = self.cfg.text.vocab_size
+            mask = np.zeros((vocab,), bool)
+            mask[[i for i in key if i < vocab]] = True
+            self._stop_masks[key] = jnp.asarray(mask)
+        return self._stop_masks[key]
 
 
 def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tokens: int = 256,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -45,11 +46,17 @@ class KVCache:
         """Roll rows back to `lengths` (B,) (never forward: a longer value keeps the current length)."""
         return self.replace(lengths=jnp.minimum(self.lengths, jnp.asarray(lengths, jnp.int32)))
 
+    def with_lengths(self, lengths) -> "KVCache":
+        """The same slots with row lengths set to `lengths` (B,), host values the caller knows
+        (a rollback to a length it tracks, or adopting slots it knows to hold the right keys):
+        no device op, the next program reads them as an input."""
+        return self.replace(lengths=np.asarray(lengths, np.int32))
+
     def fork(self, rows) -> "KVCache":
         """A cache whose row i is a copy of this cache's row `rows[i]` (any count, repeats allowed)."""
-        rows = jnp.asarray(rows, jnp.int32)
-        take = lambda a: jnp.take(a, rows, axis=0)  # noqa: E731
-        return jax.tree.map(take, self)
+        rows = np.asarray(rows, np.int32)
+        take = lambda a: np.asarray(a)[rows] if isinstance(a, np.ndarray) else jnp.take(a, rows, axis=0)  # noqa: E731
+        return jax.tree.map(take, self)  # host lengths stay host arrays
 
     def grow(self, max_len: int) -> "KVCache":
         """The same cache with room for `max_len` slots (pads with zeros; never shrinks)."""

@@ -80,3 +80,43 @@ def token_logprob(logits, tokens):
     """log p(token) under the model's own distribution (no temperature or filtering): (B,)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def speculative_verify(target_logits, draft_logits, proposal, n_proposed, rng, target_params: SamplingParams,
+                       draft_params: SamplingParams):
+    """Token-level speculative decoding's acceptance on the device, vectorised (Leviathan et al.,
+    2023; the shape of tpu-inference's rejection sampler).
+
+    target_logits (k+1, V): row j is the target's next-token logits before proposal[j], row k
+    the bonus position; draft_logits (k, V): the logits proposal[j] was sampled from (unused
+    when greedy); proposal (k,) int32 of which the first n_proposed are real.
+    Returns (n_accepted, token): the accepted prefix length and the one token the target adds
+    (its correction at the first rejection, else the bonus token).
+
+    Greedy (target temperature 0): a proposal token is kept while it equals the target's argmax.
+    Sampled: each is kept with probability min(1, p/q), p and q the target's and draft's
+    distributions after their temperature / top-k / top-p filters; at the first rejection the
+    token is drawn from max(p - q, 0) normalised, so every emitted token follows p exactly
+    (`methods.speculative_accept` is the host reference this is tested against)."""
+    k = proposal.shape[0]
+    idx = jnp.arange(k)
+    valid = idx < n_proposed
+    if target_params.greedy:
+        best = first_argmax(target_logits)
+        keep = (best[:k] == proposal) & valid
+        n_acc = jnp.sum(jnp.cumprod(keep.astype(jnp.int32)))
+        return n_acc, best[n_acc]
+    p = jax.nn.softmax(filter_logits(target_logits, target_params), axis=-1)
+    q = jax.nn.softmax(filter_logits(draft_logits, draft_params), axis=-1)
+    key_u, key_r = jax.random.split(rng)
+    u = jax.random.uniform(key_u, (k,))
+    p_tok, q_tok = p[idx, proposal], q[idx, proposal]
+    keep = (u * q_tok < p_tok) & valid  # u < min(1, p/q), without dividing by q
+    n_acc = jnp.sum(jnp.cumprod(keep.astype(jnp.int32)))
+    row_p = p[n_acc]
+    residual = jnp.maximum(row_p - q[jnp.minimum(n_acc, k - 1)], 0.0)
+    total = residual.sum()
+    # total == 0 means p == q up to rounding, where a rejection has probability 0: use p
+    dist = jnp.where((n_acc < n_proposed) & (total > 0), residual / jnp.maximum(total, 1e-30), row_p)
+    token = jax.random.categorical(key_r, jnp.log(dist)).astype(jnp.int32)
+    return n_acc, token

@@ -46,7 +46,8 @@ def main():
     draft = build_spec_model(os.path.join(folder, "draft"), seed=2, hidden=args.draft_hidden, layers=args.draft_layers)
     print(f"built models in {time.perf_counter() - t0:.1f} s ({jax.devices()})")
     steps = StepConfig(max_step_tokens=64, token_budget=args.budget)
-    reasoner = SpeculativeReasoner(draft=draft, target=target, method="dreamr", alpha=0.0, window=4, steps=steps)
+    reasoner = SpeculativeReasoner(draft=draft, target=target, method="dreamr", alpha=0.0, window=4, steps=steps,
+                                   fallback="eager")
     lazy = SpeculativeReasoner(draft=draft, target=target, method="dreamr", alpha=0.0, window=4, steps=steps,
                                fallback="on_reject")
     questions = [f"Problem {i}: what is {i} + {2 * i}?" for i in range(args.problems)]

@@ -1,11 +1,18 @@
-"""What one CPN check costs against writing the step, on the shipped world pair.
+"""What a CPN check costs against the decoding it replaces, on the shipped world pair.
 
-    python scripts/check_cost.py [--json PATH]
+    python scripts/check_cost.py [--repeats 30] [--json PATH]
 
-Times (mean of 20 after a warm-up) the target's CPN check of one step (`cpn_scores`: the step
-plus the judging suffix, 1 / 2 / 4 rows in one forward), the target decoding that step, and
-the draft decoding it. `dreamr` can only beat the target alone where a check costs much less
-than the decode it replaces.
+Times (mean and median over `--repeats`, after two warm-up calls, with no compilation in the
+timed calls: the script counts them) on the target of configs/synthetic.yaml:
+- `check_k`: FPSR's packed check of k = 1, 2, 4 consecutive drafted steps of a test problem
+  (`StepEngine.check_drafts`: one forward over the cached prefix, each step followed by the
+  configured judging suffix), per drafted token;
+- `decode`: the target writing as many steps itself (`Role.write`, one call per step, as
+  `target` alone does), per token;
+- the draft writing them.
+The ratio `check per drafted token / target decode per token` is what FPSR's checks cost in
+place of the target's own decoding. Both roles sit on one device here (one is idle while the
+other is timed).
 """
 
 from __future__ import annotations
@@ -20,16 +27,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def mean_ms(fn, repeats: int = 20) -> float:
-    fn()
-    t = time.perf_counter()
+def timed(fn, repeats: int) -> dict:
+    import numpy as np
+
+    from dreamr_jax import compiles
+
+    fn(), fn()
+    before = compiles.totals()[0]
+    times = []
     for _ in range(repeats):
+        t = time.perf_counter()
         fn()
-    return round((time.perf_counter() - t) / repeats * 1000, 2)
+        times.append(time.perf_counter() - t)
+    return {"mean_ms": round(1000 * float(np.mean(times)), 3), "median_ms": round(1000 * float(np.median(times)), 3),
+            "compiles": compiles.totals()[0] - before}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "synthetic.yaml"))
+    parser.add_argument("--problem", type=int, default=1, help="test problem index (its reference steps are checked)")
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -37,25 +55,47 @@ def main() -> None:
     from dreamr_jax.data import synthetic
     from dreamr_jax.spec import SpeculativeReasoner
 
-    spec = load_config(os.path.join(ROOT, "configs", "synthetic.yaml")).spec
-    reasoner = SpeculativeReasoner(draft="asset:draft", target="asset:target", config=spec)
+    cfg = load_config(args.config)
+    reasoner = SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype)
     engine, tok = reasoner.engine("dreamr"), reasoner.processor.tokenizer
-    p = synthetic.make_problem(0, "test", 1)
+    target, draft = reasoner.target, reasoner.draft
+    p = synthetic.make_problem(0, "test", args.problem)
     prompt = reasoner.processor.encode(reasoner.prompt(p.question, 1), [p.image()])
-    opened = {role.name: role.open(prompt["input_ids"], prompt["pixel_values"], prompt["image_grid_thw"], capacity=256)
-              for role in (reasoner.target, reasoner.draft)}
-    step = tok.encode(p.steps[0] + "\n\n")
+    steps = [tok.encode(s + "\n\n") for s in p.steps]
+    first, rest = steps[0], steps[1:5]
+    ctxs = {role.name: role.open(prompt["input_ids"], prompt["pixel_values"], prompt["image_grid_thw"], capacity=256)
+            for role in (target, draft)}
 
-    def write(role, params):
-        return role.write(role.fork(opened[role.name]), max_tokens=len(step), stop_ids=engine.stop_ids,
-                          params=params, kind="decode")
+    result = {"judge_format": cfg.spec.judge_format, "judge_suffix_tokens": len(engine.judge_ids),
+              "step_tokens": [len(s) for s in rest]}
+    for k in (1, 2, 4):
+        drafts = rest[:k]
+        n = sum(map(len, drafts))
 
-    result = {"step_tokens": len(step), "judge_suffix_tokens": len(engine.judge_ids)}
-    for rows in (1, 2, 4):
-        result[f"check_{rows}_rows_ms"] = mean_ms(lambda: engine.cpn_scores(opened["target"], [step] * rows))
-    result["target_decode_step_ms"] = mean_ms(lambda: write(reasoner.target, engine.target_params))
-    result["draft_decode_step_ms"] = mean_ms(lambda: write(reasoner.draft, engine.draft_params))
-    result["check_over_target_decode"] = round(result["check_1_rows_ms"] / result["target_decode_step_ms"], 3)
+        def check(drafts=drafts):
+            target.set_tokens(ctxs["target"], first)
+            engine.check_drafts(ctxs["target"], drafts)
+
+        row = timed(check, args.repeats)
+        row.update(drafted_tokens=n, per_drafted_token_ms=round(row["median_ms"] / n, 4))
+        result[f"check_{k}"] = row
+    for role, params in ((target, engine.target_params), (draft, engine.draft_params)):
+        written = []
+
+        def write(role=role, params=params, written=written):
+            ctx = ctxs[role.name]
+            role.set_tokens(ctx, first)
+            written.clear()
+            for _ in rest:  # as the role alone reasons: one call per step, each continuing the last
+                written.extend(role.write(ctx, max_tokens=cfg.spec.steps.max_step_tokens, stop_ids=engine.stop_ids,
+                                          params=params)[0])
+
+        row = timed(write, args.repeats)
+        row.update(tokens=len(written), per_token_ms=round(row["median_ms"] / len(written), 4))
+        result[f"{role.name}_decode"] = row
+    decode = result["target_decode"]["per_token_ms"]
+    result["check_over_decode_per_token"] = {k: round(result[f"check_{k}"]["per_drafted_token_ms"] / decode, 3)
+                                             for k in (1, 2, 4)}
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

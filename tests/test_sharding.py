@@ -64,7 +64,7 @@ TP_SCRIPT = textwrap.dedent("""
 
     def collectives(role, cache):  # the collective ops XLA put into one forward of one new token
         gen = role.generator
-        hlo = _extend.lower(gen.graphdef, gen.state, cache, np.array([[7]], np.int32),
+        hlo = _extend.lower(gen.structure, gen.leaves, cache, np.array([[7]], np.int32),
                             np.array([1], np.int32)).compile().as_text()
         # one per op, whatever its result (a combined op's is a tuple)
         return {op: len(re.findall(rf" {op}(?:-start)?\\(", hlo)) for op in ("all-reduce", "all-gather")}

@@ -163,8 +163,13 @@ def sequential_fpsr(reasoner, question, alpha):
 # ---- 1. greedy exactness -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["dreamr", "specreason", "lookahead"])
-def test_reject_all_equals_target(method, reject_all, refs):
+METHODS_AND_FALLBACKS = [("dreamr", "eager"), ("dreamr", "on_reject"), ("specreason", None), ("lookahead", None)]
+
+
+@pytest.mark.parametrize("method,fallback", METHODS_AND_FALLBACKS)
+def test_reject_all_equals_target(method, fallback, loaded, reject_all, refs):
+    if fallback is not None:  # FPSR under each way the target's own steps are scheduled
+        reject_all = _reasoner(loaded, alpha=1.5, fallback=fallback)
     trace = reject_all.solve(QUESTION, method=method)
     target = refs["target"]
     assert trace.text == target.text
@@ -176,8 +181,10 @@ def test_reject_all_equals_target(method, reject_all, refs):
     _assert_whole_steps(trace, reject_all.engine(method))
 
 
-@pytest.mark.parametrize("method", ["dreamr", "specreason", "lookahead"])
-def test_accept_all_equals_draft(method, accept_all, refs):
+@pytest.mark.parametrize("method,fallback", METHODS_AND_FALLBACKS)
+def test_accept_all_equals_draft(method, fallback, loaded, accept_all, refs):
+    if fallback is not None:
+        accept_all = _reasoner(loaded, alpha=0.0, fallback=fallback)
     trace = accept_all.solve(QUESTION, method=method)
     draft = refs["draft"]
     assert trace.text == draft.text
@@ -250,6 +257,44 @@ def test_speculative_accept_is_exact():
     # identical p and q: everything is accepted, the bonus comes from the last row
     out = speculative_accept(p[:3], p[:2], [0, 5], np.random.default_rng(1))
     assert out[:2] == [0, 5] and len(out) == 3
+
+
+def test_device_rejection_sampler_is_exact():
+    """`sampling.speculative_verify`, the rule `sd` runs on the device: over 20000 draws the
+    first emitted token follows p_0 and the second (when the first proposal is kept) p_1,
+    whatever q (TV and chi-square as for the host reference above), the first proposal is kept
+    with probability sum_x min(p, q), and at temperature 0 it keeps exactly the argmax prefix."""
+    import jax
+
+    from dreamr_jax.sampling import SamplingParams, speculative_verify
+
+    p = np.array([[0.40, 0.25, 0.15, 0.10, 0.07, 0.03],
+                  [0.05, 0.05, 0.10, 0.20, 0.25, 0.35],
+                  [0.30, 0.20, 0.20, 0.10, 0.10, 0.10]])
+    q = np.array([[0.05, 0.10, 0.15, 0.20, 0.20, 0.30],
+                  [0.30, 0.25, 0.20, 0.10, 0.10, 0.05]])
+    n = 20000
+    rng = np.random.default_rng(0)
+    proposals = np.stack([rng.choice(6, n, p=q[0]), rng.choice(6, n, p=q[1])], 1).astype(np.int32)
+    t = SamplingParams(temperature=1.0)
+    verify = jax.jit(jax.vmap(lambda prop, key: speculative_verify(jnp.log(p), jnp.log(q), prop, 2, key, t, t)))
+    n_acc, token = (np.asarray(x) for x in verify(proposals, jax.random.split(jax.random.key(0), n)))
+    first = np.where(n_acc >= 1, proposals[:, 0], token)
+    kept = n_acc >= 1
+    second = np.where(n_acc >= 2, proposals[:, 1], token)[kept]
+    f1, f2 = np.bincount(first, minlength=6), np.bincount(second, minlength=6)
+    tv1, tv2 = _tv(f1 / n, p[0]), _tv(f2 / f2.sum(), p[1])
+    print(f"\nspeculative_verify: TV(first, p0) = {tv1:.4f}, TV(second | kept, p1) = {tv2:.4f}")
+    assert tv1 < 0.015 and _chi2_pvalue(f1, p[0]) > 1e-3
+    assert f2.sum() > 2000 and tv2 < 0.03 and _chi2_pvalue(f2, p[1]) > 1e-3
+    assert _chi2_pvalue(f1, q[0]) < 1e-12
+    assert abs(kept.mean() - np.minimum(p[0], q[0]).sum()) < 0.015
+    greedy = SamplingParams()
+    logits = jnp.log(jnp.asarray(p))  # argmaxes 0, 5, 0
+    for proposal, n_prop, want in (([0, 5], 2, (2, 0)), ([0, 4], 2, (1, 5)), ([3, 5], 2, (0, 0)), ([0, 5], 1, (1, 5))):
+        got = speculative_verify(logits, jnp.log(q), jnp.array(proposal, jnp.int32), n_prop, jax.random.key(0),
+                                 greedy, greedy)
+        assert (int(got[0]), int(got[1])) == want, (proposal, n_prop, got)
 
 
 def test_speculative_accept_matches_run_sd_rng_use():
@@ -368,25 +413,67 @@ def test_cpn_cached_prefix_equals_from_scratch(loaded, reject_all, refs, image_f
     assert err < 1e-5
 
 
-def test_checks_that_extend_the_context_equal_from_scratch(loaded, reject_all, refs, image_file):
-    """FPSR's in-order checks adopt each checked step's cache (`extend_ctx`): a chain of three
-    such checks, one of them batched, gives the from-scratch rho for every candidate (1e-5), and
-    the context ends holding the checked steps."""
+@pytest.mark.parametrize("n_drafts", [1, 2, 3, 4])
+def test_packed_check_equals_each_draft_checked_alone(loaded, reject_all, refs, image_file, n_drafts):
+    """FPSR's packed check (`check_drafts`: all waiting drafts in one row, each followed by its
+    own judging suffix) gives each draft the rho of a from-scratch forward over prompt (with an
+    image) + committed text + the drafts before it + that draft + the suffix (1e-5), for 1-4
+    drafts of different lengths, from a context with a pending token; the context then holds
+    the drafts."""
     target_model, proc = loaded[1], loaded[2]
     eng = reject_all.engine("dreamr")
     enc = proc.encode(reject_all.prompt(QUESTION, 1), [image_file])
     ids, pix, grids = enc["input_ids"], enc["pixel_values"], enc["image_grid_thw"]
     ctx = reject_all.target.open(ids, pix, grids, capacity=256)
-    d = [s.token_ids for s in refs["draft"].steps[:4]]
-    got = list(eng.cpn_scores(ctx, [d[0]], extend_ctx=True))
-    assert ctx.tokens == d[0]
-    got += list(eng.cpn_scores(ctx, [d[1], d[1] + d[2]], extend_ctx=True))  # two pending drafts in one batch
-    assert ctx.tokens == d[0] + d[1] + d[2]
-    got += list(eng.cpn_scores(ctx, [d[3]], extend_ctx=True))
-    rows = [ids + d[0] + eng.judge_ids, ids + d[0] + d[1] + eng.judge_ids, ids + d[0] + d[1] + d[2] + eng.judge_ids,
-            ids + d[0] + d[1] + d[2] + d[3] + eng.judge_ids]
+    committed = refs["target"].steps[0].token_ids
+    reject_all.target.set_tokens(ctx, committed)
+    reject_all.target.feed(ctx)
+    reject_all.target.set_tokens(ctx, committed + [151])  # one pending token: the packed row starts with it
+    rng = np.random.default_rng(n_drafts)
+    drafts = [rng.integers(0, 150000, n).tolist() for n in (5, 9, 2, 13)[:n_drafts]]
+    rho = eng.check_drafts(ctx, drafts)
+    assert rho.shape == (n_drafts,) and rho.dtype == np.float32
+    assert ctx.tokens == committed + [151] + [t for d in drafts for t in d] and not ctx.pending
+    rows = [ids + committed + [151] + [t for d in drafts[: i + 1] for t in d] + eng.judge_ids for i in range(n_drafts)]
     ref = np.asarray(cpn_rho(_scratch_last_logits(target_model, rows, pix, grids), eng.positive_id, eng.negative_id))
-    np.testing.assert_allclose(got, ref, atol=1e-5)
+    print(f"\npacked rho {np.round(rho, 6).tolist()} vs alone {np.round(ref, 6).tolist()}")
+    np.testing.assert_allclose(rho, ref, atol=1e-5)
+
+
+def test_check_keeps_the_committed_cache_and_adopts_exact_keys(loaded, reject_all, refs, image_file):
+    """A packed check reads the committed prefix in place: its cached keys and values are
+    unchanged (same slots, bitwise), and the drafts it adopts get the keys a fresh context
+    holding those tokens computes (1e-5); rolling back to the committed text restores the
+    committed context exactly (length and keys)."""
+    target_model, proc = loaded[1], loaded[2]
+    eng = reject_all.engine("dreamr")
+    target = reject_all.target
+    enc = proc.encode(reject_all.prompt(QUESTION, 1), [image_file])
+    ids, pix, grids = enc["input_ids"], enc["pixel_values"], enc["image_grid_thw"]
+    ctx = target.open(ids, pix, grids, capacity=256)
+    committed = refs["target"].steps[0].token_ids
+    target.set_tokens(ctx, committed)
+    target.feed(ctx)
+    n = len(ids) + len(committed)
+    before_k = [np.asarray(k[0, :, :n]) for k in ctx.cache.keys]
+    before_v = [np.asarray(v[0, :, :n]) for v in ctx.cache.values]
+    drafts = [s.token_ids for s in refs["draft"].steps[:3]]
+    eng.check_drafts(ctx, drafts)
+    m = n + sum(map(len, drafts))
+    assert int(ctx.cache.lengths[0]) == m
+    for i, (k, v) in enumerate(zip(ctx.cache.keys, ctx.cache.values)):
+        assert np.array_equal(np.asarray(k[0, :, :n]), before_k[i]) and np.array_equal(np.asarray(v[0, :, :n]), before_v[i])
+    fresh = target.open(ids, pix, grids, capacity=256)
+    target.set_tokens(fresh, committed + [t for d in drafts for t in d])
+    target.feed(fresh)
+    for k, k_ref in zip(ctx.cache.keys, fresh.cache.keys):
+        np.testing.assert_allclose(np.asarray(k[0, :, n:m]), np.asarray(k_ref[0, :, n:m]), atol=1e-5)
+    for v, v_ref in zip(ctx.cache.values, fresh.cache.values):
+        np.testing.assert_allclose(np.asarray(v[0, :, n:m]), np.asarray(v_ref[0, :, n:m]), atol=1e-5)
+    target.set_tokens(ctx, committed)  # a rejected first draft: back to the committed text
+    assert ctx.tokens == committed and int(ctx.cache.lengths[0]) == n
+    for i, k in enumerate(ctx.cache.keys):
+        assert np.array_equal(np.asarray(k[0, :, :n]), before_k[i])
 
 
 def test_cpn_matches_transformers(tmp_path):
@@ -443,7 +530,7 @@ MESH_SCRIPT = textwrap.dedent("""
                             steps=StepConfig(max_step_tokens=int(sys.argv[5]), token_budget=int(sys.argv[6])),
                             draft_devices=d_dev, target_devices=t_dev)
     def where(state):
-        return sorted({str(d) for leaf in jax.tree.leaves(state) for d in leaf.devices()})
+        return sorted({str(d) for leaf in jax.tree.leaves(state) if hasattr(leaf, "devices") for d in leaf.devices()})
     ids = r.processor.encode(r.prompt(question, 0), [])["input_ids"]
     caches = {name: where(getattr(r, name).open(ids, capacity=32).cache) for name in ("draft", "target")}
     r.solve(question)  # compile
@@ -499,11 +586,12 @@ def test_two_disjoint_meshes(spec_pair, loaded, tmp_path):
 # ---- 5. cancellation and rollback ---------------------------------------------------------------------
 
 
-def test_cancelled_fallbacks_never_change_text(accept_all, refs, monkeypatch):
-    """alpha = 0: the target starts its own step while the draft writes, and each accepted draft
-    cancels it; the committed text is still exactly the draft's. Accepting a draft never
-    cancels the draft's later, still valid work: every drafted step is committed (the draft is
-    slowed down so that the target commits while the draft is writing)."""
+def test_cancelled_fallbacks_never_change_text(loaded, refs, monkeypatch):
+    """alpha = 0 with eager fallback: the target starts its own step while the draft writes, and
+    each accepted draft cancels it; the committed text is still exactly the draft's. Accepting a
+    draft never cancels the draft's later, still valid work: every drafted step is committed
+    (the draft is slowed down so that the target commits while the draft is writing)."""
+    accept_all = _reasoner(loaded, alpha=0.0, fallback="eager")
     writes = []
     write = accept_all.draft.write
 
@@ -523,7 +611,7 @@ def test_cancelled_fallbacks_never_change_text(accept_all, refs, monkeypatch):
 
 
 @pytest.mark.parametrize("window,chunk,fallback", [(4, 16, "eager"), (1, 16, "eager"), (2, 3, "eager"),
-                                                   (4, 16, "on_reject")])
+                                                   (4, 16, "on_reject"), (2, 16, "auto")])
 def test_mid_alpha_commits_the_sequential_oracle(loaded, window, chunk, fallback):
     """At an alpha that both accepts and rejects, two runs commit the same steps, every step is
     whole, and the steps (authors, tokens, rhos) equal the commit rule executed one step at a
@@ -785,3 +873,18 @@ def test_summarise_token_share_and_length_ratio():
     assert rows["dreamr"]["draft_token_share"] == pytest.approx((6 + 4 + 4) / (6 + 8 + 4 + 4 + 10))
     assert rows["dreamr"]["length_ratio"] == pytest.approx(((14 + 18) / 2) / ((20 + 30) / 2))
     assert rows["target"]["draft_token_share"] == 0 and rows["target"]["length_ratio"] == pytest.approx(1.0)
+
+
+def test_solves_count_their_compilations(reject_all):
+    """`trace.extra["compiles"]` counts the XLA compilations inside a solve (the eval table reports
+    them): a new program counts, and repeating a solve whose shapes were all seen compiles nothing."""
+    import jax
+
+    from dreamr_jax import compiles
+
+    before = compiles.totals()[0]
+    jax.jit(lambda x: x * 3 + 1)(np.arange(5.0))  # a program never seen before
+    assert compiles.totals()[0] == before + 1
+    reject_all.solve(QUESTION, method="target")
+    again = reject_all.solve(QUESTION, method="target")
+    assert again.extra["compiles"] == 0 and again.extra["compile_s"] == 0.0

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..models.qwen_vl.rope_index import get_rope_index, prepare_vision_inputs
 from ..spec.config import question_text, specreason_suffix
-from ..spec.tbvm import Keywords, judge_suffix, keyword_token_ids
+from ..spec.tbvm import JUDGE_CUE, Keywords, judge_suffix, judge_text, keyword_token_ids
 from . import synthetic
 
 
@@ -46,6 +46,10 @@ class DataConfig:
     shuffled_reads: float = 0.0
     instruction: str = synthetic.INSTRUCTION
     judge_instruction: str = synthetic.JUDGE_INSTRUCTION
+    # Share of CPN judging examples asked with the short verdict cue (`tbvm.judge_text("cue")`)
+    # instead of the full judging turn, so one target serves both `spec.judge_format`s.
+    cue_fraction: float = 0.0
+    judge_cue: str = JUDGE_CUE
     specreason_prompt: str = synthetic.SPECREASON_PROMPT
     specreason_prefix: str = synthetic.SPECREASON_PREFIX
 
@@ -58,6 +62,7 @@ class WorldEncoder:
         tok = processor.tokenizer
         self.positive_id, self.negative_id = keyword_token_ids(tok, Keywords())
         self.judge_ids = tok.encode(judge_suffix(instruction=config.judge_instruction), add_special_tokens=False)
+        self.cue_ids = tok.encode(judge_text("cue", cue=config.judge_cue), add_special_tokens=False)
         self.specreason_ids = tok.encode(specreason_suffix(config.specreason_prompt, config.specreason_prefix),
                                          add_special_tokens=False)
         self.score_ids = {score: tok.encode(str(score), add_special_tokens=False)[0] for score in (0, 9)}
@@ -89,7 +94,8 @@ class WorldEncoder:
                 candidate = self._steps([ex.candidate])[0] + self.specreason_ids
                 verdict = self.score_ids[9 if ex.label else 0]
             else:
-                candidate = self._steps([ex.candidate])[0] + self.judge_ids
+                judge = self.cue_ids if cfg.cue_fraction and rng.random() < cfg.cue_fraction else self.judge_ids
+                candidate = self._steps([ex.candidate])[0] + judge
                 verdict = self.positive_id if ex.label else self.negative_id
                 label = int(ex.label)
             ids += candidate + [verdict]

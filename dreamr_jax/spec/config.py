@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from .steps import StepConfig
-from .tbvm import JUDGE_INSTRUCTION, Keywords
+from .tbvm import JUDGE_CUE, JUDGE_FORMATS, JUDGE_INSTRUCTION, Keywords
 
 METHODS = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
+FALLBACK_MODES = ("auto", "eager", "on_reject")
 
 REASONING_INSTRUCTION = (
     "Solve the problem step by step. Separate the steps with a blank line and put the final answer in "
@@ -52,6 +53,10 @@ class SpecConfig:
     seed: int = 0
     instruction: str = REASONING_INSTRUCTION
     judge_instruction: str = JUDGE_INSTRUCTION
+    # "turn": SPEC.md's judging turn after each checked step; "cue": only `judge_cue`, a few
+    # tokens, for a target trained to answer it (the embedded world's is): `tbvm.judge_text`.
+    judge_format: str = "turn"
+    judge_cue: str = JUDGE_CUE
     specreason_threshold: int = 7  # accept a drafted step when its 0-9 score is >= this
     specreason_prompt: str = SPECREASON_PROMPT
     specreason_prefix: str = SPECREASON_PREFIX  # the assistant turn is forced to start with this
@@ -61,14 +66,23 @@ class SpecConfig:
     # "eager": the target writes its own step for the earliest open position while the check is
     # pending (SPEC.md 4); "on_reject": only once that position's drafted step is rejected
     # (no wasted target work when acceptance is high, but a rejection's fallback is not hidden).
-    fallback: str = "eager"
+    # "auto": eager when the target has accelerator devices of its own, on_reject when the roles
+    # share a device or share CPU cores (a fallback chunk then delays the checks behind it).
+    fallback: str = "auto"
+    # FPSR: before checking the drafted steps that wait, wait for the step the draft is writing if
+    # it should end sooner than a check takes, so one forward checks them all (False: check at once).
+    gather_checks: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {METHODS}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.fallback not in ("eager", "on_reject"):
-            raise ValueError(f"fallback must be 'eager' or 'on_reject', got '{self.fallback}'")
+        if self.fallback not in FALLBACK_MODES:
+            raise ValueError(f"fallback must be one of {FALLBACK_MODES}, got '{self.fallback}'")
+        if self.judge_format not in JUDGE_FORMATS:
+            raise ValueError(f"judge_format must be one of {JUDGE_FORMATS}, got '{self.judge_format}'")
+        if self.judge_format == "cue" and not self.judge_cue:
+            raise ValueError("judge_format 'cue' needs a non-empty judge_cue")
         if self.lookahead_judge not in ("model", "always", "never"):
             raise ValueError(f"lookahead_judge must be model/always/never, got '{self.lookahead_judge}'")

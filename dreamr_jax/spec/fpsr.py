@@ -19,6 +19,7 @@ The scheduler is deterministic in what it commits (given greedy decoding); only 
 from __future__ import annotations
 
 import threading
+import time
 
 from .methods import Problem, StepEngine
 from .tbvm import is_accepted
@@ -32,13 +33,22 @@ class _Shared:
         self.rhos: list[float | None] = []  # their checks (None = not yet checked)
         self.finished = False
         self.error: BaseException | None = None
+        # when the draft started the step it is writing now (None: not writing), and how long its
+        # steps take (a running mean): the target's check gathering reads them
+        self.drafting_since: float | None = None
+        self.draft_step_s = 0.0
 
 
 def run_dreamr(engine: StepEngine, problem: Problem) -> None:
     shared = _Shared()
+    # The target's prefill is dispatched first (it runs asynchronously on the target's devices),
+    # then the draft thread prefills and drafts on its own while this thread waits for it.
+    target_open = None if problem.target_ctx is not None else problem.open_async("target")[1]
     draft_thread = threading.Thread(target=_draft_loop, args=(engine, problem, shared), daemon=True)
     draft_thread.start()
     try:
+        if target_open is not None:
+            target_open()
         _target_loop(engine, problem, shared)
     finally:
         with shared.cond:
@@ -52,6 +62,8 @@ def run_dreamr(engine: StepEngine, problem: Problem) -> None:
 def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
     cfg = engine.config
     try:
+        if problem.draft_ctx is None:
+            problem.open("draft")
         while True:
             with shared.cond:
                 while not shared.finished and len(shared.drafts) >= cfg.window:
@@ -73,15 +85,20 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
                     if shared.epoch == epoch and len(shared.drafts) == n_before and not shared.finished:
                         shared.cond.wait()
                 continue
+            with shared.cond:
+                started = shared.drafting_since = time.perf_counter()
             engine.draft.set_tokens(problem.draft_ctx, base + drafted)
             tokens, _ = engine.draft.write(problem.draft_ctx, max_tokens=max(1, min(cfg.steps.max_step_tokens, left)),
                                            stop_ids=engine.stop_ids, params=engine.draft_params,
                                            seed=cfg.seed + len(base) + spent, kind="draft")
             with shared.cond:
+                took = time.perf_counter() - started
+                shared.draft_step_s = took if not shared.draft_step_s else 0.7 * shared.draft_step_s + 0.3 * took
+                shared.drafting_since = None
                 if shared.epoch == epoch:
                     shared.drafts.append(tokens)
                     shared.rhos.append(None)
-                    shared.cond.notify_all()
+                shared.cond.notify_all()
                 # else: a rejection restarted the window while we drafted; the step is dropped (cancelled)
     except BaseException as e:  # surface in the caller's thread
         with shared.cond:
@@ -99,10 +116,10 @@ def _ends_reasoning(engine: StepEngine, tokens: list[int]) -> bool:
 def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
     cfg = engine.config
     target = engine.target
-    fallback_ctx = None
-    fallback_tokens: list[int] = []
-    fallback_for = None  # (epoch, committed length) the fallback was started for
-    check_ctx = None  # committed text + checked drafts, for incremental checks
+    ctx = problem.target_ctx  # committed text + every drafted step already checked (their keys kept)
+    eager = engine.fallback_mode == "eager"
+    fallback: _Fallback | None = None  # eager mode: the target's own step for the commit point
+    last_check_s = 0.0  # how long the last check took
     while not problem.done:
         with shared.cond:
             if shared.error is not None:
@@ -110,63 +127,63 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
             epoch = shared.epoch
             drafts = [list(d) for d in shared.drafts]
             rhos = list(shared.rhos)
+        key = (epoch, len(problem.committed))
 
         # 1. commit in order whatever is decided
         if drafts and rhos[0] is not None:
-            accepted = is_accepted(rhos[0], cfg.alpha) and not engine.hit_cap(drafts[0])
-            fallback_done = fallback_for == (epoch, len(problem.committed)) and _step_done(engine, problem, fallback_tokens)
-            if accepted or fallback_done:
-                problem.trace.drafted_checked += 1
+            problem.trace.drafted_checked += 1
+            if is_accepted(rhos[0], cfg.alpha) and not engine.hit_cap(drafts[0]):
+                problem.trace.drafted_accepted += 1
                 with shared.cond:
-                    if accepted:
-                        problem.trace.drafted_accepted += 1
-                        engine.commit(problem, drafts[0], "draft", rho=float(rhos[0]))
-                        shared.drafts.pop(0)
-                        shared.rhos.pop(0)
-                    else:
-                        engine.commit(problem, fallback_tokens, "target", rho=float(rhos[0]))
-                        target_ctx_from_fallback = fallback_ctx
-                        shared.epoch += 1
-                        shared.drafts.clear()
-                        shared.rhos.clear()
+                    engine.commit(problem, drafts[0], "draft", rho=float(rhos[0]))
+                    shared.drafts.pop(0)
+                    shared.rhos.pop(0)
                     shared.cond.notify_all()
-                if not accepted:
-                    problem.target_ctx = target_ctx_from_fallback  # it already holds the committed step
-                fallback_ctx, fallback_tokens, fallback_for = None, [], None  # cancel (early stop) or consumed
+                fallback = None  # early stop: that position's fallback is not needed
                 continue
+            # Rejected: the target's own step at the commit point. On rejection only, it is written
+            # now, in one call, in the check context rolled back to the committed text (a length
+            # change); eager mode finishes the step it has been writing meanwhile.
+            if fallback is None or fallback.key != key:
+                fallback = _Fallback(key, target.fork(ctx) if eager else ctx, [])
+                target.set_tokens(fallback.ctx, problem.committed)
+            while not _step_done(engine, problem, fallback.tokens):
+                _write_fallback(engine, problem, fallback, engine.step_budget(problem, in_step=len(fallback.tokens)))
+            with shared.cond:
+                engine.commit(problem, fallback.tokens, "target", rho=float(rhos[0]))
+                shared.epoch += 1  # cancels every later draft and check
+                shared.drafts.clear()
+                shared.rhos.clear()
+                shared.cond.notify_all()
+            ctx = problem.target_ctx = fallback.ctx  # it holds the committed text, fallback step included
+            fallback = None
+            continue
 
-        # 2. check every drafted step that has no score yet, in one batched forward. The check
-        #    context holds the committed text plus the already-checked drafts, so each check
-        #    runs only its own step and the judging suffix.
+        # 2. check every drafted step that has no score yet: all in one packed forward over the
+        #    check context, which already holds the committed text and the earlier drafts.
         unchecked = [i for i, r in enumerate(rhos) if r is None]
+        if unchecked and cfg.gather_checks and _draft_ends_soon(shared, epoch, len(drafts), last_check_s):
+            continue  # the step the draft is finishing joins this check
         if unchecked:
             first = unchecked[0]
-            if check_ctx is None:
-                check_ctx = target.fork(problem.target_ctx)
-            target.set_tokens(check_ctx, problem.committed + [t for d in drafts[:first] for t in d])
-            candidates = [[t for d in drafts[first : i + 1] for t in d] for i in unchecked]
-            scores = engine.cpn_scores(check_ctx, candidates, extend_ctx=True)
+            target.set_tokens(ctx, problem.committed + [t for d in drafts[:first] for t in d])
+            check_start = time.perf_counter()
+            scores = engine.check_drafts(ctx, drafts[first:])
+            last_check_s = time.perf_counter() - check_start
             with shared.cond:
                 if shared.epoch == epoch:
                     for i, rho in zip(unchecked, scores):
                         shared.rhos[i] = float(rho)
             continue
 
-        # 3. the target's own step for the earliest uncommitted position, one chunk at a time
-        rejected = bool(drafts) and rhos[0] is not None and (not is_accepted(rhos[0], cfg.alpha) or engine.hit_cap(drafts[0]))
-        if cfg.fallback == "eager":
-            need_fallback = not drafts or rhos[0] is None or rejected
-        else:
-            need_fallback = rejected
-        key = (epoch, len(problem.committed))
-        if need_fallback and not (fallback_for == key and _step_done(engine, problem, fallback_tokens)):
-            if fallback_for != key:
-                fallback_ctx, fallback_tokens, fallback_for = _context_at(target, problem, check_ctx), [], key
-            chunk = min(cfg.fallback_chunk, engine.step_budget(problem, in_step=len(fallback_tokens)))
-            new, _ = target.write(fallback_ctx, max_tokens=chunk, stop_ids=engine.stop_ids,
-                                  params=engine.target_params, seed=cfg.seed + len(problem.committed) + len(fallback_tokens),
-                                  kind="fallback")
-            fallback_tokens = fallback_tokens + new
+        # 3. eager: meanwhile the target's own step for the commit point, a short chunk at a time,
+        #    in a context of its own (so the checks' context stays as it is)
+        if eager and not (fallback is not None and fallback.key == key and _step_done(engine, problem, fallback.tokens)):
+            if fallback is None or fallback.key != key:
+                fallback = _Fallback(key, target.fork(ctx), [])
+                target.set_tokens(fallback.ctx, problem.committed)
+            _write_fallback(engine, problem, fallback,
+                            min(cfg.fallback_chunk, engine.step_budget(problem, in_step=len(fallback.tokens))))
             continue
 
         # 4. nothing to do until the draft hands over a step
@@ -175,24 +192,34 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
                 shared.cond.wait(timeout=1.0)
 
 
-def _context_at(target, problem: Problem, check_ctx):
-    """A fresh target context holding exactly the committed text, forked from whichever of the
-    target's contexts already has more of it computed: after accepted drafts that is the check
-    context (it ran them), so the fallback starts with a cheap truncation, not a re-run."""
-    def shared(ctx):
-        n = 0
-        for a, b in zip(ctx.fed, problem.committed):
-            if a != b:
-                break
-            n += 1
-        return n
+def _draft_ends_soon(shared: _Shared, epoch: int, n_drafts: int, check_s: float) -> bool:
+    """Gathering checks: if the draft is writing a step that should end sooner than a check takes
+    (its running mean step time says), wait for that step (up to that long) so one forward checks
+    it with the waiting ones, instead of a forward now and another right after it (each forward
+    has a fixed cost). Returns whether it waited; the caller then looks again."""
+    with shared.cond:
+        since = shared.drafting_since
+        if since is None or shared.epoch != epoch or len(shared.drafts) != n_drafts:
+            return False
+        left = shared.draft_step_s - (time.perf_counter() - since)
+        if not 0.0 < left <= check_s:
+            return False
+        shared.cond.wait(timeout=left * 1.5)
+        return True
 
-    base = problem.target_ctx
-    if check_ctx is not None and shared(check_ctx) > shared(base):
-        base = check_ctx
-    ctx = target.fork(base)
-    target.set_tokens(ctx, problem.committed)
-    return ctx
+
+class _Fallback:
+    """The target's own step for one commit point: (epoch, committed length), its context, tokens."""
+
+    def __init__(self, key, ctx, tokens):
+        self.key, self.ctx, self.tokens = key, ctx, tokens
+
+
+def _write_fallback(engine: StepEngine, problem: Problem, fallback: _Fallback, max_tokens: int) -> None:
+    new, _ = engine.target.write(fallback.ctx, max_tokens=max_tokens, stop_ids=engine.stop_ids,
+                                 params=engine.target_params,
+                                 seed=engine.config.seed + len(problem.committed) + len(fallback.tokens), kind="fallback")
+    fallback.tokens = fallback.tokens + new
 
 
 def _step_done(engine: StepEngine, problem: Problem, tokens: list[int]) -> bool:

@@ -16,7 +16,7 @@ from ..sampling import SamplingParams
 from .config import LOOKAHEAD_PROMPT, SpecConfig, specreason_suffix
 from .roles import Context, Role, write_many
 from .steps import final_answer
-from .tbvm import cpn_rho, judge_suffix, keyword_token_ids
+from .tbvm import cpn_rho, judge_text, keyword_token_ids
 from .trace import Step, Trace
 
 
@@ -34,6 +34,21 @@ class Problem:
     target_ctx: Context | None = None
     committed: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
+    # role name -> a function that dispatches that role's prefill: (context, wait function).
+    # FPSR opens each role in its own thread, so the draft's prefill and first steps overlap the
+    # target's prefill.
+    openers: dict = dataclasses.field(default_factory=dict)
+
+    def open(self, role_name: str) -> Context:
+        ctx, done = self.open_async(role_name)
+        done()
+        return ctx
+
+    def open_async(self, role_name: str):
+        """Dispatch the role's prefill; returns (its context, a function that waits for it)."""
+        ctx, done = self.openers[role_name]()
+        setattr(self, f"{role_name}_ctx", ctx)
+        return ctx, done
 
     @property
     def tokens_left(self) -> int:
@@ -50,10 +65,12 @@ class StepEngine:
         self.eos_ids = tuple(processor.eos_token_ids)
         self.stop_ids = tuple(sorted(set(self.delimiter_ids) | set(self.eos_ids)))
         self.positive_id, self.negative_id = keyword_token_ids(tok, config.keywords)
-        self.judge_ids = tok.encode(judge_suffix(instruction=config.judge_instruction), add_special_tokens=False)
+        self.judge_ids = tok.encode(judge_text(config.judge_format, config.judge_instruction, config.judge_cue),
+                                    add_special_tokens=False)
         self.specreason_ids = tok.encode(specreason_suffix(config.specreason_prompt, config.specreason_prefix),
                                          add_special_tokens=False)
         self.digit_ids = [tok.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
+        self.fallback_mode = resolve_fallback(config.fallback, draft, target)
         self.draft_params = SamplingParams(config.draft_temperature, 0, config.top_p if config.draft_temperature else 1.0)
         self.target_params = SamplingParams(config.target_temperature, 0, config.top_p if config.target_temperature else 1.0)
 
@@ -87,22 +104,40 @@ class StepEngine:
 
     # ---- the target's checks ----------------------------------------------------------------
 
-    def cpn_scores(self, ctx: Context, candidates: Sequence[Sequence[int]], extend_ctx: bool = False) -> np.ndarray:
-        """rho for each candidate continuation of ctx, in one batched forward that reuses the
-        target's cached prefix: only the candidates and the judging suffix are run.
-
-        `extend_ctx`: afterwards ctx holds its tokens + the last candidate, from that row's cache
-        (FPSR checks drafts in order, so the next check then runs only its own step)."""
+    def cpn_scores(self, ctx: Context, candidates: Sequence[Sequence[int]]) -> np.ndarray:
+        """rho for each candidate continuation of ctx (alternatives, e.g. SAPO's rollouts), in
+        one batched forward that reuses the target's cached prefix: only the candidates and the
+        judging suffix are run. ctx is unchanged."""
         self.target.set_tokens(ctx, ctx.tokens)
         if len(ctx.pending) > 1 and len(candidates) > 1:
             self.target.feed(ctx, kind="check")  # run the shared pending tokens once, not per row
         logits = self.target.score(ctx, [list(c) + self.judge_ids for c in candidates], kind="check",
-                                   max_rows=self.config.window, keep=len(candidates[-1]) if extend_ctx else None)
-        return np.asarray(cpn_rho(logits, self.positive_id, self.negative_id))
+                                   max_rows=self.config.window)
+        return cpn_rho(np.asarray(logits), self.positive_id, self.negative_id)
+
+    def check_drafts(self, ctx: Context, drafts: Sequence[Sequence[int]]) -> np.ndarray:
+        """rho of each drafted step of a chain (draft i continues ctx + drafts[:i]) in one packed
+        forward over ctx's cache (`Role.check_chain`); ctx then holds all the drafts."""
+        logits = self.target.check_chain(ctx, drafts, self.judge_ids, (self.positive_id, self.negative_id),
+                                         max_drafts=self.config.window)
+        return cpn_rho(logits, 0, 1)
 
     def specreason_score(self, ctx: Context, candidate: Sequence[int]) -> int:
-        logits = self.target.score(ctx, [list(candidate) + self.specreason_ids], kind="check")
-        return int(np.argmax(np.asarray(logits)[0, self.digit_ids]))
+        """SpecReason's forced 0-9 score of one drafted step; ctx then holds the step."""
+        logits = self.target.check_chain(ctx, [candidate], self.specreason_ids, self.digit_ids)
+        return int(np.argmax(logits[0]))
+
+
+def resolve_fallback(mode: str, draft: Role | None, target: Role) -> str:
+    """`SpecConfig.fallback` "auto" made concrete: "eager" when the target has accelerator devices
+    of its own (its fallback decoding then runs in time the checks leave idle), else "on_reject"
+    (roles on one device, or CPU devices, whose cores every computation shares: a fallback chunk
+    in flight delays the check behind it by the chunk's time, and at high acceptance the step is
+    rarely needed)."""
+    if mode != "auto":
+        return mode
+    separate = draft is not None and not set(draft.devices) & set(target.devices)
+    return "eager" if separate and target.devices[0].platform != "cpu" else "on_reject"
 
 
 def check_same_tokenizer(draft_proc, target_proc) -> None:
@@ -140,12 +175,13 @@ def run_specreason(engine: StepEngine, problem: Problem) -> None:
                                         stop_ids=engine.stop_ids, params=engine.draft_params,
                                         seed=cfg.seed + len(problem.committed), kind="draft")
         engine.target.set_tokens(problem.target_ctx, problem.committed)
-        score = engine.specreason_score(problem.target_ctx, drafted)
+        score = engine.specreason_score(problem.target_ctx, drafted)  # the context now holds the step
         problem.trace.drafted_checked += 1
         if score >= cfg.specreason_threshold and not engine.hit_cap(drafted):
             problem.trace.drafted_accepted += 1
             engine.commit(problem, drafted, "draft", rho=score / 9)
         else:
+            engine.target.set_tokens(problem.target_ctx, problem.committed)
             written, _ = engine.target.write(problem.target_ctx, max_tokens=engine.step_budget(problem),
                                              stop_ids=engine.stop_ids, params=engine.target_params,
                                              seed=cfg.seed + len(problem.committed), kind="fallback")
@@ -203,48 +239,29 @@ def run_lookahead(engine: StepEngine, problem: Problem) -> None:
 def run_sd(engine: StepEngine, problem: Problem) -> None:
     """Token-level speculative decoding with exact rejection sampling (Leviathan et al.):
     greedy output equals the target's greedy output; sampled output follows the target's
-    distribution at its temperature."""
+    distribution at its temperature. Per round, two device calls: the draft proposes up to
+    `sd_tokens` tokens in one decode program, and the target runs them and accepts on the
+    device in one program (`Role.propose` / `Role.verify`)."""
     cfg = engine.config
-    rng = np.random.default_rng(cfg.seed)
-    temp_t, temp_d = cfg.target_temperature, cfg.draft_temperature or cfg.target_temperature
+    temp_t = cfg.target_temperature
+    temp_d = cfg.draft_temperature or temp_t
+    target_params = SamplingParams(temp_t, 0, cfg.top_p if temp_t else 1.0)
+    draft_params = SamplingParams(temp_d if temp_t else 0.0, 0, cfg.top_p if temp_t else 1.0)
     step: list[int] = []
+    rounds = 0
     while not problem.done:
         engine.draft.set_tokens(problem.draft_ctx, problem.committed + step)
         engine.target.set_tokens(problem.target_ctx, problem.committed + step)
         k = max(1, min(cfg.sd_tokens, engine.step_budget(problem, in_step=len(step)) - 1))
-        proposal, q_rows = [], []
-        for _ in range(k):
-            logits = np.asarray(engine.draft.feed(problem.draft_ctx, kind="draft"))[0].astype(np.float64)
-            if temp_t == 0:
-                tok = int(np.argmax(logits))
-            else:
-                q = _nucleus(_softmax(logits / temp_d), cfg.top_p)
-                tok = int(rng.choice(len(q), p=q))
-                q_rows.append(q)
-            proposal.append(tok)
-            problem.draft_ctx.pending = problem.draft_ctx.pending + [tok]
-            if tok in engine.stop_ids:
-                break
-        ctx_t = problem.target_ctx
-        before = None if ctx_t.pending else np.asarray(engine.target.feed(ctx_t, kind="verify"))
-        along = np.asarray(engine.target.logits_along(ctx_t, proposal, kind="verify"))
-        # rows predicting proposal[0..k-1] and the bonus token
-        p_rows = along[-(len(proposal) + 1):] if before is None else np.concatenate([before, along], 0)
-        if temp_t == 0:
-            out = []
-            for j, tok in enumerate(proposal):
-                best = int(np.argmax(p_rows[j]))
-                out.append(best)
-                if best != tok:
-                    break
-            else:
-                out.append(int(np.argmax(p_rows[len(proposal)])))
-        else:
-            p_probs = [_nucleus(_softmax(p_rows[j].astype(np.float64) / temp_t), cfg.top_p)
-                       for j in range(len(proposal) + 1)]
-            out = speculative_accept(p_probs, q_rows, proposal, rng)
+        seed = cfg.seed + 7919 * rounds  # one stream per round for the draft, another for the target
+        rounds += 1
+        proposal, q_logits = engine.draft.propose(problem.draft_ctx, max_tokens=k, stop_ids=engine.stop_ids,
+                                                  params=draft_params, seed=seed)
+        n_acc, token = engine.target.verify(problem.target_ctx, proposal, q_logits, k=cfg.sd_tokens,
+                                            params=target_params, draft_params=draft_params, seed=seed + 1)
+        out = proposal[:n_acc] + [token]
         problem.trace.drafted_checked += len(proposal)
-        problem.trace.drafted_accepted += len(out) - 1  # out = accepted proposal prefix + one target token
+        problem.trace.drafted_accepted += n_acc
         for tok in out:
             step.append(tok)
             if tok in engine.stop_ids or len(step) >= engine.step_budget(problem):
@@ -279,20 +296,3 @@ def speculative_accept(p_rows, q_rows, proposal: Sequence[int], rng: np.random.G
     out.append(int(rng.choice(len(last), p=last)))
     return out
 
-
-def _nucleus(probs, top_p: float):
-    """The top-p renormalised distribution (the target's sampler applies the same filter)."""
-    if top_p >= 1.0:
-        return probs
-    order = np.argsort(-probs)
-    before = np.cumsum(probs[order]) - probs[order]
-    keep = np.zeros_like(probs, bool)
-    keep[order[before < top_p]] = True
-    kept = np.where(keep, probs, 0.0)
-    return kept / kept.sum()
-
-
-def _softmax(x):
-    x = x - x.max()
-    e = np.exp(x)
-    return e / e.sum()

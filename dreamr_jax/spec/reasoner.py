@@ -8,6 +8,7 @@ import time
 import traceback
 from typing import Iterable, Sequence
 
+from .. import compiles
 from ..sharding import split_devices
 from .config import SpecConfig, question_text
 from .fpsr import run_dreamr
@@ -110,16 +111,20 @@ class SpeculativeReasoner:
                 f"that exceeds the models' context of {limit} positions")
         trace = Trace(method=method, question=question, extra={"token_budget": cfg.steps.token_budget,
                                                                 "alpha": cfg.alpha, "window": cfg.window})
+        compiles_before, compile_s_before = compiles.totals()
         start = time.perf_counter()
-        roles = [self.target] + ([self.draft] if self.draft is not None and method != "target" else [])
+        roles = ([self.target] if method != "draft" else []) + \
+            ([self.draft] if self.draft is not None and method != "target" else [])
         for role in roles:
             role.reset_clock(start)
         problem = Problem(trace=trace, prompt_ids=ids)
         capacity = cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
-        if method != "draft":
-            problem.target_ctx = self.target.open(ids, enc["pixel_values"], enc["image_grid_thw"], capacity=capacity)
-        if method != "target":
-            problem.draft_ctx = self.draft.open(ids, enc["pixel_values"], enc["image_grid_thw"], capacity=capacity)
+        for role in roles:
+            problem.openers[role.name] = (lambda role=role: role.open_async(
+                ids, enc["pixel_values"], enc["image_grid_thw"], capacity=capacity))
+        if method != "dreamr":  # dreamr prefills each role in that role's thread
+            for name in problem.openers:
+                problem.open(name)
         runners = {"target": lambda: run_single(engine, problem, "target"),
                    "draft": lambda: run_single(engine, problem, "draft"),
                    "specreason": lambda: run_specreason(engine, problem),
@@ -128,6 +133,9 @@ class SpeculativeReasoner:
                    "dreamr": lambda: run_dreamr(engine, problem)}
         runners[method]()
         trace.wall_time = time.perf_counter() - start
+        compiled, compile_s = compiles.totals()
+        trace.extra["compiles"] = compiled - compiles_before  # XLA compilations inside this solve
+        trace.extra["compile_s"] = compile_s - compile_s_before
         trace.intervals = sorted([i for r in roles for i in r.intervals], key=lambda i: i.start)
         trace.extra["projected_time"] = project(trace)
         trace.extra["overlap_time"] = overlap_time(trace)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generation import Generator, length_bucket, prepare_batch
+from ..generation import Generator, attend_bucket, fine_bucket, length_bucket, prepare_batch
 from ..kv_cache import KVCache
 from ..sharding import place_role_state
 from ..sampling import SamplingParams
@@ -74,10 +74,12 @@ class Role:
         start = time.perf_counter()
         out = fn(*args)
         jax.block_until_ready(out)
-        end = time.perf_counter()
+        self._record(kind, start, time.perf_counter(), tokens)
+        return out
+
+    def _record(self, kind: str, start: float, end: float, tokens: int) -> None:
         with self._lock:
             self.intervals.append(Interval(self.name, kind, start - self.clock_start, end - self.clock_start, tokens))
-        return out
 
     def _put(self, array):
         return jax.device_put(np.asarray(array), self.sharding)
@@ -86,10 +88,37 @@ class Role:
 
     def open(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *, capacity: int) -> Context:
         """Prefill one prompt; the cache has room for `capacity` more tokens (grown on demand)."""
+        ctx, done = self.open_async(prompt_ids, pixel_values, image_grid_thw, capacity=capacity)
+        done()
+        return ctx
+
+    def open_async(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *,
+                   capacity: int) -> tuple[Context, Callable[[], None]]:
+        """`open` without waiting: the prefill is dispatched (jax runs it asynchronously) and the
+        context returned at once, with a function that waits for it and records its interval.
+        FPSR dispatches the target's prefill before starting the draft's thread."""
         batch = prepare_batch(self.model, [list(prompt_ids)], pixel_values, image_grid_thw)
-        cache_len = batch.input_ids.shape[1] + length_bucket(capacity)
-        logits, cache = self._timed("prefill", self.generator.prefill, batch, cache_len, tokens=len(prompt_ids))
-        return Context(cache=cache, prompt_len=len(prompt_ids), fed=[], pending=[], logits=logits, prompt_logits=logits)
+        # One cache size for every prompt bucket below it (the cache's shape is part of every
+        # program's signature); attention reads only the valid part of it (`attend_bucket`).
+        cache_len = length_bucket(batch.input_ids.shape[1] + capacity)
+        start = time.perf_counter()
+        logits, cache = self.generator.prefill(batch, cache_len)
+        ctx = Context(cache=cache, prompt_len=len(prompt_ids), fed=[], pending=[], logits=logits, prompt_logits=logits)
+        self._synced(ctx)
+
+        def done():
+            jax.block_until_ready((logits, cache.keys))
+            self._record("prefill", start, time.perf_counter(), len(prompt_ids))
+
+        return ctx, done
+
+    @staticmethod
+    def _synced(ctx: Context) -> Context:
+        """Hold the cache's row length as the host value the context tracks. Lengths stay host
+        arrays throughout (rollbacks cost no device op), and every program always sees them in
+        that one form: a device array in their place would be a second compiled variant."""
+        ctx.cache = ctx.cache.with_lengths([ctx.prompt_len + len(ctx.fed)])
+        return ctx
 
     def set_tokens(self, ctx: Context, tokens: Sequence[int]) -> None:
         """Make `ctx` stand for prompt + `tokens`: roll back to the common prefix, queue the rest."""
@@ -99,18 +128,19 @@ class Role:
         while common < limit and ctx.fed[common] == tokens[common]:
             common += 1
         if common < len(ctx.fed):
-            ctx.cache = ctx.cache.truncate(np.array([ctx.prompt_len + common], np.int32))
+            ctx.cache = ctx.cache.with_lengths([ctx.prompt_len + common])
             ctx.fed = ctx.fed[:common]
             ctx.logits = None
-        new_pending = tokens[common:]
-        if new_pending != ctx.pending:
-            ctx.pending = new_pending
+        ctx.pending = tokens[common:]
         if not ctx.pending and ctx.logits is None and not ctx.fed:
             ctx.logits = ctx.prompt_logits
-        elif not ctx.pending and ctx.logits is None:
-            # the logits after the last fed token are gone: re-run that token (one cheap step)
+
+    def _need_logits(self, ctx: Context) -> None:
+        """Before decoding: if the logits after the last fed token are gone (a rollback, or keys
+        adopted from a check), make that token pending again so it is re-run (one cheap step)."""
+        if not ctx.pending and ctx.logits is None:
             last = ctx.fed[-1]
-            ctx.cache = ctx.cache.truncate(np.array([ctx.prompt_len + len(ctx.fed) - 1], np.int32))
+            ctx.cache = ctx.cache.with_lengths([ctx.prompt_len + len(ctx.fed) - 1])
             ctx.fed = ctx.fed[:-1]
             ctx.pending = [last]
 
@@ -121,16 +151,19 @@ class Role:
 
     def feed(self, ctx: Context, kind: str = "feed") -> jax.Array:
         """Run pending tokens; returns the next-token logits (1, V)."""
+        self._need_logits(ctx)
         if ctx.pending:
             n = len(ctx.pending)
             width = length_bucket(n, minimum=1)
             ids = np.zeros((1, width), np.int32)
             ids[0, :n] = ctx.pending
-            ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width)
+            end = ctx.prompt_len + len(ctx.fed) + width
+            ctx.cache = self._ensure_room(ctx.cache, end)
             ctx.logits, ctx.cache = self._timed(kind, self.generator.extend_last, ctx.cache, ids,
-                                                np.array([n], np.int32), tokens=n)
+                                                np.array([n], np.int32), attend_bucket(end, ctx.cache.max_len), tokens=n)
             ctx.fed = ctx.fed + ctx.pending
             ctx.pending = []
+            self._synced(ctx)
         assert ctx.logits is not None
         return ctx.logits
 
@@ -138,36 +171,82 @@ class Role:
               seed: int = 0, kind: str = "decode") -> tuple[list[int], list[float]]:
         """Decode up to `max_tokens` from ctx (stopping at a stop token); ctx then stands for the
         old tokens plus the new ones. Returns (tokens, log-probs)."""
+        new, logps, _ = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, keep_logits=False)
+        return new, logps
+
+    def propose(self, ctx: Context, *, max_tokens: int, stop_ids: Sequence[int], params: SamplingParams,
+                seed: int = 0, kind: str = "draft") -> tuple[list[int], jax.Array]:
+        """`write` for a token-level speculative proposal, in one decode call: (tokens, the logits
+        (1, out_len, V) each token was sampled from, left on the device for the target's check)."""
+        new, _, seen = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, keep_logits=True)
+        return new, seen
+
+    def _decode(self, ctx, max_tokens, stop_ids, params, seed, kind, keep_logits):
         out_len = length_bucket(max_tokens)
+        self._need_logits(ctx)
         fold = len(ctx.pending) == 1  # feed the one pending token inside the decode program
         logits = None if fold else self.feed(ctx, kind)
         first = ctx.pending if fold else None
-        ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + out_len + 2)
-        tokens, logps, n_gen, cache, _ = self._timed(
+        end = ctx.prompt_len + len(ctx.fed) + out_len + 2
+        ctx.cache = self._ensure_room(ctx.cache, end)
+        attend = attend_bucket(end, ctx.cache.max_len)
+        tokens, logps, n_gen, cache, seen = self._timed(
             kind, lambda: self.generator.decode(ctx.cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
-                                                params=params, seed=seed, out_len=out_len, first_tokens=first))
+                                                params=params, seed=seed, out_len=out_len, first_tokens=first,
+                                                attend_len=attend, keep_logits=keep_logits))
+        tokens, logps, n_gen = jax.device_get((tokens, logps, n_gen))  # one transfer back
         n = int(n_gen[0])
-        new = np.asarray(tokens)[0, :n].tolist()
+        new = tokens[0, :n].tolist()
         ctx.cache = cache
         ctx.fed = ctx.fed + (ctx.pending if fold else []) + new[:-1]
         ctx.pending = new[-1:]
         ctx.logits = None
+        self._synced(ctx)
         with self._lock:
             self.intervals[-1].tokens = n
-        return new, np.asarray(logps)[0, :n].tolist()
+        return new, logps[0, :n].tolist(), seen
+
+    def verify(self, ctx: Context, proposal: Sequence[int], draft_logits, *, k: int, params: SamplingParams,
+               draft_params: SamplingParams, seed: int = 0, kind: str = "verify") -> tuple[int, int]:
+        """Token-level speculative decoding's check of a draft proposal (at most `k` tokens), in
+        one program: feed ctx's pending tokens and the proposal, accept on the device
+        (`sampling.speculative_verify`). Returns (accepted prefix length, the target's token);
+        ctx then stands for its tokens + the whole proposal (set_tokens drops the rejected tail).
+        draft_logits (1, >= k, V): the proposal's q rows (`propose`); unused when greedy."""
+        self._need_logits(ctx)
+        # the logits that predict the proposal's first token: ctx's own when nothing is pending,
+        # else computed in the program (then the prompt's logits only fill the slot, unread; a
+        # host array there would compile a second variant)
+        prev = ctx.logits if not ctx.pending else ctx.prompt_logits
+        rows = ctx.pending + list(proposal)
+        width = length_bucket(len(ctx.pending) + k, minimum=1)
+        ids = np.zeros((1, width), np.int32)
+        ids[0, : len(rows)] = rows
+        padded = np.zeros(k, np.int32)
+        padded[: len(proposal)] = proposal
+        end = ctx.prompt_len + len(ctx.fed) + width
+        ctx.cache = self._ensure_room(ctx.cache, end)
+        if draft_logits is None or params.greedy:
+            draft_logits = np.zeros((1, k, 1), np.float32)
+        n_acc, token, ctx.cache = self._timed(
+            kind, self.generator.extend_verify, ctx.cache, ids, np.array([len(rows)], np.int32), prev,
+            len(ctx.pending), padded, len(proposal), draft_logits, seed, params, draft_params,
+            attend_bucket(end, ctx.cache.max_len), tokens=len(rows))
+        n_acc, token = jax.device_get((n_acc, token))
+        ctx.fed = ctx.fed + rows
+        ctx.pending = []
+        ctx.logits = None
+        self._synced(ctx)
+        return int(n_acc), int(token)
 
     def score(self, ctx: Context, continuations: Sequence[Sequence[int]], kind: str = "check",
-              max_rows: int = 1, keep: int | None = None) -> jax.Array:
-        """Next-token logits (k, V) after ctx + each continuation, all k in one batched forward.
+              max_rows: int = 1) -> jax.Array:
+        """Next-token logits (k, V) after ctx + each continuation (alternatives, not a chain), all
+        k in one batched forward.
 
         The context's cached prefix is reused (forked into k rows); only the pending tokens and
         the continuations are run. The batch is padded to a power of two rows (at most
-        `max_rows`), so a varying number of candidates reuses few programs.
-
-        ctx is unchanged, unless `keep` is given: then ctx afterwards stands for its tokens plus
-        the first `keep` tokens of the last continuation, adopting that row's freshly computed
-        cache instead of recomputing those tokens later (the keys of a prefix do not depend on
-        what follows it, so the rest of the row, e.g. a judging suffix, is simply cut off)."""
+        `max_rows`), so a varying number of candidates reuses few programs. ctx is unchanged."""
         wanted = len(continuations)
         rows_bucket = min(1 << (wanted - 1).bit_length(), max(max_rows, wanted))
         continuations = list(continuations) + [continuations[0]] * (rows_bucket - wanted)
@@ -178,19 +257,72 @@ class Role:
         ids = np.zeros((k, width), np.int32)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
-        ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width)
+        end = ctx.prompt_len + len(ctx.fed) + width
+        ctx.cache = self._ensure_room(ctx.cache, end)
         forked = ctx.cache.fork(np.zeros(k, np.int32))
-        logits, scored = self._timed(kind, self.generator.extend_last, forked, ids, n, tokens=int(n[:wanted].sum()))
-        if keep:
-            kept = rows[wanted - 1][: len(ctx.pending) + keep]
-            # The last kept token stays pending (a context's logits are valid only with nothing
-            # pending, and this row's logits are after the whole continuation).
-            length = ctx.prompt_len + len(ctx.fed) + len(kept) - 1
-            ctx.cache = scored.fork(np.array([wanted - 1], np.int32)).truncate(np.array([length], np.int32))
-            ctx.fed = ctx.fed + kept[:-1]
-            ctx.pending = kept[-1:]
-            ctx.logits = None
+        logits, _ = self._timed(kind, self.generator.extend_last, forked, ids, n,
+                                attend_bucket(end, ctx.cache.max_len), tokens=int(n[:wanted].sum()))
         return logits[:wanted]
+
+    def check_chain(self, ctx: Context, drafts: Sequence[Sequence[int]], suffix: Sequence[int],
+                    read_ids: Sequence[int], kind: str = "check", max_drafts: int = 1) -> np.ndarray:
+        """Judge a chain of drafted steps in one forward: logits (len(drafts), len(read_ids)) of
+        the tokens `read_ids` after draft i + `suffix`, where draft i continues ctx + drafts[:i].
+
+        One packed row: ctx's pending tokens, then each draft followed by its own copy of the
+        suffix. Each token attends to ctx's cached prefix (read in place, never copied), to the
+        pending and drafted tokens before it and to its own suffix, never to an earlier draft's
+        suffix; drafted tokens sit at the positions and cache slots they would have without the
+        suffixes, so their keys are exactly those of plain decoding. Every drafted token is run
+        once. The suffixes' keys go to scratch slots past the drafts and are dropped.
+
+        Afterwards ctx stands for its tokens + all the drafts (their keys adopted, nothing
+        pending; set_tokens rolls it back if a draft is rejected). `max_drafts`: the most drafts a
+        caller checks at once (the verdicts' array is sized for it, so counts up to it share a
+        program)."""
+        lead = list(ctx.pending)
+        base = ctx.prompt_len + len(ctx.fed)
+        n_draft = len(lead) + sum(len(d) for d in drafts)
+        # per packed token: id, cache slot, rotary position, segment (-1: pending or drafted
+        # token, kept; i: a token of draft i's suffix, scratch)
+        ids, segment, read_at = list(lead), [-1] * len(lead), []
+        slots = list(range(base, base + len(lead)))
+        positions = list(slots)
+        next_slot, scratch = base + len(lead), base + n_draft
+        for i, draft in enumerate(drafts):
+            ids += list(draft)
+            segment += [-1] * len(draft)
+            slots += range(next_slot, next_slot + len(draft))
+            positions += range(next_slot, next_slot + len(draft))
+            next_slot += len(draft)
+            ids += list(suffix)
+            segment += [i] * len(suffix)
+            slots += range(scratch, scratch + len(suffix))
+            positions += range(next_slot, next_slot + len(suffix))  # as if right after draft i
+            scratch += len(suffix)
+            read_at.append(len(ids) - 1)
+        n = len(ids)
+        width = fine_bucket(n, step=8)
+        ctx.cache = self._ensure_room(ctx.cache, scratch)
+        pad = width - n
+        ids_w = np.array(ids + [0] * pad, np.int32)[None]
+        slots_w = np.array(slots + [ctx.cache.max_len] * pad, np.int32)[None]  # padding writes are dropped
+        positions_w = np.array(positions + [0] * pad, np.int32)[None]
+        seg = np.array(segment + [-2] * pad)
+        order = np.arange(width)
+        visible = (order[None, :] <= order[:, None]) & ((seg[None, :] == -1) | (seg[None, :] == seg[:, None]))
+        visible[:, n:] = False
+        rows = 1 << (max(len(drafts), max_drafts, 1) - 1).bit_length()  # one read shape for up to max_drafts
+        read = np.array(read_at + [0] * (rows - len(read_at)), np.int32)[None]
+        logits, ctx.cache = self._timed(kind, self.generator.extend_packed, ctx.cache, ids_w,
+                                        np.array([n_draft], np.int32), positions_w, slots_w, visible[None], read,
+                                        np.asarray(read_ids, np.int32), attend_bucket(scratch, ctx.cache.max_len),
+                                        tokens=n)
+        ctx.fed = ctx.fed + lead + [t for d in drafts for t in d]
+        ctx.pending = []
+        ctx.logits = None
+        self._synced(ctx)
+        return np.asarray(logits)[0, : len(drafts)]
 
     def logits_along(self, ctx: Context, tokens: Sequence[int], kind: str = "verify") -> jax.Array:
         """Logits (len(pending) + len(tokens), V) at every fed position; ctx then stands for
@@ -199,13 +331,15 @@ class Role:
         width = length_bucket(len(rows), minimum=1)
         ids = np.zeros((1, width), np.int32)
         ids[0, : len(rows)] = rows
-        ctx.cache = self._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width)
+        end = ctx.prompt_len + len(ctx.fed) + width
+        ctx.cache = self._ensure_room(ctx.cache, end)
         logits, ctx.cache = self._timed(kind, self.generator.extend, ctx.cache, ids, np.array([len(rows)], np.int32),
-                                        tokens=len(rows))
+                                        attend_bucket(end, ctx.cache.max_len), tokens=len(rows))
         logits = logits[0, : len(rows)]
         ctx.fed = ctx.fed + rows
         ctx.pending = []
         ctx.logits = logits[-1:]
+        self._synced(ctx)
         return logits
 
     def fork(self, ctx: Context) -> Context:
@@ -221,7 +355,7 @@ def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]],
     k = len(continuations)
     rows = [ctx.pending + list(c) for c in continuations]
     if ctx.logits is None and not ctx.pending and not any(rows):
-        role.set_tokens(ctx, ctx.tokens)
+        role._need_logits(ctx)
         rows = [ctx.pending + list(c) for c in continuations]
     n = np.array([len(r) for r in rows], np.int32)
     out_len = length_bucket(max_tokens)
@@ -229,16 +363,20 @@ def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]],
     ids = np.zeros((k, width), np.int32)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    ctx.cache = role._ensure_room(ctx.cache, ctx.prompt_len + len(ctx.fed) + width + out_len + 1)
+    end = ctx.prompt_len + len(ctx.fed) + width + out_len + 1
+    ctx.cache = role._ensure_room(ctx.cache, end)
+    attend = attend_bucket(end, ctx.cache.max_len)
     cache = ctx.cache.fork(np.zeros(k, np.int32))
     if (n == 0).any():
         # rows with nothing new start from the context's own next-token logits
         base = role.feed(ctx, kind) if ctx.logits is None else ctx.logits
-    logits, cache = role._timed(kind, role.generator.extend_last, cache, ids, np.maximum(n, 0), tokens=int(n.sum()))
+    logits, cache = role._timed(kind, role.generator.extend_last, cache, ids, np.maximum(n, 0), attend,
+                                tokens=int(n.sum()))
+    cache = cache.with_lengths(ctx.prompt_len + len(ctx.fed) + n)
     if (n == 0).any():
         logits = jnp.where(jnp.asarray(n == 0)[:, None], jnp.broadcast_to(base, logits.shape), logits)
     tokens, _, n_gen, _, _ = role._timed(
         kind, lambda: role.generator.decode(cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
-                                            params=params, seed=seed, out_len=out_len))
+                                            params=params, seed=seed, out_len=out_len, attend_len=attend))
     tokens, n_gen = np.asarray(tokens), np.asarray(n_gen)
     return [tokens[i, : n_gen[i]].tolist() for i in range(k)]

@@ -64,7 +64,13 @@ def keyword_token_ids(tokenizer, keywords: Keywords = Keywords()) -> tuple[int, 
 
 
 def cpn_rho(logits, positive_id: int, negative_id: int):
-    """rho = sigmoid(z+ - z-) in float32, over any leading batch shape of logits (..., V)."""
+    """rho = sigmoid(z+ - z-) in float32, over any leading batch shape of logits (..., V).
+
+    A numpy input is scored in numpy (no device dispatch for a handful of verdicts)."""
+    if isinstance(logits, np.ndarray):
+        margin = logits[..., positive_id].astype(np.float32) - logits[..., negative_id].astype(np.float32)
+        with np.errstate(over="ignore"):
+            return (np.float32(1) / (np.float32(1) + np.exp(-margin))).astype(np.float32)
     logits = jnp.asarray(logits, jnp.float32)
     return jax.nn.sigmoid(logits[..., positive_id] - logits[..., negative_id])
 
@@ -81,6 +87,27 @@ def is_accepted(rho: float, alpha: float) -> bool:
     return bool(np.float32(rho) >= np.float32(alpha))
 
 
+# A few-token verdict cue after the step: close the turn and ask in one word. The model must be
+# trained to answer it (the embedded world's target is); SPEC.md's full turn is the default.
+JUDGE_CUE = "<|im_end|> correct?"
+JUDGE_FORMATS = ("turn", "cue")
+
+
 def judge_suffix(chat_end: str = "<|im_end|>\n", instruction: str = JUDGE_INSTRUCTION) -> str:
     """Text after the candidate step: close the assistant turn, ask, open the verdict turn."""
     return f"{chat_end}<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def judge_text(judge_format: str = "turn", instruction: str = JUDGE_INSTRUCTION, cue: str = JUDGE_CUE) -> str:
+    """The judging text that follows a candidate step.
+
+    "turn": SPEC.md's form (a user turn carrying the instruction, then the verdict turn opens;
+    about 40 tokens of the Qwen tokenizer, run once per check). "cue": only `cue`, a few tokens,
+    for a target trained to answer it; a check then costs little more than its step's tokens."""
+    if judge_format == "turn":
+        return judge_suffix(instruction=instruction)
+    if judge_format == "cue":
+        if not cue:
+            raise ValueError("judge_format 'cue' needs a non-empty judge_cue")
+        return cue
+    raise ValueError(f"judge_format must be one of {JUDGE_FORMATS}, got '{judge_format}'")

@@ -91,21 +91,40 @@ class QwenVLModel(nnx.Module):
         return self.norm(x), (tuple(new_keys), tuple(new_values))
 
     def extend(self, cache: KVCache, input_ids, num_new, positions_3bs=None, image_tokens=None,
-               deepstack=None, image_gather=None):
+               deepstack=None, image_gather=None, *, attend_len: int | None = None, write_slots=None,
+               new_visible=None):
         """Append up to S tokens per row to the cache and return (hidden (B, S, E), new cache).
 
         input_ids (B, S): row b's real new tokens are the first num_new[b]; the rest is padding
         whose keys land in slots past the row's new length (ignored, later overwritten).
         positions_3bs defaults to text positions `slot + rope_delta`.
+
+        attend_len (static): attention reads only cache slots [0, attend_len), which must hold
+        every valid slot and every written one; default: the whole cache.
+
+        Several sequences packed in one row (tree-style attention): `write_slots` (B, S) gives
+        each new token its cache slot and `new_visible` (B, S, S) which new tokens each new token
+        attends to (besides the row's cached slots [0, length)); positions then come from
+        `positions_3bs`. The row's length still grows by num_new: the first num_new slots after
+        it must then hold the tokens that continue the row (tokens written further on are scratch).
         """
         b, s = input_ids.shape
-        slots = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        n_slots = cache.max_len if attend_len is None else min(int(attend_len), cache.max_len)
+        slot_ids = jnp.arange(n_slots, dtype=jnp.int32)
+        if write_slots is None:
+            write_slots = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         if positions_3bs is None:
-            pos = slots + cache.rope_delta[:, None]
+            pos = write_slots + cache.rope_delta[:, None]
             positions_3bs = jnp.broadcast_to(pos[None], (3, b, s))
-        mask = jnp.arange(cache.max_len, dtype=jnp.int32)[None, None, :] <= slots[:, :, None]
+        if new_visible is None:
+            mask = slot_ids[None, None, :] <= write_slots[:, :, None]
+        else:
+            cached = slot_ids[None, None, :] < cache.lengths[:, None, None]
+            at_slot = (write_slots[:, :, None] == slot_ids[None, None, :]).astype(jnp.float32)  # (B, S, n)
+            sees = jnp.einsum("bqt,btl->bql", new_visible.astype(jnp.float32), at_slot) > 0
+            mask = cached | sees
         x = self.embed(input_ids, image_tokens, image_gather)
-        hidden, (keys, values) = self.decode_hidden(x, positions_3bs, mask, cache, slots, deepstack, image_gather)
+        hidden, (keys, values) = self.decode_hidden(x, positions_3bs, mask, cache, write_slots, deepstack, image_gather)
         new_cache = cache.replace(keys=keys, values=values, lengths=cache.lengths + jnp.asarray(num_new, jnp.int32))
         return hidden, new_cache
 

@@ -131,7 +131,8 @@ class TextAttention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, layer_cache, write_slots):
         """x (B, S, E). layer_cache: None (attend over x itself) or (k_cache, v_cache) (B, K, L, D)
-        with the new keys written at `write_slots` (B, S). Returns (out, new layer cache)."""
+        with the new keys written at `write_slots` (B, S); mask (B, S, n) then covers the first
+        n <= L cache slots. Returns (out, new layer cache)."""
         b, s, _ = x.shape
         d = self.cfg.head_dim
         q = self.q_proj(x).reshape(b, s, -1, d)
@@ -148,7 +149,10 @@ class TextAttention(nnx.Module):
             k_cache = k_cache.at[rows, :, write_slots].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[rows, :, write_slots].set(v.astype(v_cache.dtype), mode="drop")
             layer_cache = (k_cache, v_cache)
-            out = attention(q, k_cache, v_cache, mask, d**-0.5, kv_layout="bkld")
+            # Attend only over the slots the mask covers (a static prefix of the cache, sized by
+            # the caller to the valid length), not over every allocated slot.
+            n = mask.shape[-1]
+            out = attention(q, k_cache[:, :, :n], v_cache[:, :, :n], mask, d**-0.5, kv_layout="bkld")
         else:
             out = attention(q, k, v, mask, d**-0.5)
         return self.o_proj(out.reshape(b, s, -1)), layer_cache
