@@ -235,13 +235,15 @@ def _extend_verify(structure, leaves, cache, input_ids, num_new, prev_logits, n_
 
 @functools.partial(jax.jit, static_argnames=("structure", "params", "out_len", "feed_first", "attend_len", "keep_logits"),
                    donate_argnames=("cache",))
-def _decode(structure, leaves, cache, logits, seed, stop_mask, max_new, active, first_tokens, params: SamplingParams,
-            out_len: int, feed_first: bool = False, attend_len=None, keep_logits: bool = False):
+def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, first_tokens, max_steps, max_step_len,
+            params: SamplingParams, out_len: int, feed_first: bool = False, attend_len=None, keep_logits: bool = False):
     """The whole decode as one while_loop.
 
     Each iteration samples one token per row from `logits`, records it and its log-prob, and,
-    for rows still running, feeds it through the model to get the next logits. A row stops at
-    a stop token or after `max_new[b]` tokens. The cache ends holding every fed token: all
+    for rows still running, feeds it through the model to get the next logits. `stop_kind` (V,)
+    int8 marks step delimiters (1) and tokens that end a row at once (2, e.g. EOS). A row stops
+    after `max_steps[b]` steps (1: at the first delimiter), at a kind-2 token, after
+    `max_new[b]` tokens, or when a step reaches `max_step_len[b]` tokens without a delimiter. The cache ends holding every fed token: all
     generated tokens but each row's last (sampled, never fed), so a continuation starts by
     feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
     (in the same program) and their logits start it: continuing from a pending token costs
@@ -261,11 +263,11 @@ def _decode(structure, leaves, cache, logits, seed, stop_mask, max_new, active, 
     seen0 = jnp.zeros((b, out_len if keep_logits else 0, logits.shape[-1]), jnp.float32)
 
     def cond(carry):
-        step, _, _, _, _, _, running, _, _ = carry
+        step, _, _, _, _, _, running, _, _, _, _ = carry
         return (step < out_len) & jnp.any(running)
 
     def body(carry):
-        step, cache, logits, tokens, logps, n_gen, running, rng, seen = carry
+        step, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step = carry
         rng, key = jax.random.split(rng)
         tok = sample(logits, key, params)
         lp = token_logprob(logits, tok)
@@ -274,13 +276,17 @@ def _decode(structure, leaves, cache, logits, seed, stop_mask, max_new, active, 
         if keep_logits:
             seen = seen.at[:, step].set(logits.astype(jnp.float32))
         n_gen = n_gen + running.astype(jnp.int32)
-        running = running & ~stop_mask[tok] & (n_gen < max_new)
+        kind = stop_kind[tok]
+        step_ended = running & (kind > 0)
+        n_steps = n_steps + step_ended.astype(jnp.int32)
+        in_step = jnp.where(step_ended, 0, in_step + running.astype(jnp.int32))
+        running = running & (kind < 2) & (n_steps < max_steps) & (n_gen < max_new) & (in_step < max_step_len)
         hidden, cache = model.extend(cache, tok[:, None], running.astype(jnp.int32), attend_len=attend_len)
         logits = model.logits(hidden[:, 0])
-        return step + 1, cache, logits, tokens, logps, n_gen, running, rng, seen
+        return step + 1, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step
 
-    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0)
-    _, cache, logits, tokens, logps, n_gen, _, _, seen = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0, n0, n0)
+    _, cache, logits, tokens, logps, n_gen, _, _, seen, _, _ = jax.lax.while_loop(cond, body, carry)
     return tokens, logps, n_gen, cache, seen if keep_logits else logits
 
 
@@ -337,7 +343,7 @@ class Generator:
     def __init__(self, model: QwenVLModel):
         self.model = model
         self.cfg = model.cfg
-        self._stop_masks: dict[tuple, jax.Array] = {}
+        self._stop_masks: dict[tuple, jax.Array] = {}  # stop_kind arrays by (stop ids, end ids)
         self.refresh()
 
     def refresh(self):
@@ -386,8 +392,13 @@ class Generator:
                               target_params=target_params, draft_params=draft_params, attend_len=attend_len)
 
     def decode(self, cache: KVCache, logits=None, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
-               active=None, out_len=None, first_tokens=None, attend_len=None, keep_logits=False):
-        """Decode from next-token `logits` (B, V), or from `first_tokens` (B,) not yet fed."""
+               active=None, out_len=None, first_tokens=None, attend_len=None, keep_logits=False, max_steps=1,
+               end_ids=(), max_step_len=None):
+        """Decode from next-token `logits` (B, V), or from `first_tokens` (B,) not yet fed.
+
+        A row stops at its first token in `stop_ids`, or, with `max_steps` > 1, after that many
+        of them (several reasoning steps in one call); at once at a token of `end_ids`; after
+        `max_new_tokens`; or when a step reaches `max_step_len` tokens without a stop token."""
         feed_first = first_tokens is not None
         b = len(first_tokens) if feed_first else logits.shape[0]
         if feed_first:
@@ -396,19 +407,22 @@ class Generator:
         max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,))
         out_len = out_len or length_bucket(int(max_new.max()))
         active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
-        return _decode(self.structure, self.leaves, cache, logits, np.int32(seed), self.stop_mask(stop_ids),
-                       max_new, active, first, params=params, out_len=out_len, feed_first=feed_first,
+        steps = np.broadcast_to(np.asarray(max_steps, np.int32), (b,))
+        step_len = np.broadcast_to(np.asarray(max_new if max_step_len is None else max_step_len, np.int32), (b,))
+        return _decode(self.structure, self.leaves, cache, logits, np.int32(seed), self.stop_kind(stop_ids, end_ids),
+                       max_new, active, first, steps, step_len, params=params, out_len=out_len, feed_first=feed_first,
                        attend_len=attend_len, keep_logits=keep_logits)
 
-    def stop_mask(self, stop_ids) -> jax.Array:
-        """(V,) bool marking `stop_ids`, built once per distinct set (a host->device copy per call
-        costs as much as a decode step on a small model)."""
-        key = tuple(sorted(set(int(i) for i in stop_ids)))
+    def stop_kind(self, stop_ids, end_ids=()) -> jax.Array:
+        """(V,) int8: 1 at `stop_ids`, 2 at `end_ids`, else 0; built once per distinct pair of sets
+        (a host->device copy per call costs as much as a decode step on a small model)."""
+        key = (tuple(sorted(set(int(i) for i in stop_ids))), tuple(sorted(set(int(i) for i in end_ids))))
         if key not in self._stop_masks:
             vocab = self.cfg.text.vocab_size
-            mask = np.zeros((vocab,), bool)
-            mask[[i for i in key if i < vocab]] = True
-            self._stop_masks[key] = jnp.asarray(mask)
+            kind = np.zeros((vocab,), np.int8)
+            kind[[i for i in key[0] if i < vocab]] = 1
+            kind[[i for i in key[1] if i < vocab]] = 2
+            self._stop_masks[key] = jnp.asarray(kind)
         return self._stop_masks[key]
 
 

@@ -11,7 +11,8 @@ the 2-core CPU reaches in 40 minutes.)
 1. trains the world tokenizer (dreamr_jax/assets/synthetic-tokenizer);
 2. SFT of the target (configs/sft_synthetic_target.yaml: solutions + CPN judging), then its
    judge fine-tune (configs/sft_synthetic_target_judge.yaml: the same mix with the draft-style
-   arithmetic mistakes weighted up, from the SFT export; `--judge-override KEY=VALUE`);
+   arithmetic mistakes weighted up, from the SFT export; `--judge-override KEY=VALUE`), then
+   the verdict-cue stages (configs/sft_synthetic_target_cue.yaml, `CUE_STAGES`);
 3. SFT of the draft (configs/sft_synthetic_draft.yaml: solutions only);
 4. copies both exported HF checkpoints (config.json, float16 safetensors, tokenizer and
    processor files) into dreamr_jax/assets/synthetic-{target,draft};
@@ -30,6 +31,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+# Stages of configs/sft_synthetic_target_cue.yaml, each from the last one's export (overrides of
+# that recipe): the share of CPN judging examples asked with the verdict cue rather than the full
+# judging turn grows, and the last stage weighs the verdicts more at a lower learning rate.
+CUE_STAGES = (["data.cue_fraction=0.5"], ["data.cue_fraction=0.75"], ["data.cue_fraction=0.9"],
+              ["data.cue_fraction=0.9", "data.judging_fraction=0.8", "data.verdict_weight=8.0",
+               "learning_rate=5.0e-5", "steps=1000"])
 
 
 def folder_mb(path: str) -> float:
@@ -114,6 +123,14 @@ def main() -> None:
             cfg, final = sft("target_judge", [f"init={os.path.join(cfg.output_dir, 'hf')}"] + args.judge_override)
             info["target_judge_finetune"] = {"steps": final["step"], "batch_size": cfg.batch_size,
                                              "learning_rate": cfg.learning_rate, "final_metrics": final}
+            # the short verdict cue (spec.judge_format: cue), in stages of the same recipe
+            stages = []
+            for k, overrides in enumerate(CUE_STAGES):
+                cfg, final = sft("target_cue", [f"init={os.path.join(cfg.output_dir, 'hf')}",
+                                                f"output_dir={os.path.join(args.work, f'target_cue{k + 1}')}"] + overrides)
+                stages.append({"overrides": overrides, "steps": final["step"], "final_metrics": final})
+            info["target_cue_finetune"] = {"batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                                           "stages": stages}
         dest = os.path.join(assets.ASSETS_DIR, f"synthetic-{role}")
         if os.path.exists(dest):
             shutil.rmtree(dest)

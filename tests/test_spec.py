@@ -163,13 +163,17 @@ def sequential_fpsr(reasoner, question, alpha):
 # ---- 1. greedy exactness -----------------------------------------------------------------------
 
 
-METHODS_AND_FALLBACKS = [("dreamr", "eager"), ("dreamr", "on_reject"), ("specreason", None), ("lookahead", None)]
+# FPSR under each way the target's own steps are scheduled, and with several drafted steps per
+# draft call
+METHODS_AND_SETTINGS = [("dreamr", {"fallback": "eager"}), ("dreamr", {"fallback": "on_reject"}),
+                        ("dreamr", {"fallback": "on_reject", "draft_steps_per_call": 3}), ("specreason", {}),
+                        ("lookahead", {})]
 
 
-@pytest.mark.parametrize("method,fallback", METHODS_AND_FALLBACKS)
-def test_reject_all_equals_target(method, fallback, loaded, reject_all, refs):
-    if fallback is not None:  # FPSR under each way the target's own steps are scheduled
-        reject_all = _reasoner(loaded, alpha=1.5, fallback=fallback)
+@pytest.mark.parametrize("method,settings", METHODS_AND_SETTINGS)
+def test_reject_all_equals_target(method, settings, loaded, reject_all, refs):
+    if settings:
+        reject_all = _reasoner(loaded, alpha=1.5, **settings)
     trace = reject_all.solve(QUESTION, method=method)
     target = refs["target"]
     assert trace.text == target.text
@@ -181,10 +185,10 @@ def test_reject_all_equals_target(method, fallback, loaded, reject_all, refs):
     _assert_whole_steps(trace, reject_all.engine(method))
 
 
-@pytest.mark.parametrize("method,fallback", METHODS_AND_FALLBACKS)
-def test_accept_all_equals_draft(method, fallback, loaded, accept_all, refs):
-    if fallback is not None:
-        accept_all = _reasoner(loaded, alpha=0.0, fallback=fallback)
+@pytest.mark.parametrize("method,settings", METHODS_AND_SETTINGS)
+def test_accept_all_equals_draft(method, settings, loaded, accept_all, refs):
+    if settings:
+        accept_all = _reasoner(loaded, alpha=0.0, **settings)
     trace = accept_all.solve(QUESTION, method=method)
     draft = refs["draft"]
     assert trace.text == draft.text
@@ -610,14 +614,16 @@ def test_cancelled_fallbacks_never_change_text(loaded, refs, monkeypatch):
     assert writes == _ids(trace), f"{len(writes)} drafted steps for {len(trace.steps)} committed"
 
 
-@pytest.mark.parametrize("window,chunk,fallback", [(4, 16, "eager"), (1, 16, "eager"), (2, 3, "eager"),
-                                                   (4, 16, "on_reject"), (2, 16, "auto")])
-def test_mid_alpha_commits_the_sequential_oracle(loaded, window, chunk, fallback):
+@pytest.mark.parametrize("window,chunk,fallback,per_call", [(4, 16, "eager", 1), (1, 16, "eager", 1),
+                                                            (2, 3, "eager", 1), (4, 16, "on_reject", 1),
+                                                            (2, 16, "auto", 1), (4, 16, "on_reject", 3)])
+def test_mid_alpha_commits_the_sequential_oracle(loaded, window, chunk, fallback, per_call):
     """At an alpha that both accepts and rejects, two runs commit the same steps, every step is
     whole, and the steps (authors, tokens, rhos) equal the commit rule executed one step at a
     time: the speculative work FPSR cancels never leaks into the text, whatever the window,
-    the fallback chunk length or the fallback policy."""
-    r = _reasoner(loaded, alpha=MID_ALPHA, window=window, fallback_chunk=chunk, fallback=fallback)
+    the fallback chunk length, the fallback policy or the drafted steps per draft call."""
+    r = _reasoner(loaded, alpha=MID_ALPHA, window=window, fallback_chunk=chunk, fallback=fallback,
+                  draft_steps_per_call=per_call)
     oracle, rhos = sequential_fpsr(r, QUESTION, MID_ALPHA)
     authors = [s.author for s in oracle.steps]
     assert "draft" in authors and "target" in authors, authors

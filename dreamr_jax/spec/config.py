@@ -72,10 +72,15 @@ class SpecConfig:
     # FPSR: before checking the drafted steps that wait, wait for the step the draft is writing if
     # it should end sooner than a check takes, so one forward checks them all (False: check at once).
     gather_checks: bool = True
+    # FPSR: drafted steps the draft writes per decode call (1: each handed over as it ends, as
+    # SPEC.md; more: fewer calls, the steps handed over together when the call ends)
+    draft_steps_per_call: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {METHODS}")
+        if self.draft_steps_per_call < 1:
+            raise ValueError(f"draft_steps_per_call must be >= 1, got {self.draft_steps_per_call}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.fallback not in FALLBACK_MODES:

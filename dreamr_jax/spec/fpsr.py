@@ -3,13 +3,18 @@ fallback step run at the same time, the draft on its devices and the target on i
 
 Two host threads, one per role, share a small state under a condition variable:
 
-- the draft thread keeps up to `window` drafted steps ahead of the commit point, each
-  conditioned on the committed text plus the earlier drafts, handing each over as it ends;
-- the target thread (the caller's) checks every handed-over step as soon as it exists (all
-  unchecked ones in one batched forward that reuses the cached prefix), meanwhile writes its
-  own step for the earliest uncommitted position in short chunks, and commits in order:
-  an accepted draft cancels that fallback (early stop); a rejected one commits the fallback,
-  bumps the epoch (cancelling every later draft and check) and the window restarts there.
+- the target's prefill is dispatched first; the draft thread then prefills its own context and
+  keeps up to `window` drafted steps ahead of the commit point, each conditioned on the
+  committed text plus the earlier drafts, handing each over as it ends (or
+  `draft_steps_per_call` at a time);
+- the target thread (the caller's) checks every handed-over step that waits, all in one packed
+  forward on a context that holds the committed text and the steps already checked
+  (`StepEngine.check_drafts`), first waiting for a step the draft is about to finish
+  (`gather_checks`); it writes its own step for the commit point either meanwhile, in short
+  chunks (`fallback="eager"`), or once a drafted step is rejected (`"on_reject"`); and it
+  commits in order: an accepted draft cancels that fallback (early stop); a rejected one
+  commits the target's step, bumps the epoch (cancelling every later draft and check) and the
+  window restarts there.
 
 Cancelled work is only ever discarded: the committed text is decided by the commit rule
 alone, and each context is rolled back (a cache-length change) to the committed tokens.
@@ -41,10 +46,17 @@ class _Shared:
 
 def run_dreamr(engine: StepEngine, problem: Problem) -> None:
     shared = _Shared()
-    # The target's prefill is dispatched first (it runs asynchronously on the target's devices),
-    # then the draft thread prefills and drafts on its own while this thread waits for it.
-    target_open = None if problem.target_ctx is not None else problem.open_async("target")[1]
-    draft_thread = threading.Thread(target=_draft_loop, args=(engine, problem, shared), daemon=True)
+    # Both prompts are prepared on the host first, then both prefills dispatched, the target's
+    # first (jax runs them asynchronously, each on its role's devices); the draft thread then
+    # waits for its own and drafts while this thread waits for the target's. On the 2-core CPU,
+    # Python work done while a prefill runs competes with it for the cores (preparing the draft's
+    # prompt after dispatching the target's took 0.3-3.7 ms), and a draft that opened its own
+    # context from its new thread started about a millisecond later still.
+    names = [n for n in ("target", "draft") if getattr(problem, f"{n}_ctx") is None]
+    prepared = [problem.prepare(n) for n in names]
+    waits = dict(zip(names, (problem.dispatch(p)[1] for p in prepared)))
+    target_open, draft_open = waits.get("target"), waits.get("draft")
+    draft_thread = threading.Thread(target=_draft_loop, args=(engine, problem, shared, draft_open), daemon=True)
     draft_thread.start()
     try:
         if target_open is not None:
@@ -59,11 +71,11 @@ def run_dreamr(engine: StepEngine, problem: Problem) -> None:
         raise shared.error
 
 
-def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
+def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared, draft_open=None) -> None:
     cfg = engine.config
     try:
-        if problem.draft_ctx is None:
-            problem.open("draft")
+        if draft_open is not None:
+            draft_open()
         while True:
             with shared.cond:
                 while not shared.finished and len(shared.drafts) >= cfg.window:
@@ -85,19 +97,23 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
                     if shared.epoch == epoch and len(shared.drafts) == n_before and not shared.finished:
                         shared.cond.wait()
                 continue
+            n_steps = min(cfg.draft_steps_per_call, cfg.window - n_before)
             with shared.cond:
                 started = shared.drafting_since = time.perf_counter()
             engine.draft.set_tokens(problem.draft_ctx, base + drafted)
-            tokens, _ = engine.draft.write(problem.draft_ctx, max_tokens=max(1, min(cfg.steps.max_step_tokens, left)),
-                                           stop_ids=engine.stop_ids, params=engine.draft_params,
-                                           seed=cfg.seed + len(base) + spent, kind="draft")
+            tokens, _ = engine.draft.write(
+                problem.draft_ctx, max_tokens=max(1, min(n_steps * cfg.steps.max_step_tokens, left)),
+                stop_ids=engine.delimiter_ids if n_steps > 1 else engine.stop_ids, params=engine.draft_params,
+                seed=cfg.seed + len(base) + spent, kind="draft", max_steps=n_steps,
+                end_ids=engine.eos_ids if n_steps > 1 else (), max_step_tokens=cfg.steps.max_step_tokens)
+            steps = _split_steps(engine, tokens) if n_steps > 1 else [tokens]
             with shared.cond:
-                took = time.perf_counter() - started
+                took = (time.perf_counter() - started) / len(steps)
                 shared.draft_step_s = took if not shared.draft_step_s else 0.7 * shared.draft_step_s + 0.3 * took
                 shared.drafting_since = None
                 if shared.epoch == epoch:
-                    shared.drafts.append(tokens)
-                    shared.rhos.append(None)
+                    shared.drafts.extend(steps)
+                    shared.rhos.extend([None] * len(steps))
                 shared.cond.notify_all()
                 # else: a rejection restarted the window while we drafted; the step is dropped (cancelled)
     except BaseException as e:  # surface in the caller's thread
@@ -105,6 +121,22 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
             shared.error = e
             shared.finished = True
             shared.cond.notify_all()
+
+
+def _split_steps(engine: StepEngine, tokens: list[int]) -> list[list[int]]:
+    """Several drafted steps from one call, split after each step delimiter or EOS; steps after
+    one that ends the reasoning (an answer, EOS) are dropped, as they could never be committed."""
+    steps, current = [], []
+    for t in tokens:
+        current.append(t)
+        if t in engine.stop_ids:
+            steps.append(current)
+            current = []
+            if _ends_reasoning(engine, steps[-1]):
+                return steps
+    if current:  # a step cut by the step cap or the token budget
+        steps.append(current)
+    return steps
 
 
 def _ends_reasoning(engine: StepEngine, tokens: list[int]) -> bool:

@@ -34,7 +34,8 @@ class Problem:
     target_ctx: Context | None = None
     committed: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
-    # role name -> a function that dispatches that role's prefill: (context, wait function).
+    # role name -> a function that prepares that role's prompt and returns the function that
+    # dispatches its prefill, which returns (context, wait function) (`Role.prepare`).
     # FPSR opens each role in its own thread, so the draft's prefill and first steps overlap the
     # target's prefill.
     openers: dict = dataclasses.field(default_factory=dict)
@@ -46,7 +47,15 @@ class Problem:
 
     def open_async(self, role_name: str):
         """Dispatch the role's prefill; returns (its context, a function that waits for it)."""
-        ctx, done = self.openers[role_name]()
+        return self.dispatch(self.prepare(role_name))
+
+    def prepare(self, role_name: str):
+        """The host half of opening a role's context (`Role.prepare`): (name, dispatch function)."""
+        return role_name, self.openers[role_name]()
+
+    def dispatch(self, prepared):
+        role_name, dispatch = prepared
+        ctx, done = dispatch()
         setattr(self, f"{role_name}_ctx", ctx)
         return ctx, done
 

@@ -120,7 +120,7 @@ class SpeculativeReasoner:
         problem = Problem(trace=trace, prompt_ids=ids)
         capacity = cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
         for role in roles:
-            problem.openers[role.name] = (lambda role=role: role.open_async(
+            problem.openers[role.name] = (lambda role=role: role.prepare(
                 ids, enc["pixel_values"], enc["image_grid_thw"], capacity=capacity))
         if method != "dreamr":  # dreamr prefills each role in that role's thread
             for name in problem.openers:

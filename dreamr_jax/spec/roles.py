@@ -97,18 +97,28 @@ class Role:
         """`open` without waiting: the prefill is dispatched (jax runs it asynchronously) and the
         context returned at once, with a function that waits for it and records its interval.
         FPSR dispatches the target's prefill before starting the draft's thread."""
+        return self.prepare(prompt_ids, pixel_values, image_grid_thw, capacity=capacity)()
+
+    def prepare(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *,
+                capacity: int) -> Callable[[], tuple[Context, Callable[[], None]]]:
+        """The host half of `open_async` (token rows, positions, image patches): returns a function
+        that dispatches the prefill. FPSR prepares both roles' prompts before dispatching either,
+        so no Python work competes with a running prefill for the CPU's cores."""
         batch = prepare_batch(self.model, [list(prompt_ids)], pixel_values, image_grid_thw)
+        return lambda: self._dispatch_prefill(batch, len(prompt_ids), capacity)
+
+    def _dispatch_prefill(self, batch, prompt_len: int, capacity: int) -> tuple[Context, Callable[[], None]]:
         # One cache size for every prompt bucket below it (the cache's shape is part of every
         # program's signature); attention reads only the valid part of it (`attend_bucket`).
         cache_len = length_bucket(batch.input_ids.shape[1] + capacity)
         start = time.perf_counter()
         logits, cache = self.generator.prefill(batch, cache_len)
-        ctx = Context(cache=cache, prompt_len=len(prompt_ids), fed=[], pending=[], logits=logits, prompt_logits=logits)
+        ctx = Context(cache=cache, prompt_len=prompt_len, fed=[], pending=[], logits=logits, prompt_logits=logits)
         self._synced(ctx)
 
         def done():
             jax.block_until_ready((logits, cache.keys))
-            self._record("prefill", start, time.perf_counter(), len(prompt_ids))
+            self._record("prefill", start, time.perf_counter(), prompt_len)
 
         return ctx, done
 
@@ -168,20 +178,24 @@ class Role:
         return ctx.logits
 
     def write(self, ctx: Context, *, max_tokens: int, stop_ids: Sequence[int], params: SamplingParams,
-              seed: int = 0, kind: str = "decode") -> tuple[list[int], list[float]]:
-        """Decode up to `max_tokens` from ctx (stopping at a stop token); ctx then stands for the
-        old tokens plus the new ones. Returns (tokens, log-probs)."""
-        new, logps, _ = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, keep_logits=False)
+              seed: int = 0, kind: str = "decode", max_steps: int = 1, end_ids: Sequence[int] = (),
+              max_step_tokens: int | None = None) -> tuple[list[int], list[float]]:
+        """Decode up to `max_tokens` from ctx (stopping at a stop token, or after `max_steps` of
+        them; at once at a token of `end_ids`; when a step reaches `max_step_tokens`); ctx then
+        stands for the old tokens plus the new ones. Returns (tokens, log-probs)."""
+        new, logps, _ = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, False, max_steps, end_ids,
+                                     max_step_tokens)
         return new, logps
 
     def propose(self, ctx: Context, *, max_tokens: int, stop_ids: Sequence[int], params: SamplingParams,
                 seed: int = 0, kind: str = "draft") -> tuple[list[int], jax.Array]:
         """`write` for a token-level speculative proposal, in one decode call: (tokens, the logits
         (1, out_len, V) each token was sampled from, left on the device for the target's check)."""
-        new, _, seen = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, keep_logits=True)
+        new, _, seen = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, True)
         return new, seen
 
-    def _decode(self, ctx, max_tokens, stop_ids, params, seed, kind, keep_logits):
+    def _decode(self, ctx, max_tokens, stop_ids, params, seed, kind, keep_logits, max_steps=1, end_ids=(),
+                max_step_tokens=None):
         out_len = length_bucket(max_tokens)
         self._need_logits(ctx)
         fold = len(ctx.pending) == 1  # feed the one pending token inside the decode program
@@ -189,11 +203,14 @@ class Role:
         first = ctx.pending if fold else None
         end = ctx.prompt_len + len(ctx.fed) + out_len + 2
         ctx.cache = self._ensure_room(ctx.cache, end)
-        attend = attend_bucket(end, ctx.cache.max_len)
+        # attention covers the slots the loop can write: rows stop after max_tokens, however long
+        # the output buffer's bucket is
+        attend = attend_bucket(ctx.prompt_len + len(ctx.fed) + len(ctx.pending) + max_tokens + 1, ctx.cache.max_len)
         tokens, logps, n_gen, cache, seen = self._timed(
             kind, lambda: self.generator.decode(ctx.cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
                                                 params=params, seed=seed, out_len=out_len, first_tokens=first,
-                                                attend_len=attend, keep_logits=keep_logits))
+                                                attend_len=attend, keep_logits=keep_logits, max_steps=max_steps,
+                                                end_ids=end_ids, max_step_len=max_step_tokens))
         tokens, logps, n_gen = jax.device_get((tokens, logps, n_gen))  # one transfer back
         n = int(n_gen[0])
         new = tokens[0, :n].tolist()
