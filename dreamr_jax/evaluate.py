@@ -123,14 +123,16 @@ def plot_speedup_vs_acceptance(rows: list[dict], path: str) -> None:
         ax.scatter([acc], [r["speedup"]], s=50, label=r["method"])
     # Methods often sit close together (several near 97% acceptance): stack their labels in a
     # column beside the cluster, each joined to its point, so no two labels overlap.
-    ys = [y for _, y, _ in points if y == y]
-    span = (max(ys) - min(ys)) if ys else 1.0
-    step = max(span, 0.5) / max(len(points), 1)
+    ys = [y for _, y, _ in points if y == y] or [1.0]
+    step = max(max(ys) - min(ys), 0.5) / max(len(points), 1)
+    label_ys = []
     for k, (x, y, name) in enumerate(sorted(points, key=lambda p: -p[1] if p[1] == p[1] else 0)):
-        label_y = (max(ys) if ys else 1.0) - k * step
-        ax.annotate(f"{name} {y:.2f}x", (x, y), xytext=(x - 35 if x > 50 else x + 10, label_y),
+        label_ys.append(max(ys) - k * step)
+        ax.annotate(f"{name} {y:.2f}x", (x, y), xytext=(x - 35 if x > 50 else x + 10, label_ys[-1]),
                     textcoords="data", fontsize=8, arrowprops=dict(arrowstyle="-", color="grey", lw=0.6),
                     va="center")
+    low, high = min(ys + label_ys + [1.0]), max(ys + label_ys + [1.0])
+    ax.set_ylim(low - 0.1 * (high - low + 0.5), high + 0.1 * (high - low + 0.5))  # the labels stay inside
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlim(-5, 105)
     ax.set_xlabel("acceptance rate (%) of drafted steps (draft alone: 0)")
