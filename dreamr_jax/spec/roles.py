@@ -95,8 +95,7 @@ class Role:
     def open_async(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *,
                    capacity: int) -> tuple[Context, Callable[[], None]]:
         """`open` without waiting: the prefill is dispatched (jax runs it asynchronously) and the
-        context returned at once, with a function that waits for it and records its interval.
-        FPSR dispatches the target's prefill before starting the draft's thread."""
+        context returned at once, with a function that waits for it and records its interval."""
         return self.prepare(prompt_ids, pixel_values, image_grid_thw, capacity=capacity)()
 
     def prepare(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *,
