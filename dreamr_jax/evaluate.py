@@ -202,6 +202,12 @@ def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str
                 except Exception as e:  # the run below records the failure per problem
                     print(f"warm-up of '{m}' failed: {type(e).__name__}: {e}")
                     break
+        if "dreamr" in methods:  # check widths depend on timing: compile all of them
+            first = records[0]
+            try:
+                reasoner.warm_up_checks(first["question"], first.get("images") or first.get("image"))
+            except Exception as e:
+                print(f"warm-up of dreamr's checks failed: {type(e).__name__}: {e}")
     results = reasoner.solve_many(records, output=results_path, methods=methods, progress=progress)
     rows = summarise(results, methods)
     table = format_table(rows)

@@ -131,6 +131,33 @@ class StepEngine:
                                          max_drafts=self.config.window)
         return cpn_rho(logits, 0, 1)
 
+    def warm_checks(self, ctx: Context, max_width: int = 128, attends: Sequence[int] = (128, 256)) -> int:
+        """Compile the packed check for every width bucket up to `max_width` tokens at each
+        attended-cache bucket in `attends`, using `ctx` (a freshly opened prompt) as scratch.
+
+        FPSR packs whatever drafts wait when the target is free, so which check widths a run
+        meets depends on timing: a warm-up pass over the problems can miss one, and the timed
+        pass then compiles it. Returns how many checks ran; ctx ends holding the prompt only."""
+        from ..generation import attend_bucket, fine_bucket
+
+        filler = self.judge_ids[:1] or [0]
+        widths = sorted({fine_bucket(n, step=8) for n in range(1, max_width + 1)})
+        ran = 0
+        for attend in attends:
+            for width in widths:
+                n_draft = width - len(self.judge_ids)
+                start = attend - width  # the check then ends in the last slot of this bucket
+                if n_draft < 1 or start < ctx.prompt_len or start + width > ctx.cache.max_len:
+                    continue
+                if attend_bucket(start + width, ctx.cache.max_len) != attend:
+                    continue
+                self.target.set_tokens(ctx, filler * (start - ctx.prompt_len))
+                self.target.feed(ctx, kind="warm-up")
+                self.check_drafts(ctx, [filler * n_draft])
+                ran += 1
+        self.target.set_tokens(ctx, [])
+        return ran
+
     def specreason_score(self, ctx: Context, candidate: Sequence[int]) -> int:
         """SpecReason's forced 0-9 score of one drafted step; ctx then holds the step."""
         logits = self.target.check_chain(ctx, [candidate], self.specreason_ids, self.digit_ids)

@@ -22,6 +22,11 @@ class ContextLengthError(ValueError):
     """A question (with its image tokens) plus the token budget exceeds the model's context."""
 
 
+def _capacity(cfg: SpecConfig) -> int:
+    """Tokens a problem's contexts make room for after the prompt (drafts ahead, checks' scratch)."""
+    return cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
+
+
 def _model(m, dtype):
     if isinstance(m, (str, os.PathLike)):
         from ..loading import load_model
@@ -118,7 +123,7 @@ class SpeculativeReasoner:
         for role in roles:
             role.reset_clock(start)
         problem = Problem(trace=trace, prompt_ids=ids)
-        capacity = cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
+        capacity = _capacity(cfg)
         for role in roles:
             problem.openers[role.name] = (lambda role=role: role.prepare(
                 ids, enc["pixel_values"], enc["image_grid_thw"], capacity=capacity))
@@ -140,6 +145,18 @@ class SpeculativeReasoner:
         trace.extra["projected_time"] = project(trace)
         trace.extra["overlap_time"] = overlap_time(trace)
         return trace
+
+    def warm_up_checks(self, question: str, image=None, method: str = "dreamr") -> int:
+        """Compile `method`'s packed check for every width and attended-cache bucket a run on this
+        kind of prompt can reach (`StepEngine.warm_checks`); `dreamr eval` / `demo` call it after
+        their warm-up pass. Returns the number of checks run."""
+        engine = self.engine(method)
+        cfg = engine.config
+        images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+        enc = self.processor.encode(self.prompt(question, len(images)), images)
+        ctx = self.target.open(enc["input_ids"], enc["pixel_values"], enc["image_grid_thw"],
+                               capacity=_capacity(cfg))
+        return engine.warm_checks(ctx)
 
     def solve_many(self, records: Iterable[dict], output: str | None = None, methods: Sequence[str] | None = None,
                    progress: bool = True) -> list[dict]:

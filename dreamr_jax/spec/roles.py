@@ -163,7 +163,10 @@ class Role:
         self._need_logits(ctx)
         if ctx.pending:
             n = len(ctx.pending)
-            width = length_bucket(n, minimum=1)
+            # multiples of 16: after a rollback the pending tokens are a whole step of any length,
+            # and each distinct width is a program to compile (the warm-up cannot foresee which
+            # steps get rejected)
+            width = fine_bucket(n, step=16)
             ids = np.zeros((1, width), np.int32)
             ids[0, :n] = ctx.pending
             end = ctx.prompt_len + len(ctx.fed) + width
