@@ -41,14 +41,13 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
     by_method = {m: [r for r in results if r["method"] == m] for m in methods}
     ok_ids = set.intersection(*[{r["id"] for r in rs if r["status"] == "ok"} for rs in by_method.values()]) if by_method else set()
 
-    def mean_of(method, key):
+    def mean_of(method, key, stat=np.mean):
         vals = [r["trace"][key] if key in r["trace"] else r["trace"]["extra"][key]
                 for r in by_method[method] if r["status"] == "ok" and r["id"] in ok_ids]
-        return float(np.mean(vals)) if vals else float("nan")
+        return float(stat(vals)) if vals else float("nan")
 
     def median_of(method, key):
-        vals = [r["trace"][key] for r in by_method[method] if r["status"] == "ok" and r["id"] in ok_ids]
-        return float(np.median(vals)) if vals else float("nan")
+        return mean_of(method, key, np.median)
 
     def mean_tokens(method):
         vals = [sum(len(st["token_ids"]) for st in r["trace"]["steps"])
@@ -145,7 +144,8 @@ def plot_speedup_vs_acceptance(rows: list[dict], path: str) -> None:
 
 def plot_timeline(trace: dict, path: str) -> None:
     """One problem's FPSR schedule: the draft's lane (prefill, drafting) and the target's
-    (prefill, checks, fallback steps) over time, with a legend and the committed steps' authors."""
+    (prefill, checks, fallback steps) over time, with a legend; the title counts the steps and
+    the accepted drafts."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -118,7 +118,7 @@ def prepare_batch(model: QwenVLModel, rows: Sequence[Sequence[int]], pixel_value
 # ---- jitted programs --------------------------------------------------------------------------
 #
 # The model's state goes in as a flat tuple of arrays with its tree structure static
-# (`structure` = (graphdef, treedef)): jax flattens an `nnx.State` argument in Python on every
+# (`ModelStructure`: graphdef and treedef): jax flattens an `nnx.State` argument in Python on every
 # call, about 0.5 ms for a 130-leaf model, while a tuple of arrays takes its C++ fast path
 # (0.03 ms). On a small model that was half the cost of a decode step.
 
@@ -243,8 +243,8 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     for rows still running, feeds it through the model to get the next logits. `stop_kind` (V,)
     int8 marks step delimiters (1) and tokens that end a row at once (2, e.g. EOS). A row stops
     after `max_steps[b]` steps (1: at the first delimiter), at a kind-2 token, after
-    `max_new[b]` tokens, or when a step reaches `max_step_len[b]` tokens without a delimiter. The cache ends holding every fed token: all
-    generated tokens but each row's last (sampled, never fed), so a continuation starts by
+    `max_new[b]` tokens, or when a step reaches `max_step_len[b]` tokens without a delimiter.
+    The cache ends holding every fed token: all generated tokens but each row's last (sampled, never fed), so a continuation starts by
     feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
     (in the same program) and their logits start it: continuing from a pending token costs
     no separate dispatch. `attend_len` must cover every slot the loop writes. With `keep_logits`
@@ -343,7 +343,7 @@ class Generator:
     def __init__(self, model: QwenVLModel):
         self.model = model
         self.cfg = model.cfg
-        self._stop_masks: dict[tuple, jax.Array] = {}  # stop_kind arrays by (stop ids, end ids)
+        self._stop_kinds: dict[tuple, jax.Array] = {}  # by (stop ids, end ids)
         self.refresh()
 
     def refresh(self):
@@ -417,13 +417,13 @@ class Generator:
         """(V,) int8: 1 at `stop_ids`, 2 at `end_ids`, else 0; built once per distinct pair of sets
         (a host->device copy per call costs as much as a decode step on a small model)."""
         key = (tuple(sorted(set(int(i) for i in stop_ids))), tuple(sorted(set(int(i) for i in end_ids))))
-        if key not in self._stop_masks:
+        if key not in self._stop_kinds:
             vocab = self.cfg.text.vocab_size
             kind = np.zeros((vocab,), np.int8)
             kind[[i for i in key[0] if i < vocab]] = 1
             kind[[i for i in key[1] if i < vocab]] = 2
-            self._stop_masks[key] = jnp.asarray(kind)
-        return self._stop_masks[key]
+            self._stop_kinds[key] = jnp.asarray(kind)
+        return self._stop_kinds[key]
 
 
 def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tokens: int = 256,

@@ -901,7 +901,9 @@ def test_check_warm_up_leaves_nothing_to_compile(loaded, image_file):
     attended-cache buckets 128 and 256, so a check of any such width compiles nothing later
     (a 1-token judging cue, so that several drafts fit in 64 tokens)."""
     from dreamr_jax import compiles
+    from dreamr_jax.generation import _extend_packed
 
+    _extend_packed.clear_cache()  # checks compiled by other tests must not make this pass
     reject_all = _reasoner(loaded, alpha=1.5, judge_format="cue", judge_cue="<|im_end|>")
     assert reject_all.warm_up_checks(QUESTION, image_file) >= 16  # 8 widths up to 64 x 2 cache buckets, and more
     eng = reject_all.engine("dreamr")

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..generation import attend_bucket, fine_bucket
 from ..sampling import SamplingParams
 from .config import LOOKAHEAD_PROMPT, SpecConfig, specreason_suffix
 from .roles import Context, Role, write_many
@@ -35,19 +36,14 @@ class Problem:
     committed: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
     # role name -> a function that prepares that role's prompt and returns the function that
-    # dispatches its prefill, which returns (context, wait function) (`Role.prepare`).
-    # FPSR opens each role in its own thread, so the draft's prefill and first steps overlap the
-    # target's prefill.
+    # dispatches its prefill, which returns (context, wait function) (`Role.prepare`). FPSR
+    # prepares both before dispatching either, and each role's thread waits for its own.
     openers: dict = dataclasses.field(default_factory=dict)
 
     def open(self, role_name: str) -> Context:
-        ctx, done = self.open_async(role_name)
+        ctx, done = self.dispatch(self.prepare(role_name))
         done()
         return ctx
-
-    def open_async(self, role_name: str):
-        """Dispatch the role's prefill; returns (its context, a function that waits for it)."""
-        return self.dispatch(self.prepare(role_name))
 
     def prepare(self, role_name: str):
         """The host half of opening a role's context (`Role.prepare`): (name, dispatch function)."""
@@ -138,8 +134,6 @@ class StepEngine:
         FPSR packs whatever drafts wait when the target is free, so which check widths a run
         meets depends on timing: a warm-up pass over the problems can miss one, and the timed
         pass then compiles it. Returns how many checks ran; ctx ends holding the prompt only."""
-        from ..generation import attend_bucket, fine_bucket
-
         filler = self.judge_ids[:1] or [0]
         widths = sorted({fine_bucket(n, step=8) for n in range(1, max_width + 1)})
         ran = 0

@@ -88,21 +88,17 @@ class Role:
 
     def open(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *, capacity: int) -> Context:
         """Prefill one prompt; the cache has room for `capacity` more tokens (grown on demand)."""
-        ctx, done = self.open_async(prompt_ids, pixel_values, image_grid_thw, capacity=capacity)
+        ctx, done = self.prepare(prompt_ids, pixel_values, image_grid_thw, capacity=capacity)()
         done()
         return ctx
 
-    def open_async(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *,
-                   capacity: int) -> tuple[Context, Callable[[], None]]:
-        """`open` without waiting: the prefill is dispatched (jax runs it asynchronously) and the
-        context returned at once, with a function that waits for it and records its interval."""
-        return self.prepare(prompt_ids, pixel_values, image_grid_thw, capacity=capacity)()
-
     def prepare(self, prompt_ids: Sequence[int], pixel_values=None, image_grid_thw=None, *,
                 capacity: int) -> Callable[[], tuple[Context, Callable[[], None]]]:
-        """The host half of `open_async` (token rows, positions, image patches): returns a function
-        that dispatches the prefill. FPSR prepares both roles' prompts before dispatching either,
-        so no Python work competes with a running prefill for the CPU's cores."""
+        """`open` in two halves. This one is the host work (token rows, positions, image patches);
+        it returns a function that dispatches the prefill (jax runs it asynchronously) and returns
+        (the context, a function that waits for the prefill and records its interval). FPSR
+        prepares both roles' prompts before dispatching either, so no Python work competes with
+        a running prefill for the CPU's cores."""
         batch = prepare_batch(self.model, [list(prompt_ids)], pixel_values, image_grid_thw)
         return lambda: self._dispatch_prefill(batch, len(prompt_ids), capacity)
 
@@ -343,24 +339,6 @@ class Role:
         self._synced(ctx)
         return np.asarray(logits)[0, : len(drafts)]
 
-    def logits_along(self, ctx: Context, tokens: Sequence[int], kind: str = "verify") -> jax.Array:
-        """Logits (len(pending) + len(tokens), V) at every fed position; ctx then stands for
-        its tokens + `tokens` (all fed). Used by token-level speculative decoding."""
-        rows = ctx.pending + list(tokens)
-        width = length_bucket(len(rows), minimum=1)
-        ids = np.zeros((1, width), np.int32)
-        ids[0, : len(rows)] = rows
-        end = ctx.prompt_len + len(ctx.fed) + width
-        ctx.cache = self._ensure_room(ctx.cache, end)
-        logits, ctx.cache = self._timed(kind, self.generator.extend, ctx.cache, ids, np.array([len(rows)], np.int32),
-                                        attend_bucket(end, ctx.cache.max_len), tokens=len(rows))
-        logits = logits[0, : len(rows)]
-        ctx.fed = ctx.fed + rows
-        ctx.pending = []
-        ctx.logits = logits[-1:]
-        self._synced(ctx)
-        return logits
-
     def fork(self, ctx: Context) -> Context:
         """An independent copy of a context (its cache row copied)."""
         return Context(cache=ctx.cache.fork(np.zeros(1, np.int32)), prompt_len=ctx.prompt_len, fed=list(ctx.fed),
@@ -382,7 +360,8 @@ def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]],
     ids = np.zeros((k, width), np.int32)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    end = ctx.prompt_len + len(ctx.fed) + width + out_len + 1
+    base_len = ctx.prompt_len + len(ctx.fed)  # the forked rows' length
+    end = base_len + width + out_len + 1
     ctx.cache = role._ensure_room(ctx.cache, end)
     attend = attend_bucket(end, ctx.cache.max_len)
     cache = ctx.cache.fork(np.zeros(k, np.int32))
@@ -391,7 +370,7 @@ def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]],
         base = role.feed(ctx, kind) if ctx.logits is None else ctx.logits
     logits, cache = role._timed(kind, role.generator.extend_last, cache, ids, np.maximum(n, 0), attend,
                                 tokens=int(n.sum()))
-    cache = cache.with_lengths(ctx.prompt_len + len(ctx.fed) + n)
+    cache = cache.with_lengths(base_len + n)
     if (n == 0).any():
         logits = jnp.where(jnp.asarray(n == 0)[:, None], jnp.broadcast_to(base, logits.shape), logits)
     tokens, _, n_gen, _, _ = role._timed(
