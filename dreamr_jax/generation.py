@@ -236,14 +236,18 @@ def _extend_verify(structure, leaves, cache, input_ids, num_new, prev_logits, n_
 @functools.partial(jax.jit, static_argnames=("structure", "params", "out_len", "feed_first", "attend_len", "keep_logits"),
                    donate_argnames=("cache",))
 def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, first_tokens, max_steps, max_step_len,
+            in_step0,
             params: SamplingParams, out_len: int, feed_first: bool = False, attend_len=None, keep_logits: bool = False):
     """The whole decode as one while_loop.
 
     Each iteration samples one token per row from `logits`, records it and its log-prob, and,
     for rows still running, feeds it through the model to get the next logits. `stop_kind` (V,)
-    int8 marks step delimiters (1) and tokens that end a row at once (2, e.g. EOS). A row stops
-    after `max_steps[b]` steps (1: at the first delimiter), at a kind-2 token, after
-    `max_new[b]` tokens, or when a step reaches `max_step_len[b]` tokens without a delimiter.
+    int8 marks step delimiters (1), tokens that end a row at once (2, e.g. EOS) and answer
+    markers (3, e.g. the `boxed` tokens). A row stops after `max_steps[b]` steps (1: at the first
+    delimiter), at the delimiter of a step that holds an answer marker, at a kind-2 token, after
+    `max_new[b]` tokens, or when a step reaches `max_step_len[b]` tokens without a delimiter
+    (the first step already holds `in_step0[b]` tokens when a call continues a cut step).
+    The last iteration's forward is skipped once no row runs (its logits would never be read).
     The cache ends holding every fed token: all generated tokens but each row's last (sampled, never fed), so a continuation starts by
     feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
     (in the same program) and their logits start it: continuing from a pending token costs
@@ -263,11 +267,15 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     seen0 = jnp.zeros((b, out_len if keep_logits else 0, logits.shape[-1]), jnp.float32)
 
     def cond(carry):
-        step, _, _, _, _, _, running, _, _, _, _ = carry
+        step, _, _, _, _, _, running, _, _, _, _, _ = carry
         return (step < out_len) & jnp.any(running)
 
+    def forward(tok, running, cache):
+        hidden, cache = model.extend(cache, tok[:, None], running.astype(jnp.int32), attend_len=attend_len)
+        return model.logits(hidden[:, 0]), cache
+
     def body(carry):
-        step, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step = carry
+        step, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step, answered = carry
         rng, key = jax.random.split(rng)
         tok = sample(logits, key, params)
         lp = token_logprob(logits, tok)
@@ -277,16 +285,20 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
             seen = seen.at[:, step].set(logits.astype(jnp.float32))
         n_gen = n_gen + running.astype(jnp.int32)
         kind = stop_kind[tok]
-        step_ended = running & (kind > 0)
+        answered = answered | (running & (kind == 3))
+        step_ended = running & ((kind == 1) | (kind == 2))
         n_steps = n_steps + step_ended.astype(jnp.int32)
         in_step = jnp.where(step_ended, 0, in_step + running.astype(jnp.int32))
-        running = running & (kind < 2) & (n_steps < max_steps) & (n_gen < max_new) & (in_step < max_step_len)
-        hidden, cache = model.extend(cache, tok[:, None], running.astype(jnp.int32), attend_len=attend_len)
-        logits = model.logits(hidden[:, 0])
-        return step + 1, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step
+        running = (running & (kind != 2) & ~(step_ended & answered) & (n_steps < max_steps) & (n_gen < max_new)
+                   & (in_step < max_step_len))
+        # the forward after the last token is skipped once every row has stopped (one token's
+        # cost per call: the old loop paid it for a token that is never fed)
+        logits, cache = jax.lax.cond(jnp.any(running), forward, lambda t, r, c: (logits, c), tok, running, cache)
+        return step + 1, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step, answered
 
-    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0, n0, n0)
-    _, cache, logits, tokens, logps, n_gen, _, _, seen, _, _ = jax.lax.while_loop(cond, body, carry)
+    no = jnp.zeros((b,), bool)
+    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0, n0, in_step0, no)
+    _, cache, logits, tokens, logps, n_gen, _, _, seen, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return tokens, logps, n_gen, cache, seen if keep_logits else logits
 
 
@@ -343,7 +355,7 @@ class Generator:
     def __init__(self, model: QwenVLModel):
         self.model = model
         self.cfg = model.cfg
-        self._stop_kinds: dict[tuple, jax.Array] = {}  # by (stop ids, end ids)
+        self._stop_kinds: dict[tuple, jax.Array] = {}  # by (stop ids, end ids, answer ids)
         self.refresh()
 
     def refresh(self):
@@ -393,12 +405,14 @@ class Generator:
 
     def decode(self, cache: KVCache, logits=None, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
                active=None, out_len=None, first_tokens=None, attend_len=None, keep_logits=False, max_steps=1,
-               end_ids=(), max_step_len=None):
+               end_ids=(), max_step_len=None, answer_ids=(), in_step=0):
         """Decode from next-token `logits` (B, V), or from `first_tokens` (B,) not yet fed.
 
         A row stops at its first token in `stop_ids`, or, with `max_steps` > 1, after that many
-        of them (several reasoning steps in one call); at once at a token of `end_ids`; after
-        `max_new_tokens`; or when a step reaches `max_step_len` tokens without a stop token."""
+        of them (several reasoning steps in one call), or at the first of them that ends a step
+        holding a token of `answer_ids` (the step that states the answer); at once at a token of
+        `end_ids`; after `max_new_tokens`; or when a step reaches `max_step_len` tokens without a
+        stop token (counting `in_step` tokens the first step already holds)."""
         feed_first = first_tokens is not None
         b = len(first_tokens) if feed_first else logits.shape[0]
         if feed_first:
@@ -409,17 +423,21 @@ class Generator:
         active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
         steps = np.broadcast_to(np.asarray(max_steps, np.int32), (b,))
         step_len = np.broadcast_to(np.asarray(max_new if max_step_len is None else max_step_len, np.int32), (b,))
-        return _decode(self.structure, self.leaves, cache, logits, np.int32(seed), self.stop_kind(stop_ids, end_ids),
-                       max_new, active, first, steps, step_len, params=params, out_len=out_len, feed_first=feed_first,
+        return _decode(self.structure, self.leaves, cache, logits, np.int32(seed),
+                       self.stop_kind(stop_ids, end_ids, answer_ids),
+                       max_new, active, first, steps, step_len, np.broadcast_to(_i32(in_step), (b,)), params=params,
+                       out_len=out_len, feed_first=feed_first,
                        attend_len=attend_len, keep_logits=keep_logits)
 
-    def stop_kind(self, stop_ids, end_ids=()) -> jax.Array:
-        """(V,) int8: 1 at `stop_ids`, 2 at `end_ids`, else 0; built once per distinct pair of sets
-        (a host->device copy per call costs as much as a decode step on a small model)."""
-        key = (tuple(sorted(set(int(i) for i in stop_ids))), tuple(sorted(set(int(i) for i in end_ids))))
+    def stop_kind(self, stop_ids, end_ids=(), answer_ids=()) -> jax.Array:
+        """(V,) int8: 1 at `stop_ids`, 2 at `end_ids`, 3 at `answer_ids` that are neither, else 0;
+        built once per distinct triple of sets (a host->device copy per call costs as much as a
+        decode step on a small model)."""
+        key = tuple(tuple(sorted(set(int(i) for i in ids))) for ids in (stop_ids, end_ids, answer_ids))
         if key not in self._stop_kinds:
             vocab = self.cfg.text.vocab_size
             kind = np.zeros((vocab,), np.int8)
+            kind[[i for i in key[2] if i < vocab]] = 3
             kind[[i for i in key[0] if i < vocab]] = 1
             kind[[i for i in key[1] if i < vocab]] = 2
             self._stop_kinds[key] = jnp.asarray(kind)

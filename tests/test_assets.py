@@ -84,6 +84,9 @@ def test_target_writes_whole_solutions(world_reasoner):
         trace = world_reasoner.solve(p.question, p.image(), method="target")
         assert trace.finish_reason == "answer" and trace.answer is not None
         assert all(s.text.endswith("\n\n") for s in trace.steps)
+        # one decode call wrote the whole solution and stopped at the answer step's delimiter
+        calls = [i for i in trace.intervals if i.kind == "decode"]
+        assert len(calls) == 1 and calls[0].tokens == trace.num_tokens, (calls, trace.num_tokens)
 
 
 def test_target_reasons_and_judges(world_reasoner):

@@ -116,6 +116,61 @@ def test_stop_tokens_end_each_row(loaded):
         assert out.finish_reasons[b] == "stop"
 
 
+def _cut_by_step_rules(free, delimiters, ends, answers, max_steps, max_step_len, in_step0, max_new):
+    """Where the decode's stop rules cut a free-running greedy output, written from the rules:
+    a row ends at an end token, after `max_steps` steps, at the delimiter of a step holding an
+    answer token, after `max_new` tokens, or when a step reaches `max_step_len` tokens."""
+    steps, in_step, answered = 0, in_step0, False
+    for i, t in enumerate(free[:max_new]):
+        in_step += 1
+        answered |= t in answers and t not in delimiters and t not in ends
+        if t in ends:
+            return i + 1
+        if t in delimiters:
+            steps, in_step = steps + 1, 0
+            if steps >= max_steps or answered:
+                return i + 1
+        if in_step >= max_step_len:
+            return i + 1
+    return min(len(free), max_new)
+
+
+@pytest.mark.parametrize("rule", ["steps", "answer", "end", "step_cap"])
+def test_step_rules_cut_the_free_run_and_the_cache_continues_it(loaded, rule):
+    """Several steps in one call (delimiters, an answer marker, an end token, the step cap with
+    tokens carried from a cut step): each row stops where the rules say, and a second call
+    from the first's cache continues exactly as the free run did (the skipped last forward
+    leaves nothing out)."""
+    model = loaded["qwen3_vl"]
+    gen = Generator(model)
+    rows, pix, grids = _prompt_batch(model, seed=4)
+    batch = prepare_batch(model, rows, pix, grids)
+    logits, cache = gen.prefill(batch, batch.input_ids.shape[1] + 64)
+    free, *_ = gen.decode(cache.fork([0, 1]), logits, max_new_tokens=40, out_len=64)
+    free = np.asarray(free)[:, :40].tolist()
+    # rule sets picked from the rows' own tokens so that every rule fires in the free run
+    common = [sorted(set(row[:30]), key=lambda t: -row[:30].count(t)) for row in free]
+    delimiters = {common[0][0], common[1][0], common[0][1], common[1][1]} if rule != "step_cap" else set()
+    answers = {next(t for t in row if t not in delimiters) for row in free} if rule == "answer" else set()
+    ends = {free[0][20], free[1][22]} - delimiters if rule == "end" else set()
+    max_steps = 3 if rule == "steps" else 40
+    max_step_len, in_step0 = (6, 2) if rule == "step_cap" else (40, 0)
+    tokens, _, n_gen, cache2, _ = gen.decode(
+        cache, logits, max_new_tokens=40, out_len=64, stop_ids=tuple(delimiters), end_ids=tuple(ends),
+        answer_ids=tuple(answers), max_steps=max_steps, max_step_len=max_step_len, in_step=in_step0)
+    tokens, n_gen = np.asarray(tokens), np.asarray(n_gen)
+    for b in range(2):
+        n = _cut_by_step_rules(free[b], delimiters, ends, answers, max_steps, max_step_len, in_step0, 40)
+        assert n < 40, (rule, b, "the rule never fired: the test would prove nothing")
+        assert n_gen[b] == n and tokens[b, :n].tolist() == free[b][:n], (rule, b)
+    # continue both rows: feed each row's last (sampled, unfed) token, decode on without stops
+    more, *_ = gen.decode(cache2, max_new_tokens=8, out_len=8, first_tokens=tokens[np.arange(2), n_gen - 1])
+    more = np.asarray(more)
+    for b in range(2):
+        n = int(n_gen[b])
+        assert more[b].tolist() == free[b][n:n + 8], (rule, b)
+
+
 class CompileCounter:
     """Counts XLA backend compilations (jax's own monitoring event)."""
 

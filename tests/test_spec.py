@@ -199,6 +199,19 @@ def test_accept_all_equals_draft(method, settings, loaded, accept_all, refs):
     _assert_whole_steps(trace, accept_all.engine(method))
 
 
+@pytest.mark.parametrize("method", ["target", "draft"])
+def test_single_model_calls_cut_steps_and_continue_them(method, loaded, refs):
+    """`target` / `draft` alone write whole solutions per decode call; with a 3-token call
+    limit every step is cut across calls and continued (the step cap counting its earlier
+    tokens), and the trace is the same as with one call for the whole solution."""
+    short = _reasoner(loaded, solo_tokens_per_call=3).solve(QUESTION, method=method)
+    calls = [i for i in short.intervals if i.kind == "decode"]
+    assert _ids(short) == _ids(refs[method]) and short.text == refs[method].text
+    assert len(calls) >= short.num_tokens // 3 > len(short.steps)
+    assert short.finish_reason == refs[method].finish_reason
+    assert len([i for i in refs[method].intervals if i.kind == "decode"]) < len(refs[method].steps)
+
+
 def test_references_differ(refs):
     """The exactness tests are only meaningful if draft and target disagree."""
     assert refs["target"].text != refs["draft"].text

@@ -75,12 +75,18 @@ class SpecConfig:
     # FPSR: drafted steps the draft writes per decode call (1: each handed over as it ends, as
     # SPEC.md; more: fewer calls, the steps handed over together when the call ends)
     draft_steps_per_call: int = 1
+    # `target` / `draft` alone: tokens one decode call may write (as many steps as fit; the call
+    # ends after the answer step). Fewer calls cost less fixed time, but the call's attention
+    # spans every slot it may write.
+    solo_tokens_per_call: int = 256
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {METHODS}")
         if self.draft_steps_per_call < 1:
             raise ValueError(f"draft_steps_per_call must be >= 1, got {self.draft_steps_per_call}")
+        if self.solo_tokens_per_call < 1:
+            raise ValueError(f"solo_tokens_per_call must be >= 1, got {self.solo_tokens_per_call}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.fallback not in FALLBACK_MODES:

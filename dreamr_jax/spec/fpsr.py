@@ -92,7 +92,7 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared, draft_ope
                 last = shared.drafts[-1] if shared.drafts else None
             spent = len(drafted)
             left = problem.trace.extra["token_budget"] - len(base) - spent  # budget after base + drafts
-            if left <= 0 or (last is not None and _ends_reasoning(engine, last)):
+            if left <= 0 or (last is not None and engine.ends_reasoning(last)):
                 with shared.cond:  # nothing useful to draft until the target commits
                     if shared.epoch == epoch and len(shared.drafts) == n_before and not shared.finished:
                         shared.cond.wait()
@@ -105,8 +105,9 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared, draft_ope
                 problem.draft_ctx, max_tokens=max(1, min(n_steps * cfg.steps.max_step_tokens, left)),
                 stop_ids=engine.delimiter_ids if n_steps > 1 else engine.stop_ids, params=engine.draft_params,
                 seed=cfg.seed + len(base) + spent, kind="draft", max_steps=n_steps,
-                end_ids=engine.eos_ids if n_steps > 1 else (), max_step_tokens=cfg.steps.max_step_tokens)
-            steps = _split_steps(engine, tokens) if n_steps > 1 else [tokens]
+                end_ids=engine.eos_ids if n_steps > 1 else (), max_step_tokens=cfg.steps.max_step_tokens,
+                answer_ids=engine.answer_ids)
+            steps = engine.split_steps(tokens) if n_steps > 1 else [tokens]
             with shared.cond:
                 took = (time.perf_counter() - started) / len(steps)
                 shared.draft_step_s = took if not shared.draft_step_s else 0.7 * shared.draft_step_s + 0.3 * took
@@ -121,28 +122,6 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared, draft_ope
             shared.error = e
             shared.finished = True
             shared.cond.notify_all()
-
-
-def _split_steps(engine: StepEngine, tokens: list[int]) -> list[list[int]]:
-    """Several drafted steps from one call, split after each step delimiter or EOS; steps after
-    one that ends the reasoning (an answer, EOS) are dropped, as they could never be committed."""
-    steps, current = [], []
-    for t in tokens:
-        current.append(t)
-        if t in engine.stop_ids:
-            steps.append(current)
-            current = []
-            if _ends_reasoning(engine, steps[-1]):
-                return steps
-    if current:  # a step cut by the step cap or the token budget
-        steps.append(current)
-    return steps
-
-
-def _ends_reasoning(engine: StepEngine, tokens: list[int]) -> bool:
-    from .steps import final_answer
-
-    return bool(tokens) and (tokens[-1] in engine.eos_ids or final_answer(engine.proc.decode(tokens)) is not None)
 
 
 def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:

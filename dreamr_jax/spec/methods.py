@@ -69,6 +69,9 @@ class StepEngine:
         self.delimiter_ids = tuple(processor.tokens_containing(config.steps.delimiter))
         self.eos_ids = tuple(processor.eos_token_ids)
         self.stop_ids = tuple(sorted(set(self.delimiter_ids) | set(self.eos_ids)))
+        # a decode call that may write several steps ends after the step holding one of these
+        # (`final_answer`'s \boxed{}), not after its step limit: nothing after the answer is kept
+        self.answer_ids = tuple(i for i in processor.tokens_containing("boxed") if i not in self.stop_ids)
         self.positive_id, self.negative_id = keyword_token_ids(tok, config.keywords)
         self.judge_ids = tok.encode(judge_text(config.judge_format, config.judge_instruction, config.judge_cue),
                                     add_special_tokens=False)
@@ -85,6 +88,26 @@ class StepEngine:
         """Tokens the next step may still take: the step cap minus what the step already has, and
         the problem's budget minus uncommitted tokens drafted ahead and the step so far."""
         return max(1, min(self.config.steps.max_step_tokens - in_step, problem.tokens_left - ahead - in_step))
+
+    def split_steps(self, tokens: Sequence[int]) -> list[list[int]]:
+        """The steps of one decode call that wrote several, split after each step delimiter or
+        EOS; steps after one that ends the reasoning (an answer, EOS) are dropped, as they could
+        never be committed; a trailing step without a delimiter is kept as it is."""
+        steps, current = [], []
+        for t in tokens:
+            current.append(t)
+            if t in self.stop_ids:
+                steps.append(current)
+                current = []
+                if self.ends_reasoning(steps[-1]):
+                    return steps
+        if current:
+            steps.append(current)
+        return steps
+
+    def ends_reasoning(self, tokens: Sequence[int]) -> bool:
+        """Whether committing this step would end the problem (it states the answer, or EOS)."""
+        return bool(tokens) and (tokens[-1] in self.eos_ids or final_answer(self.proc.decode(tokens)) is not None)
 
     def hit_cap(self, tokens: Sequence[int]) -> bool:
         return bool(tokens) and tokens[-1] not in self.stop_ids and len(tokens) >= self.config.steps.max_step_tokens
@@ -186,14 +209,32 @@ def check_same_tokenizer(draft_proc, target_proc) -> None:
 
 
 def run_single(engine: StepEngine, problem: Problem, role_name: str) -> None:
-    """`target` / `draft`: one model alone, autoregressive, step by step."""
+    """`target` / `draft`: one model alone, autoregressive. Each decode call writes up to
+    `solo_tokens_per_call` tokens, as many steps as fit, and ends after the step that states the
+    answer, so the baseline pays no per-step call overhead; the steps are committed one by one
+    as the step-level methods commit theirs. A step the call's token limit cuts is continued by
+    the next call (the step cap counts its earlier tokens)."""
     role = engine.target if role_name == "target" else engine.draft
     ctx = problem.target_ctx if role_name == "target" else problem.draft_ctx
+    cfg = engine.config
+    partial: list[int] = []  # the start of a step cut by the last call's token limit
     while not problem.done:
-        tokens, _ = role.write(ctx, max_tokens=engine.step_budget(problem), stop_ids=engine.stop_ids,
+        tokens, _ = role.write(ctx, max_tokens=max(1, min(cfg.solo_tokens_per_call, problem.tokens_left - len(partial))),
+                               stop_ids=engine.delimiter_ids, end_ids=engine.eos_ids, answer_ids=engine.answer_ids,
+                               max_steps=cfg.steps.max_steps - len(problem.trace.steps),
+                               max_step_tokens=cfg.steps.max_step_tokens, in_step=len(partial),
                                params=engine.target_params if role_name == "target" else engine.draft_params,
-                               seed=engine.config.seed + len(problem.committed), kind="decode")
-        engine.commit(problem, tokens, role_name)
+                               seed=cfg.seed + len(problem.committed) + len(partial), kind="decode")
+        steps = engine.split_steps(partial + tokens)
+        partial = []
+        for step in steps:
+            if step is steps[-1] and step[-1] not in engine.stop_ids and not engine.hit_cap(step) \
+                    and len(step) < problem.tokens_left:
+                partial = step  # cut by the call's token limit, not by the step cap or the budget
+                break
+            engine.commit(problem, step, role_name)
+            if problem.done:
+                break
 
 
 def run_specreason(engine: StepEngine, problem: Problem) -> None:

@@ -177,12 +177,15 @@ class Role:
 
     def write(self, ctx: Context, *, max_tokens: int, stop_ids: Sequence[int], params: SamplingParams,
               seed: int = 0, kind: str = "decode", max_steps: int = 1, end_ids: Sequence[int] = (),
-              max_step_tokens: int | None = None) -> tuple[list[int], list[float]]:
+              max_step_tokens: int | None = None, answer_ids: Sequence[int] = (),
+              in_step: int = 0) -> tuple[list[int], list[float]]:
         """Decode up to `max_tokens` from ctx (stopping at a stop token, or after `max_steps` of
-        them; at once at a token of `end_ids`; when a step reaches `max_step_tokens`); ctx then
-        stands for the old tokens plus the new ones. Returns (tokens, log-probs)."""
+        them, or after the step holding a token of `answer_ids`; at once at a token of `end_ids`;
+        when a step reaches `max_step_tokens`); ctx then stands for the old tokens plus the new
+        ones. `in_step`: tokens the step being continued already holds (for `max_step_tokens`).
+        Returns (tokens, log-probs)."""
         new, logps, _ = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, False, max_steps, end_ids,
-                                     max_step_tokens)
+                                     max_step_tokens, answer_ids, in_step)
         return new, logps
 
     def propose(self, ctx: Context, *, max_tokens: int, stop_ids: Sequence[int], params: SamplingParams,
@@ -193,7 +196,7 @@ class Role:
         return new, seen
 
     def _decode(self, ctx, max_tokens, stop_ids, params, seed, kind, keep_logits, max_steps=1, end_ids=(),
-                max_step_tokens=None):
+                max_step_tokens=None, answer_ids=(), in_step=0):
         out_len = length_bucket(max_tokens)
         self._need_logits(ctx)
         fold = len(ctx.pending) == 1  # feed the one pending token inside the decode program
@@ -208,7 +211,8 @@ class Role:
             kind, lambda: self.generator.decode(ctx.cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
                                                 params=params, seed=seed, out_len=out_len, first_tokens=first,
                                                 attend_len=attend, keep_logits=keep_logits, max_steps=max_steps,
-                                                end_ids=end_ids, max_step_len=max_step_tokens))
+                                                end_ids=end_ids, max_step_len=max_step_tokens,
+                                                answer_ids=answer_ids, in_step=in_step))
         tokens, logps, n_gen = jax.device_get((tokens, logps, n_gen))  # one transfer back
         n = int(n_gen[0])
         new = tokens[0, :n].tolist()
