@@ -7,9 +7,11 @@ timed calls: the script counts them) on the target of configs/synthetic.yaml:
 - `check_k`: FPSR's packed check of k = 1, 2, 4 consecutive drafted steps of a test problem
   (`StepEngine.check_drafts`: one forward over the cached prefix, each step followed by the
   configured judging suffix), per drafted token;
-- `decode`: the target writing as many steps itself (`Role.write`, one call per step, as
-  `target` alone does), per token;
-- the draft writing them.
+- `decode`: the target writing the same steps itself in one decode call, as `target` alone
+  does (`Role.write` with several steps per call), per token;
+- the draft writing them;
+- the target writing them with one decode call per step (the `target` baseline before
+  issue 13), for comparison.
 The ratio `check per drafted token / target decode per token` is what FPSR's checks cost in
 place of the target's own decoding. Both roles sit on one device here (one is idle while the
 other is timed).
@@ -86,13 +88,28 @@ def main() -> None:
             ctx = ctxs[role.name]
             role.set_tokens(ctx, first)
             written.clear()
-            for _ in rest:  # as the role alone reasons: one call per step, each continuing the last
-                written.extend(role.write(ctx, max_tokens=cfg.spec.steps.max_step_tokens, stop_ids=engine.stop_ids,
-                                          params=params)[0])
+            # as the role alone reasons (`run_single`): the steps in one call
+            written.extend(role.write(ctx, max_tokens=cfg.spec.solo_tokens_per_call, stop_ids=engine.delimiter_ids,
+                                      end_ids=engine.eos_ids, answer_ids=engine.answer_ids, max_steps=len(rest),
+                                      max_step_tokens=cfg.spec.steps.max_step_tokens, params=params)[0])
 
         row = timed(write, args.repeats)
         row.update(tokens=len(written), per_token_ms=round(row["median_ms"] / len(written), 4))
         result[f"{role.name}_decode"] = row
+
+    def write_per_step():
+        ctx = ctxs["target"]
+        target.set_tokens(ctx, first)
+        written = []
+        for _ in rest:  # the baseline before issue 13: one decode call per step
+            written.extend(target.write(ctx, max_tokens=cfg.spec.steps.max_step_tokens, stop_ids=engine.stop_ids,
+                                        params=engine.target_params)[0])
+        return written
+
+    row = timed(write_per_step, args.repeats)
+    n = len(write_per_step())
+    row.update(tokens=n, per_token_ms=round(row["median_ms"] / n, 4))
+    result["target_decode_one_call_per_step"] = row
     decode = result["target_decode"]["per_token_ms"]
     result["check_over_decode_per_token"] = {k: round(result[f"check_{k}"]["per_drafted_token_ms"] / decode, 3)
                                              for k in (1, 2, 4)}
