@@ -23,24 +23,39 @@ def _generate(args):
 def _demo(args):
     from .demo import DEFAULT_CONFIG, run_demo
 
-    run_demo(args.out, count=args.count, config=args.config or DEFAULT_CONFIG)
+    run_demo(args.out, count=args.count, config=args.config or DEFAULT_CONFIG, fresh=not args.resume)
 
 
-def _reasoner(args):
-    from .config import load_config
+def _reasoner(cfg):
     from .sharding import split_devices
     from .spec import SpeculativeReasoner
 
-    cfg = load_config(args.config, args.set)
     draft_devices, target_devices = split_devices(cfg.draft_devices, cfg.target_devices)
-    return cfg, SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype,
-                                    draft_devices=draft_devices, target_devices=target_devices,
-                                    draft_parallelism=cfg.draft_parallelism, target_parallelism=cfg.target_parallelism)
+    return SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype,
+                               draft_devices=draft_devices, target_devices=target_devices,
+                               draft_parallelism=cfg.draft_parallelism, target_parallelism=cfg.target_parallelism)
+
+
+# `reason` and `eval` check every input (names, numbers, paths, the data file) before a model
+# loads: a mistake costs a second, not the minutes of loading a large pair.
 
 
 def _reason(args):
-    cfg, reasoner = _reasoner(args)
-    trace = reasoner.solve(args.question, image=args.image, method=args.method or cfg.spec.method)
+    from .config import load_config
+    from .evaluate import check_methods
+
+    cfg = load_config(args.config, args.set)
+    method = args.method or cfg.spec.method
+    check_methods([method], has_draft=cfg.draft is not None, flag="--method", pair=args.config)
+    if args.image and not os.path.isfile(args.image):
+        raise ValueError(f"--image {args.image}: no such image file")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder):
+            raise ValueError(f"--json {args.json}: " + ("is a folder" if os.path.isdir(args.json)
+                                                      else f"its folder {folder} does not exist"))
+    reasoner = _reasoner(cfg)
+    trace = reasoner.solve(args.question, image=args.image, method=method)
     for i, step in enumerate(trace.steps, 1):
         rho = "" if step.rho is None else f" rho={step.rho:.3f}"
         print(f"--- step {i} [{step.author}{rho}, {step.num_tokens} tokens]\n{step.text.strip()}")
@@ -54,12 +69,26 @@ def _reason(args):
 
 
 def _eval(args):
-    from .evaluate import read_records, run_eval
+    from .config import load_config
+    from .evaluate import check_methods, check_out_dir, locked_out_dir, read_records, run_eval
 
-    _, reasoner = _reasoner(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods names no method")
+    check_methods(methods, flag="--methods")
+    if args.limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0: every record), got {args.limit}")
+    if args.warmup_records < 0:
+        raise ValueError(f"--warmup-records must be >= 0, got {args.warmup_records}")
+    check_out_dir(args.out)
     records = read_records(args.data)[: args.limit or None]
-    run_eval(reasoner, records, methods, args.out, warmup=args.warmup, warmup_records=args.warmup_records)
+    if not records:
+        raise ValueError(f"{args.data}: holds no records")
+    cfg = load_config(args.config, args.set)
+    check_methods(["target"] + methods, has_draft=cfg.draft is not None, pair=args.config)  # eval always runs target
+    with locked_out_dir(args.out):  # before the models load: a second run on --out fails at once
+        run_eval(_reasoner(cfg), records, methods, args.out, warmup=args.warmup,
+                 warmup_records=args.warmup_records, fresh=args.fresh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="JSONL records {question, image?, answer?, id?}")
     e.add_argument("--methods", default="target,sd,specreason,lookahead,dreamr")
     e.add_argument("--out", default="out/eval")
-    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--limit", type=int, default=0, help="the first N records (0: all)")
+    e.add_argument("--fresh", action="store_true",
+                   help="start a new results.jsonl (the old one is kept under a timestamped name) "
+                        "instead of resuming it")
     e.add_argument("--no-warmup", dest="warmup", action="store_false")
     e.add_argument("--warmup-records", type=int, default=8,
                    help="records each method solves untimed first, to compile the shapes the run meets")
@@ -105,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo", help="table, plots and traces go here")
     d.add_argument("--count", type=int, default=100, help="synthetic test problems")
     d.add_argument("--config", default=None, help="pair config (default configs/synthetic.yaml)")
+    d.add_argument("--resume", action="store_true",
+                   help="resume an interrupted demo's results in --out (default: measure again, keeping the old "
+                        "results.jsonl as results.<time>.jsonl)")
     d.set_defaults(func=_demo)
     return p
 

@@ -82,25 +82,36 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def run_demo(out_dir: str = os.path.join("out", "demo"), count: int = 100, config: str = DEFAULT_CONFIG,
-             methods=("target", "draft", "sd", "specreason", "lookahead", "dreamr"), progress: bool = True) -> list[dict]:
+             methods=("target", "draft", "sd", "specreason", "lookahead", "dreamr"), progress: bool = True,
+             fresh: bool = True) -> list[dict]:
     """`make demo`: the shipped target/draft pair on `count` synthetic test problems with every
     method; prints the table (accuracy, acceptance, latency, speedup over target alone and the
-    projected speedup) and writes the plots and per-problem traces to `out_dir`."""
+    projected speedup) and writes the plots and per-problem traces to `out_dir`. A demo is a
+    measurement, so by default it measures again: an earlier `results.jsonl` there is kept as
+    `results.<time>.jsonl` and a new one started (its speedups compare times of one run). With
+    `fresh=False` (`--resume`) it resumes an interrupted demo like `dreamr eval`."""
     from .config import load_config
     from .data import synthetic
-    from .evaluate import read_records, run_eval
+    from .evaluate import EvalError, check_methods, check_out_dir, locked_out_dir, read_records, run_eval
     from .spec import SpeculativeReasoner
 
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise EvalError(f"--count must be an integer >= 1, got {count!r}")
+    check_out_dir(out_dir)
     t0 = time.perf_counter()
     cfg = load_config(config)
-    data = synthetic.write_split(os.path.join(out_dir, "data"), "test", count)
-    reasoner = SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype)
-    t = reasoner.target.model.cfg.text
-    d = reasoner.draft.model.cfg.text
-    print(f"target: {cfg.target} ({t.num_hidden_layers} layers x {t.hidden_size}); "
-          f"draft: {cfg.draft} ({d.num_hidden_layers} layers x {d.hidden_size}); {count} synthetic test problems")
-    # The warm-up is a whole untimed pass (about half a minute here): FPSR packs its checks by
-    # timing, so only the run's own problems reach the check shapes the timed pass will meet.
-    rows = run_eval(reasoner, read_records(data), methods, out_dir, warmup_records=count, progress=progress)
+    check_methods(methods, has_draft=cfg.draft is not None, pair=config)
+    with locked_out_dir(out_dir):  # before the data are written and the models load
+        data = synthetic.write_split(os.path.join(out_dir, "data"), "test", count)
+        reasoner = SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype)
+        t = reasoner.target.model.cfg.text
+        d = reasoner.draft.model.cfg.text if reasoner.draft else None
+        print(f"target: {cfg.target} ({t.num_hidden_layers} layers x {t.hidden_size}); "
+              + (f"draft: {cfg.draft} ({d.num_hidden_layers} layers x {d.hidden_size}); " if d else "no draft; ")
+              + f"{count} synthetic test problems")
+        # The warm-up is a whole untimed pass (about half a minute here): FPSR packs its checks by
+        # timing, so only the run's own problems reach the check shapes the timed pass will meet.
+        rows = run_eval(reasoner, read_records(data), methods, out_dir, warmup_records=count, progress=progress,
+                        fresh=fresh)
     print(f"demo total {time.perf_counter() - t0:.0f} s")
     return rows

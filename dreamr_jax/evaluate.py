@@ -1,37 +1,237 @@
-"""`dreamr eval`: several methods over a data set in one run -> a table and two plots."""
+"""`dreamr eval`: several methods over a data set in one run -> a table and two plots.
+
+An evaluation never loses a result: rows are appended to `results.jsonl` as they finish, a rerun
+resumes (skips the (record id, method) pairs already there with status ok), `fresh=True` moves
+the old file aside instead of deleting it, one run at a time holds the output folder
+(`locked_out_dir`), and the table, summary and plots are replaced atomically."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import math
 import os
-from typing import Sequence
+import threading
+import time
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .data.grading import answers_match
+from .spec.config import METHODS
+
+
+class EvalError(ValueError):
+    """A bad input to an evaluation, or an output folder it cannot use; the message names it."""
+
+
+class DataError(EvalError):
+    """A data file that does not fit the record schema; the message names the file and line."""
+
+
+def check_methods(methods: Sequence[str], has_draft: bool = True, *, flag: str = "", pair: str = "this pair") -> None:
+    """Every name one of `METHODS`; with no draft model, only `target` (the others need one).
+    `flag` (the option that named them) and `pair` (the config) go into the message."""
+    for m in methods:
+        if m not in METHODS:
+            raise EvalError(f"{flag + ': ' if flag else ''}unknown method '{m}'; known: {', '.join(METHODS)}")
+    needs_draft = [m for m in methods if m != "target"]
+    if needs_draft and not has_draft:
+        raise EvalError(f"{', '.join(needs_draft)} need{'s' if len(needs_draft) == 1 else ''} a draft model and "
+                        f"{pair} has none (no `draft:`); a target alone runs only the method 'target'")
 
 
 def read_records(path: str) -> list[dict]:
-    """JSONL records {question, image? / images?, answer?, id?}; image paths are relative to the file."""
+    """JSONL records {question, image? / images?, answer?, id?}; image paths are relative to the file.
+
+    Everything is checked here, before a model loads, and a bad line raises `DataError` naming
+    `file:line`: UTF-8 JSON objects, a non-empty string `question`, an `id` that is a string or
+    an integer and unique (a record without one is numbered by its position from 0, as
+    `solve_many` numbers it), and images that are paths to existing files. `answer` may be
+    missing: such records are solved but not graded."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such data file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a JSONL data file")
     base = os.path.dirname(os.path.abspath(path))
-    records = []
-    with open(path) as f:
+    records, id_lines = [], {}
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from e
+    for n, raw in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 ({e})") from e
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        question = record.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: 'question' must be a non-empty string, got {question!r}"
+                            if "question" in record else f"{where}: record has no 'question' field")
+        if "id" in record and (not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool)):
+            raise DataError(f"{where}: 'id' must be a string or an integer, got {record['id']!r}")
+        rid = record.get("id", len(records))  # the key results are stored (and resumed) under
+        if rid in id_lines:
+            first, first_implicit = id_lines[rid]
+            note = (" (a record without an id is numbered by its position from 0)"
+                    if first_implicit or "id" not in record else "")
+            raise DataError(f"{where}: duplicate id {rid!r}, also on line {first}{note}")
+        id_lines[rid] = (n, "id" not in record)
+        image = record.get("image")
+        if image is not None:
+            record["image"] = _image_path(image, base, f"{where}: 'image'")
+        images = record.get("images")
+        if images is not None:  # several images (MMMU, Geo3K): paths relative to the file too
+            if not isinstance(images, list):
+                raise DataError(f"{where}: 'images' must be a list of paths, got {type(images).__name__}")
+            record["images"] = [_image_path(p, base, f"{where}: 'images'[{k}]") for k, p in enumerate(images)]
+        records.append(record)
+    return records
+
+
+def _image_path(image, base: str, where: str) -> str:
+    if not isinstance(image, str) or not image:
+        raise DataError(f"{where} must be a path to an image file, got {image!r}")
+    resolved = image if os.path.isabs(image) else os.path.join(base, image)
+    if not os.path.isfile(resolved):
+        raise DataError(f"{where}: no such image file {resolved}")
+    return resolved
+
+
+# ---- the output folder: one run at a time, results kept ---------------------------------------------
+
+_held = {}  # lock file -> [thread id, depth]: the CLI and run_demo take the lock before models load, run_eval again
+
+
+def check_out_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EvalError(f"--out {out_dir}: is a file, not a folder")
+
+
+@contextlib.contextmanager
+def locked_out_dir(out_dir: str):
+    """Hold `out_dir` (created if missing) for one run: an exclusive `flock` on `out_dir/.lock`,
+    which holds the holder's pid. A second run on the folder fails at once naming that pid
+    instead of deleting or interleaving the first one's results. The OS drops the lock when the
+    process ends, however it ends, so a crash leaves no stale lock. Re-entrant in one thread."""
+    check_out_dir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(out_dir, ".lock"))
+    held = _held.get(path)
+    if held and held[0] == threading.get_ident():
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise EvalError(f"{out_dir} is in use by another run (pid {holder}); wait for it to end or "
+                        f"choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[path] = [threading.get_ident(), 1]
+        yield
+    finally:
+        _held.pop(path, None)
+        os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+
+
+def result_key(record_id, method: str) -> tuple[str, str]:
+    """What identifies a row of results.jsonl: the record's id (as JSON, so 1 and "1" differ) and the method."""
+    return json.dumps(record_id, default=str), method
+
+
+def read_results(path: str, warn: bool = True) -> dict:
+    """{result_key: row} of a results JSONL, the latest row of each pair winning (a failed pair is
+    solved again on resume and appended). A line that does not parse (a run killed mid-write)
+    is left in the file but ignored, with a note."""
+    rows = {}
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-            if "question" not in record:
-                raise ValueError(f"{path}:{n}: record has no 'question' field")
-            image = record.get("image")
-            if image and not os.path.isabs(image):
-                record["image"] = os.path.join(base, image)
-            if record.get("images"):  # several images (MMMU, Geo3K): paths relative to the file too
-                record["images"] = [p if os.path.isabs(p) else os.path.join(base, p) for p in record["images"]]
-            records.append(record)
-    return records
+                row = json.loads(line)
+                if row["status"] == "ok" and "trace" not in row:
+                    raise KeyError("trace")
+                rows[result_key(row["id"], row["method"])] = row
+            except (ValueError, KeyError, TypeError):
+                if warn:
+                    print(f"note: {path}:{n} is not a complete result row (a run cut off mid-write?); ignored")
+    return rows
+
+
+def open_results(path: str):
+    """`path` opened for appending rows, on a line of their own even after a torn last line."""
+    f = open(path, "a", encoding="utf-8")
+    if f.tell() > 0:
+        with open(path, "rb") as r:
+            r.seek(-1, os.SEEK_END)
+            if r.read(1) != b"\n":
+                f.write("\n")
+    return f
+
+
+def _set_aside(path: str) -> str:
+    """Rename `path` to a timestamped name beside it (never over an existing file)."""
+    stem, ext = os.path.splitext(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    new, k = f"{stem}.{stamp}{ext}", 1
+    while os.path.exists(new):
+        new, k = f"{stem}.{stamp}-{k}{ext}", k + 1
+    os.replace(path, new)
+    return new
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` a temporary file in the same folder, then rename it over `path`: a reader or
+    a crash sees the old file or the new one, never half of one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _write_atomically(path, write)
+
+
+def _json_safe(value):
+    """NaN / infinity -> None (JSON null): summary.json stays strict JSON that any reader parses."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
@@ -75,7 +275,8 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
         if m == "sd":  # its steps are committed as the target's; the draft wrote the accepted proposals
             drafted = min(accepted, total)
         rows.append({
-            "method": m, "problems": len(rs), "failed": len(rs) - len(ok), "accuracy": accuracy,
+            "method": m, "problems": len(rs), "failed": len(rs) - len(ok),
+            "graded": len(graded), "accuracy": accuracy,  # over `graded`: solved records with a reference answer
             "acceptance": accepted / checked if checked else float("nan"), "mean_latency_s": latency,
             "median_latency_s": median_of(m, "wall_time"),
             "speedup": target_time / latency if latency else float("nan"),
@@ -92,14 +293,15 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'method':<11} {'n':>4} {'fail':>4} {'acc':>7} {'accept':>7} {'draft tok':>9} {'length':>6} "
-            f"{'mean s':>7} {'median s':>8} {'speedup':>8} {'median':>7} {'projected':>9} {'compiles':>8}")
+    head = (f"{'method':<11} {'n':>4} {'fail':>4} {'graded':>6} {'acc':>7} {'accept':>7} {'draft tok':>9} "
+            f"{'length':>6} {'mean s':>7} {'median s':>8} {'speedup':>8} {'median':>7} {'projected':>9} "
+            f"{'compiles':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         length = "-" if r["length_ratio"] != r["length_ratio"] else f"{r['length_ratio']:.2f}"
-        lines.append(f"{r['method']:<11} {r['problems']:>4} {r['failed']:>4} {_pct(r['accuracy']):>7} "
-                     f"{_pct(r['acceptance']):>7} {_pct(r['draft_token_share']):>9} {length:>6} "
-                     f"{r['mean_latency_s']:>7.4f} {r['median_latency_s']:>8.4f} {r['speedup']:>7.2f}x "
+        lines.append(f"{r['method']:<11} {r['problems']:>4} {r['failed']:>4} {r['graded']:>6} "
+                     f"{_pct(r['accuracy']):>7} {_pct(r['acceptance']):>7} {_pct(r['draft_token_share']):>9} "
+                     f"{length:>6} {r['mean_latency_s']:>7.4f} {r['median_latency_s']:>8.4f} {r['speedup']:>7.2f}x "
                      f"{r['median_speedup']:>6.2f}x {r['projected_speedup']:>8.2f}x {r['compiles']:>8}")
     return "\n".join(lines)
 
@@ -138,7 +340,7 @@ def plot_speedup_vs_acceptance(rows: list[dict], path: str) -> None:
     ax.set_ylabel("mean wall-clock speedup over target alone")
     ax.set_title("speedup vs acceptance")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -176,54 +378,88 @@ def plot_timeline(trace: dict, path: str) -> None:
                  f"{1000 * trace['wall_time']:.1f} ms, projected {1000 * trace['extra'].get('projected_time', float('nan')):.1f} ms",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
 def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str, *, warmup: bool = True,
-             warmup_records: int = 8, progress: bool = True) -> list[dict]:
+             warmup_records: int = 8, progress: bool = True, fresh: bool = False) -> list[dict]:
     """Solve `records` with each method, then write results.jsonl, summary.json, the table and
-    the two plots to `out_dir`. `target` is always run: speedups are against it, same run."""
-    methods = list(methods)
-    if "target" not in methods:
-        methods = ["target"] + methods
-    os.makedirs(out_dir, exist_ok=True)
-    results_path = os.path.join(out_dir, "results.jsonl")
-    if os.path.exists(results_path):
-        os.remove(results_path)
-    if warmup and records:
-        # Compile every program the run will use before timing anything: each method on several
-        # records reaches the shape buckets (prompt, step, check width, attended cache length)
-        # the timed pass meets; the pass counts any compilation left and reports it.
-        for m in methods:
-            for record in records[:warmup_records]:
-                try:
-                    reasoner.solve(record["question"], record.get("images") or record.get("image"), method=m)
-                except Exception as e:  # the run below records the failure per problem
-                    print(f"warm-up of '{m}' failed: {type(e).__name__}: {e}")
-                    break
-        if "dreamr" in methods:  # check widths depend on timing: compile all of them
-            first = records[0]
-            try:
-                reasoner.warm_up_checks(first["question"], first.get("images") or first.get("image"))
-            except Exception as e:
-                print(f"warm-up of dreamr's checks failed: {type(e).__name__}: {e}")
-    results = reasoner.solve_many(records, output=results_path, methods=methods, progress=progress)
-    rows = summarise(results, methods)
-    table = format_table(rows)
-    print(table)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(out_dir, "table.txt"), "w") as f:
-        f.write(table + "\n")
-    plot_speedup_vs_acceptance(rows, os.path.join(out_dir, "speedup_vs_acceptance.png"))
-    compiled = sum(r["compiles"] for r in rows)
-    if compiled:
-        print(f"note: {compiled} XLA compilations ({sum(r['compile_s'] for r in rows):.2f} s) happened inside the "
-              "timed solves (column 'compiles'); their time is in those latencies")
-    dreamr = sorted((r for r in results if r["method"] == "dreamr" and r["status"] == "ok"),
-                    key=lambda r: r["trace"]["wall_time"])
-    if dreamr:  # a median problem of the measured pass, not a warm-up or outlier
-        plot_timeline(dreamr[len(dreamr) // 2]["trace"], os.path.join(out_dir, "fpsr_timeline.png"))
-    print(f"\nresults: {results_path}\nplots: {out_dir}/speedup_vs_acceptance.png, {out_dir}/fpsr_timeline.png")
+    the two plots to `out_dir`. `target` is always run: speedups are against it, same run.
+
+    Holds `out_dir` for the run (`locked_out_dir`). Resumes: the (record id, method) pairs
+    results.jsonl already holds with status ok are not solved again, and the table covers every
+    row of the file, old and new. `fresh` moves an old results.jsonl aside (to a timestamped
+    name) and starts a new one."""
+    methods = list(dict.fromkeys(["target"] + list(methods)))  # target first, each method once
+    check_methods(methods, has_draft=getattr(reasoner, "draft", None) is not None)
+    with locked_out_dir(out_dir):
+        results_path = os.path.join(out_dir, "results.jsonl")
+        if fresh and os.path.exists(results_path):
+            print(f"--fresh: the previous results are kept as {_set_aside(results_path)}")
+        done = {k for k, row in read_results(results_path, warn=False).items() if row.get("status") == "ok"}
+        pending = [m for m in methods
+                   if any(result_key(r.get("id", i), m) not in done for i, r in enumerate(records))]
+        if warmup and records and pending:
+            _warm_up(reasoner, records, warmup_records, pending)
+        reasoner.solve_many(records, output=results_path, methods=methods, progress=progress)
+        # The table covers this run's methods over every row of the file (resumed ones too), the
+        # latest row of each pair; rows of other methods stay in the file, named below.
+        results = list(read_results(results_path, warn=False).values())
+        others = sorted({r["method"] for r in results} - set(methods))
+        results = [r for r in results if r["method"] in methods]
+        rows = summarise(results, methods)
+        table = format_table(rows)
+        print(table)
+        _report_coverage(results, records, others)
+        _write_text(os.path.join(out_dir, "summary.json"),
+                    json.dumps(_json_safe(rows), indent=2, allow_nan=False) + "\n")
+        _write_text(os.path.join(out_dir, "table.txt"), table + "\n")
+        plot_speedup_vs_acceptance(rows, os.path.join(out_dir, "speedup_vs_acceptance.png"))
+        compiled = sum(r["compiles"] for r in rows)
+        if compiled:
+            print(f"note: {compiled} XLA compilations ({sum(r['compile_s'] for r in rows):.2f} s) happened inside the "
+                  "timed solves (column 'compiles'); their time is in those latencies")
+        dreamr = sorted((r for r in results if r["method"] == "dreamr" and r["status"] == "ok"),
+                        key=lambda r: r["trace"]["wall_time"])
+        if dreamr:  # a median problem of the measured pass, not a warm-up or outlier
+            plot_timeline(dreamr[len(dreamr) // 2]["trace"], os.path.join(out_dir, "fpsr_timeline.png"))
+        print(f"\nresults: {results_path}\nplots: {out_dir}/speedup_vs_acceptance.png, {out_dir}/fpsr_timeline.png")
     return rows
+
+
+def _warm_up(reasoner, records: list[dict], count: int, methods: Sequence[str]) -> None:
+    """Compile every program the run will use before timing anything: each method on `count`
+    records reaches the shape buckets (prompt, step, check width, attended cache length) the
+    timed pass meets; the pass counts any compilation left and reports it."""
+    for m in methods:
+        for record in records[:count]:
+            try:
+                reasoner.solve(record["question"], record.get("images") or record.get("image"), method=m)
+            except Exception as e:  # the run records the failure per problem
+                print(f"warm-up of '{m}' failed: {type(e).__name__}: {e}")
+                break
+    if "dreamr" in methods:  # check widths depend on timing: compile all of them
+        first = records[0]
+        try:
+            reasoner.warm_up_checks(first["question"], first.get("images") or first.get("image"))
+        except Exception as e:
+            print(f"warm-up of dreamr's checks failed: {type(e).__name__}: {e}")
+
+
+def _report_coverage(results: list[dict], records: list[dict], other_methods: Sequence[str]) -> None:
+    """Say what the table stands on: records without a reference answer (solved, not in `acc`),
+    rows an earlier run on this folder left for records this run's data lacks (in the table),
+    and for methods this run did not ask for (not in it)."""
+    ids = {json.dumps(r["id"], default=str) for r in results}
+    ungraded = {json.dumps(r["id"], default=str) for r in results if r.get("reference") is None}
+    if ungraded:
+        print(f"note: {len(ungraded)} of {len(ids)} records have no reference answer: 'acc' is over the "
+              f"'graded' ones only")
+    ours = {json.dumps(r.get("id", i), default=str) for i, r in enumerate(records)}
+    if ids - ours:
+        print(f"note: the table includes {len(ids - ours)} records an earlier run on this folder solved that this "
+              f"run's data does not hold (--fresh starts over)")
+    if other_methods:
+        print(f"note: results.jsonl also holds rows of {', '.join(other_methods)} (an earlier run's); "
+              f"not in this table")

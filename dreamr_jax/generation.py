@@ -445,7 +445,7 @@ class Generator:
 
 
 def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n\n",),
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (),
              seed: int = 0, chat: bool = True, system: str | None = None, return_cache: bool = False) -> GenerationResult:
     """Generate for a batch of prompts.
 
@@ -453,7 +453,9 @@ def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tok
     before the text, the assistant turn opened), else an already formatted prompt holding one
     `<|image_pad|>` per image. images: None, or per prompt None / one image / a list (PIL,
     path or uint8 array). Generation stops per row at EOS, at any vocabulary token whose
-    text contains a `stop` string, or after `max_new_tokens`.
+    text contains a `stop` string (none by default; e.g. `stop=("\n\n",)` ends at the first
+    blank line, one reasoning step), or after `max_new_tokens`. With `chat=True` the prompt
+    text and `system` are user content: special tokens typed in them are read as text.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -477,9 +479,11 @@ def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tok
 
 
 def generate_from_ids(model, rows, pixel_values=None, image_grid_thw=None, *, processor=None, max_new_tokens=256,
-                      params=SamplingParams(), stop: Sequence[str] = ("\n\n",), stop_ids=None, seed=0,
+                      params=SamplingParams(), stop: Sequence[str] = (), stop_ids=None, seed=0,
                       return_cache=False) -> GenerationResult:
-    """`generate` on token rows that already hold expanded image tokens."""
+    """`generate` on token rows that already hold expanded image tokens. Stops at EOS, at the
+    tokens containing a `stop` string (with a processor), or at `stop_ids` when given (which
+    replace both; EOS is then a stop only if listed)."""
     gen = Generator(model)
     pad = processor.pad_token_id if processor is not None else 0
     batch = prepare_batch(model, rows, pixel_values, image_grid_thw, pad_id=pad)

@@ -12,11 +12,13 @@ import functools
 import importlib.util
 import json
 import os
+import re
+import uuid
 from typing import Any, Sequence
 
 import numpy as np
 
-from .hub import resolve_checkpoint
+from .hub import looks_like_local_path, missing_path_error, resolve_checkpoint
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -56,28 +58,64 @@ def qwen_tokenizer_dir() -> str:
 
 
 class ImageError(ValueError):
-    """An image that cannot be opened or decoded; names the file."""
+    """An image that cannot be opened, decoded or processed; names the image (its index and file,
+    or its type) and its size when known."""
 
 
-def load_image(image) -> "Any":
-    """A PIL RGB image from a PIL image, a path, or an (H, W, 3) uint8 array."""
+def describe_image(image, index: int | None = None) -> str:
+    """How an error names an image: 'image 2 (cat.png)', 'image 0 (array (10, 10000, 3))'."""
+    if isinstance(image, (str, os.PathLike)):
+        what = os.fspath(image)
+    elif isinstance(image, np.ndarray):
+        what = f"array {image.shape} {image.dtype}"
+    else:
+        what = getattr(image, "filename", None) or type(image).__name__
+    return what if index is None else f"image {index} ({what})"
+
+
+def load_image(image, index: int | None = None) -> "Any":
+    """A PIL RGB image from a PIL image, a path, or an (H, W, 3) uint8 array. Errors name the
+    image (`index`: its position among the images of the call)."""
     from PIL import Image, UnidentifiedImageError
 
+    name = describe_image(image, index)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
-            raise ImageError(f"image array must be (H, W, 3), got {image.shape}")
+            raise ImageError(f"{name}: an image array must be (H, W, 3), got {image.shape}")
         return Image.fromarray(image.astype(np.uint8)).convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:
                 return im.convert("RGB")
         except FileNotFoundError as e:
-            raise ImageError(f"{image}: no such image file") from e
+            raise ImageError(f"{name}: no such image file") from e
         except (UnidentifiedImageError, OSError) as e:
-            raise ImageError(f"{image}: cannot be decoded as an image ({e})") from e
-    raise ImageError(f"unsupported image type {type(image).__name__}")
+            raise ImageError(f"{name}: cannot be decoded as an image ({e})") from e
+    raise ImageError(f"{name}: unsupported image type {type(image).__name__} (pass a PIL image, a path or an "
+                     "(H, W, 3) uint8 array)")
+
+
+class ChatPrompt(str):
+    """A rendered chat prompt that remembers which of its characters came from message text.
+
+    It is the string the chat template renders (use it as one), plus `segments`: (text,
+    is_content) pieces in order, `is_content` marking message text (a question, a system prompt).
+    `Processor.encode` reads special tokens (`<|im_end|>`, `<|image_pad|>`, ...) only in the
+    template's own pieces, so text a user typed cannot forge a turn or an image. String
+    operations give back a plain `str`, which `encode` takes as a fully trusted formatted prompt."""
+
+    segments: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, segments):
+        segments = tuple((text, bool(is_content)) for text, is_content in segments if text)
+        self = super().__new__(cls, "".join(text for text, _ in segments))
+        self.segments = segments
+        return self
+
+    def __reduce__(self):
+        return ChatPrompt, (self.segments,)
 
 
 class Processor:
@@ -94,6 +132,12 @@ class Processor:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(set(eos)))
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        # The tokenizer's added tokens (special or not), longest first: how a template piece is split
+        # before its text is tokenized, as the tokenizer itself splits a string.
+        added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
+        self._added_ids = added
+        self._added_split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
+            if added else None
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -103,14 +147,41 @@ class Processor:
 
     # ---- prompts --------------------------------------------------------------------------
 
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render chat messages (content: a string, or a list of {'type': 'image'} / {'type': 'text'})."""
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatPrompt:
+        """Render chat messages (content: a string, or a list of {'type': 'image'} / {'type': 'text'}).
 
-    def user_prompt(self, text: str, num_images: int = 0, system: str | None = None) -> str:
-        """One user turn holding `num_images` images then `text`, with the assistant turn opened."""
+        Returns a `ChatPrompt`: the rendered string, which knows its message text from the
+        template's own text, so `encode` tokenizes message text with special tokens split (a
+        `<|im_end|>` typed in a question stays text). Message text is inserted verbatim."""
+        nonce = uuid.uuid4().hex
+        texts: list[str] = []
+
+        def mark(text):
+            texts.append(text)
+            return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
+        marked = []
+        for m in messages:
+            m = dict(m)
+            content = m.get("content")
+            if isinstance(content, str):
+                m["content"] = mark(content)
+            elif isinstance(content, (list, tuple)):
+                m["content"] = [dict(item, text=mark(item["text"])) if isinstance(item, dict) and
+                                isinstance(item.get("text"), str) else item for item in content]
+            marked.append(m)
+        rendered = self.tokenizer.apply_chat_template(
+            marked, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", rendered)
+        if any(nonce in part for part in parts[::2]):
+            raise ValueError("the chat template changes message text (a marker it was given came out altered); "
+                             "dreamr-jax needs templates that insert message text verbatim")
+        return ChatPrompt((texts[int(part)], True) if i % 2 else (part, False) for i, part in enumerate(parts))
+
+    def user_prompt(self, text: str, num_images: int = 0, system: str | None = None) -> ChatPrompt:
+        """One user turn holding `num_images` images then `text`, with the assistant turn opened.
+        `text` and `system` are user content: special tokens in them are tokenized as text."""
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         return self.chat(messages)
@@ -118,27 +189,81 @@ class Processor:
     # ---- encoding -------------------------------------------------------------------------
 
     def process_images(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
-        """(pixel patches (P, C*T*p*p) float32, grids (N, 3) int64)."""
-        pil = [load_image(im) for im in images]
-        out = self.image_processor(images=pil, return_tensors="np")
-        return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+        """(pixel patches (P, C*T*p*p) float32, grids (N, 3) int64). An image that fails is an
+        ImageError naming it (index, file or type, size)."""
+        pixels, grids = [], []
+        for i, image in enumerate(images):
+            pil = load_image(image, i)
+            try:
+                out = self.image_processor(images=[pil], return_tensors="np")
+            except (ValueError, TypeError, OSError) as e:
+                raise ImageError(f"{describe_image(image, i)}, {pil.width}x{pil.height} pixels: cannot be processed "
+                                 f"({e})") from e
+            pixels.append(np.asarray(out["pixel_values"], np.float32))
+            grids.append(np.asarray(out["image_grid_thw"], np.int64).reshape(-1, 3))
+        if not pixels:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 3), np.int64)
+        return np.concatenate(pixels), np.concatenate(grids)
 
     def expand_image_tokens(self, text: str, grids: np.ndarray) -> str:
         """Replace the i-th image placeholder by as many placeholders as image i has merged patches."""
-        parts = text.split(IMAGE_PAD)
-        if len(parts) - 1 != len(grids):
-            raise ValueError(f"the prompt has {len(parts) - 1} image placeholders ({IMAGE_PAD}) but {len(grids)} images were given")
-        counts = [int(np.prod(g)) // self.merge_size**2 for g in grids]
-        return parts[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, parts[1:]))
+        return "".join(text for text, _ in self._expand_segments(((text, False),), grids))
+
+    def _expand_segments(self, segments, grids: np.ndarray):
+        """`expand_image_tokens` on the template pieces of a segmented prompt (message text holds no
+        placeholders: an `<|image_pad|>` typed there is text)."""
+        found = sum(text.count(IMAGE_PAD) for text, is_content in segments if not is_content)
+        if found != len(grids):
+            raise ValueError(f"the prompt has {found} image placeholders ({IMAGE_PAD}) but {len(grids)} images were given")
+        counts = iter(int(np.prod(g)) // self.merge_size**2 for g in grids)
+        out = []
+        for text, is_content in segments:
+            if not is_content and IMAGE_PAD in text:
+                parts = text.split(IMAGE_PAD)
+                text = parts[0] + "".join(IMAGE_PAD * next(counts) + rest for rest in parts[1:])
+            out.append((text, is_content))
+        return out
+
+    def encode_segments(self, segments) -> list[int]:
+        """Token ids of (text, is_content) pieces: the template pieces' added tokens (`<|im_start|>`,
+        ...) are tokens, message text never makes a special token. The text between two template
+        tokens is tokenized as one string, as the tokenizer does with the joined prompt, so a
+        prompt whose message text holds no special token gets exactly the ids of encoding it whole."""
+        if not any(is_content for _, is_content in segments):  # a trusted prompt: the tokenizer's own reading
+            return self.tokenizer.encode("".join(text for text, _ in segments), add_special_tokens=False)
+        ids: list[int] = []
+        run: list[str] = []
+
+        def flush():
+            if run:
+                ids.extend(self.tokenizer("".join(run), add_special_tokens=False, split_special_tokens=True)["input_ids"])
+                run.clear()
+
+        for text, is_content in segments:
+            if is_content or self._added_split is None:
+                run.append(text)
+                continue
+            for i, part in enumerate(self._added_split.split(text)):
+                if i % 2:
+                    flush()
+                    ids.append(self._added_ids[part])
+                elif part:
+                    run.append(part)
+        flush()
+        return ids
 
     def encode(self, text: str, images: Sequence | None = None) -> dict:
-        """A formatted prompt (placeholders unexpanded) + its images -> model inputs for one row."""
+        """A formatted prompt (placeholders unexpanded) + its images -> model inputs for one row.
+
+        A `ChatPrompt` (from `chat` / `user_prompt`) keeps its message text free of special tokens;
+        a plain string is a trusted formatted prompt whose special tokens are all read as such."""
         images = list(images or [])
         if images:
             pixel_values, grids = self.process_images(images)
         else:
             pixel_values, grids = None, np.zeros((0, 3), np.int64)
-        ids = self.tokenizer.encode(self.expand_image_tokens(text, grids), add_special_tokens=False)
+        segments = text.segments if isinstance(text, ChatPrompt) else ((text, False),)
+        ids = self.encode_segments(self._expand_segments(segments, grids))
         return {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": grids}
 
     def __call__(self, texts: Sequence[str], images: Sequence | None = None, padding_side: str = "left") -> dict:
@@ -190,6 +315,11 @@ def _as_list(images):
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
+# A folder holding any of these has a tokenizer (tokenizer.json: a fast tokenizer; vocab.json with
+# merges.txt: a BPE tokenizer's slow files; tokenizer.model: a sentencepiece one).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
 def _read_json(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
@@ -210,6 +340,14 @@ def load_processor(path_or_hub_id=None, *, tokenizer_path: str | None = None, **
 
     folder = resolve_checkpoint(path_or_hub_id) if path_or_hub_id is not None else None
     tok_dir = tokenizer_path or folder or qwen_tokenizer_dir()
+    if tokenizer_path is not None:
+        tok_dir = os.path.expanduser(os.fspath(tokenizer_path))
+        if not os.path.isdir(tok_dir) and looks_like_local_path(tok_dir):
+            raise FileNotFoundError(str(missing_path_error(tok_dir, "tokenizer folder")))
+    if os.path.isdir(tok_dir) and not any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
+        hint = ("; pass tokenizer_path= a folder that has them (a checkpoint's original release ships them)"
+                if tokenizer_path is None else "")
+        raise FileNotFoundError(f"{tok_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}){hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=os.path.isdir(tok_dir))
     except (OSError, ValueError) as e:

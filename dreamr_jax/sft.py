@@ -21,9 +21,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .config import ConfigError, _build, read_yaml
+from .config import ConfigError, _build, read_yaml, resolve_input_paths
 from .data.pipeline import DataConfig, WorldEncoder, world_dataset
 from .sharding import distribute, gather_whole, local_copy
+from .spec.steps import SettingError, check_choice, check_flag, check_range, check_text
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +53,209 @@ class SFTConfig:
     # the weights and AdamW state over the data mesh: "replicate" (data parallel) or "fsdp" (each array
     # split over the devices, `sharding.fsdp_spec`)
     sharding: str = "replicate"
+    # Resuming from output_dir's checkpoint with settings other than those it was trained with is
+    # refused (each changed key named) unless this is true (`check_resume`).
+    allow_changed_settings: bool = False
 
     def __post_init__(self):
-        if self.sharding not in ("replicate", "fsdp"):
-            raise ValueError(f"sharding must be replicate or fsdp, got '{self.sharding}'")
+        check_text("output_dir", self.output_dir)
+        check_text("tokenizer", self.tokenizer, empty=True)
+        check_text("init", self.init, optional=True)
+        if not isinstance(self.model, dict):
+            raise SettingError("model", "must be a mapping of qwen3_vl_config arguments", self.model)
+        check_model_arguments(self.model)
+        if not isinstance(self.data, DataConfig):
+            raise SettingError("data", "must be a DataConfig (a mapping in a config file)", self.data)
+        check_data(self.data)
+        for key in ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            check_range(key, getattr(self, key), 1, integer=True)
+        check_range("learning_rate", self.learning_rate, above=0)
+        check_range("warmup_steps", self.warmup_steps, 0, integer=True)
+        check_range("end_lr_ratio", self.end_lr_ratio, 0, 1)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("clip_norm", self.clip_norm, above=0)
+        check_range("seed", self.seed, 0, integer=True)
+        check_choice("export_dtype", self.export_dtype, EXPORT_DTYPES)
+        check_range("data_workers", self.data_workers, 0, integer=True)
+        check_range("time_limit_s", self.time_limit_s, 0, optional=True)
+        check_choice("sharding", self.sharding, ("replicate", "fsdp"))
+        check_flag("allow_changed_settings", self.allow_changed_settings)
+
+
+def check_data(data: DataConfig) -> None:
+    """The ranges of the world pipeline's settings (`data.*`)."""
+    from .data.synthetic import SPLITS
+
+    check_range("data.seed", data.seed, 0, integer=True)
+    check_choice("data.split", data.split, tuple(SPLITS))
+    for key in ("judging_fraction", "specreason_fraction", "shuffled_reads", "cue_fraction"):
+        check_range(f"data.{key}", getattr(data, key), 0, 1)
+    check_range("data.verdict_weight", data.verdict_weight, 0)
+    check_range("data.seq_len", data.seq_len, 2, integer=True)
+    for key in ("instruction", "judge_instruction", "judge_cue", "specreason_prompt", "specreason_prefix"):
+        check_text(f"data.{key}", getattr(data, key), empty=True)
+
+
+def check_model_arguments(model: dict) -> None:
+    """`model` (the architecture of a model trained from scratch): the keyword arguments of
+    `assets.qwen3_vl_config`, all the required ones, each a positive integer (`model.<name>`)."""
+    if not model:
+        return
+    import inspect
+
+    from .assets import qwen3_vl_config
+
+    params = {name: p for name, p in inspect.signature(qwen3_vl_config).parameters.items() if name != "token_ids"}
+    for key in model:
+        if key not in params:
+            raise SettingError(f"model.{key}", f"is not an argument of qwen3_vl_config (known: {', '.join(params)})",
+                               model[key])
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in model]
+    if missing:
+        raise SettingError("model", f"misses {', '.join(missing)}", model)
+    for key, value in model.items():
+        if key == "tie_word_embeddings":
+            check_flag("model.tie_word_embeddings", value)
+        elif key == "deepstack_visual_indexes":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                               and i >= 0 for i in value):
+                raise SettingError("model.deepstack_visual_indexes", "must be a list of layer indexes", value)
+        elif key == "head_dim" and value is None:
+            continue
+        else:
+            check_range(f"model.{key}", value, 1, integer=True)
 
 
 def load_sft_config(path: str, overrides: list[str] | None = None) -> SFTConfig:
-    return _build(SFTConfig, read_yaml(path, overrides), path, nested={"data": DataConfig})
+    """An SFTConfig from YAML with `a.b=value` overrides; every setting checked (errors name the
+    file and the key) before anything loads."""
+    return resolve_input_paths(_build(SFTConfig, read_yaml(path, overrides), path), path, ("tokenizer", "init"))
+
+
+# ---- resuming: the settings and shapes a checkpoint was written with ----------------------------
+
+# Settings a resumed run may change without allow_changed_settings: where the run is, how long it
+# goes on, how often it logs and saves, and how the work is laid out over devices and chunks
+# (none of them changes what a step computes beyond rounding). Raising `steps` is how a finished
+# run is continued (SFT's cosine schedule then stretches to the new end).
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "steps", "time_limit_s", "log_every", "checkpoint_every", "keep_checkpoints", "data_workers",
+    "export_dtype", "tensorboard", "allow_changed_settings", "sharding", "draft_sharding", "draft_devices",
+    "target_devices", "target_parallelism", "micro_batches", "logprob_chunk", "check_rows"})
+
+
+def settings_of(cfg) -> dict:
+    """A config dataclass as {dotted key: JSON value} (nested dataclasses flattened; tuples as
+    lists, as a checkpoint's JSON holds them)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in settings_of(value).items()})
+        else:
+            out[f.name] = json.loads(json.dumps(value))
+    return out
+
+
+def changed_settings(stored: dict, current: dict) -> list[str]:
+    """'key: old -> new' for each setting (of those both know, outside RESUMABLE_CHANGES) that differs;
+    a mapping setting (e.g. `model`) is compared key by key."""
+    changes = []
+    for key in sorted(set(stored) & set(current)):
+        old, new = stored[key], current[key]
+        if key.split(".")[0] in RESUMABLE_CHANGES or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            for sub in sorted(set(old) | set(new)):
+                if old.get(sub, ...) != new.get(sub, ...):
+                    changes.append(f"{key}.{sub}: {_shown(old.get(sub, ...))} -> {_shown(new.get(sub, ...))}")
+        else:
+            changes.append(f"{key}: {_shown(old)} -> {_shown(new)}")
+    return changes
+
+
+def _shown(value) -> str:
+    return "(not set)" if value is ... else json.dumps(value)
+
+
+def check_resume(ckpt, step: int, cfg) -> dict:
+    """Before a run resumes from checkpoint `step`: refuse (ConfigError naming each changed key
+    with its old and new value) when its settings differ from those the checkpoint was written
+    with, unless cfg.allow_changed_settings (then a warning). Returns the checkpoint's meta
+    (read alone, before any array is restored). A checkpoint written before settings were
+    stored passes."""
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    meta = dict(ckpt.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    stored = meta.get("settings")
+    if stored is None:
+        return meta
+    changes = changed_settings(stored, settings_of(cfg))
+    if changes and not cfg.allow_changed_settings:
+        raise ConfigError(
+            f"{cfg.output_dir}: the checkpoint at step {step} was written with other settings: {'; '.join(changes)}. "
+            "Resume with the settings it was trained with, use a new output_dir, or set allow_changed_settings=true "
+            "to go on with the new ones")
+    if changes:
+        logging.getLogger(__name__).warning("resuming from step %d with changed settings (allow_changed_settings): %s",
+                                            step, "; ".join(changes))
+    return meta
+
+
+def resume_step(cfg) -> int | None:
+    """The step of the latest checkpoint in cfg.output_dir (None: a fresh run), once the checks a
+    resume must pass before anything loads have passed: not past cfg.steps, the same settings
+    (`check_resume`)."""
+    from .checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            if latest > cfg.steps:
+                raise ConfigError(f"{cfg.output_dir} holds a checkpoint at step {latest}, past steps={cfg.steps}; "
+                                  "raise steps or use a new output_dir")
+            check_resume(ckpt, latest, cfg)
+        return latest
+    finally:
+        ckpt.close()
+
+
+def _shape_table(tree) -> dict:
+    """{'a/b/c': shape} of a state tree's arrays (live arrays or orbax metadata)."""
+    table = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape"):
+            names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+            names = names[:-1] if names and names[-1] == "value" else names
+            table["/".join(names)] = tuple(leaf.shape)
+    return table
+
+
+def check_shapes(ckpt, step: int, where: str, **modules) -> None:
+    """One ConfigError naming the arrays whose shapes differ between checkpoint `step` and the
+    live objects (e.g. a model of another size), instead of the restore's pile of tracebacks."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    problems = []
+    for name, module in modules.items():
+        folder = os.path.join(ckpt.directory, str(int(step)), name)
+        if not os.path.isdir(folder):
+            continue
+        stored = _shape_table(ocp.StandardCheckpointHandler().metadata(epath.Path(folder)).tree)
+        live = _shape_table(nnx.state(module))
+        for path in sorted(set(stored) | set(live)):
+            if stored.get(path) != live.get(path):
+                old, new = stored.get(path, "absent"), live.get(path, "absent")
+                problems.append(f"{name}/{path}: checkpoint {old}, this run {new}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ConfigError(f"{where}: the checkpoint at step {step} holds arrays of other shapes than this run's "
+                          f"model ({len(problems)} differ: {shown}). Resume with the model it was trained with, or "
+                          "use a new output_dir")
 
 
 # ---- the pure pieces --------------------------------------------------------------------------
@@ -152,7 +350,7 @@ def build_model(cfg: SFTConfig, token_ids: dict):
         with open(os.path.join(resolve_checkpoint(cfg.init), "config.json")) as f:
             return model, json.load(f)
     if not cfg.model:
-        raise ConfigError("sft config: give either `model` (architecture) or `init` (a checkpoint)")
+        raise ConfigError("sft config: give either model (an architecture) or init (a checkpoint)")
     config = qwen3_vl_config(token_ids=token_ids, **cfg.model)
     return QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(cfg.seed)), config
 
@@ -179,6 +377,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     from .processing import load_processor
 
     os.makedirs(cfg.output_dir, exist_ok=True)
+    resume_step(cfg)  # before anything loads: a resume with other settings is refused
     processor = load_processor(cfg.init) if cfg.init else load_processor(tokenizer_path=cfg.tokenizer)
     ids = token_ids_of(processor)
     model, model_config = build_model(cfg, ids)
@@ -212,9 +411,11 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     step = 0
     latest = ckpt.latest_step()
     if latest is not None:
-        if latest > cfg.steps:
-            raise ConfigError(f"{cfg.output_dir} holds a checkpoint at step {latest}, past steps={cfg.steps}; "
-                              "raise steps or use a new output_dir")
+        try:
+            check_shapes(ckpt, latest, cfg.output_dir, model=model, optimizer=optimizer)
+        except ConfigError:
+            ckpt.close()
+            raise
         meta = ckpt.restore(latest, model=model, optimizer=optimizer, data_iterator=iterator)
         step = int(meta["step"])
         trim_metrics(metrics_path, step)
@@ -222,6 +423,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
         trim_metrics(metrics_path, -1)
 
     schedule = make_schedule(cfg)
+    settings = settings_of(cfg)  # stored with every checkpoint, compared when a run resumes
     last_metrics = {}
     history = []
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="sft")
@@ -253,7 +455,8 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
                 out_of_time = (cfg.time_limit_s is not None and step % cfg.log_every == 0
                                and _agreed(time.perf_counter() - t_start >= cfg.time_limit_s))
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
-                    ckpt.save(step, model=model, optimizer=optimizer, data_iterator=iterator, meta={"seed": cfg.seed})
+                    ckpt.save(step, model=model, optimizer=optimizer, data_iterator=iterator,
+                              meta={"seed": cfg.seed, "settings": settings})
                 if stop_after is not None and step >= stop_after:
                     return {"step": step, "metrics": last_metrics, "history": history}
                 if out_of_time:
@@ -301,8 +504,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("DREAMR_MULTIHOST"):
         jax.distributed.initialize()
-    cfg = load_sft_config(args.config, args.overrides)
-    t0 = time.perf_counter()
-    out = train(cfg)
+    try:
+        cfg = load_sft_config(args.config, args.overrides)
+        t0 = time.perf_counter()
+        out = train(cfg)
+    except ConfigError as e:  # a setting that does not fit: its message, not a traceback
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps({"steps": out["step"], "final": out["metrics"], "seconds": round(time.perf_counter() - t0, 1),
                       "export_dir": out.get("export_dir")}, indent=2))

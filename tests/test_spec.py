@@ -80,7 +80,7 @@ def _reasoner(loaded, steps=STEPS, **kw):
 
 @pytest.fixture(scope="module")
 def reject_all(loaded):
-    return _reasoner(loaded, alpha=1.5, specreason_threshold=10, lookahead_judge="never")
+    return _reasoner(loaded, alpha=float("inf"), specreason_threshold=10, lookahead_judge="never")
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ METHODS_AND_SETTINGS = [("dreamr", {"fallback": "eager"}), ("dreamr", {"fallback
 @pytest.mark.parametrize("method,settings", METHODS_AND_SETTINGS)
 def test_reject_all_equals_target(method, settings, loaded, reject_all, refs):
     if settings:
-        reject_all = _reasoner(loaded, alpha=1.5, **settings)
+        reject_all = _reasoner(loaded, alpha=float("inf"), **settings)
     trace = reject_all.solve(QUESTION, method=method)
     target = refs["target"]
     assert trace.text == target.text
@@ -917,7 +917,7 @@ def test_check_warm_up_leaves_nothing_to_compile(loaded, image_file):
     from dreamr_jax.generation import _extend_packed
 
     _extend_packed.clear_cache()  # checks compiled by other tests must not make this pass
-    reject_all = _reasoner(loaded, alpha=1.5, judge_format="cue", judge_cue="<|im_end|>")
+    reject_all = _reasoner(loaded, alpha=float("inf"), judge_format="cue", judge_cue="<|im_end|>")
     assert reject_all.warm_up_checks(QUESTION, image_file) >= 16  # 8 widths up to 64 x 2 cache buckets, and more
     eng = reject_all.engine("dreamr")
     enc = reject_all.processor.encode(reject_all.prompt(QUESTION, 1), [image_file])

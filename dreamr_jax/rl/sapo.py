@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from ..generation import _image_indices, length_bucket
+from ..spec.steps import SettingError, check_choice, check_flag, check_range
 from .grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from .rewards import composite_reward, draft_reward, length_reward, outcome_reward
 from .rollouts import Rollout, sample_rollouts, step_rhos
@@ -47,9 +48,26 @@ class GRPOSettings:
     rollout_prompts: int = 0  # prompts per generation call (0: all at once); calls spread over devices
 
     def __post_init__(self):
-        if self.grpo_iterations < 1 or self.group_size < 2:
-            raise ValueError(f"grpo_iterations must be >= 1 and group_size >= 2 (advantages need a group), "
-                             f"got {self.grpo_iterations} and {self.group_size}")
+        check_range("group_size", self.group_size, 2, integer=True)  # advantages need a group
+        check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_p", self.top_p, high=1, above=0)
+        check_range("alpha", self.alpha, 0, 1)
+        check_flag("soft_draft_reward", self.soft_draft_reward)
+        check_range("l_ref", self.l_ref, 1, integer=True)
+        weights = self.reward_weights
+        if not isinstance(weights, (tuple, list)) or len(weights) != 3:
+            raise SettingError("reward_weights", "must be three numbers (w1, w2, w3)", weights)
+        for w in weights:
+            check_range("reward_weights", w)
+        check_range("epsilon", self.epsilon, above=0)
+        check_range("beta", self.beta, 0)
+        check_range("grpo_iterations", self.grpo_iterations, 1, integer=True)
+        check_range("logprob_chunk", self.logprob_chunk, 1, integer=True)
+        if self.compute_dtype is not None:
+            check_choice("compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
+        check_range("check_rows", self.check_rows, 1, integer=True)
+        check_range("rollout_prompts", self.rollout_prompts, 0, integer=True)
 
 
 # ---- log-probs of responses ------------------------------------------------------------------

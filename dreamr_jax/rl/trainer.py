@@ -37,9 +37,10 @@ import optax
 from flax import nnx
 
 from ..checkpoint import TrainCheckpointer, trim_metrics
-from ..config import ConfigError, _NESTED, _build, read_yaml
+from ..config import ConfigError, _build, read_yaml, resolve_input_paths
 from ..sharding import distribute, gather_whole, local_copy
 from ..spec.config import SpecConfig, question_text
+from ..spec.steps import SettingError, check_choice, check_flag, check_range, check_text
 from .sapo import GRPOSettings, collect, in_dtype, means, policy_batch, update
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,27 @@ class SAPOData:
     world_size: int = 100_000  # embedded-world problems per epoch
 
     def __post_init__(self):
-        sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources)
+        sources = self.sources
+        if isinstance(sources, str):
+            sources = (sources,)
+        if not isinstance(sources, (tuple, list)):
+            raise SettingError("sources", f"must name some of {', '.join(TRAIN_SOURCES)}", sources)
+        sources = tuple(sources)
         object.__setattr__(self, "sources", sources)
         unknown = [s for s in sources if s not in TRAIN_SOURCES]
         if not sources or unknown:
-            raise ValueError(f"data.sources must name some of {TRAIN_SOURCES}, got {list(sources)}")
+            raise SettingError("sources", f"must name some of {', '.join(TRAIN_SOURCES)}", list(sources))
+        if not isinstance(self.paths, dict):
+            raise SettingError("paths", "must be a mapping of source -> file or folder", self.paths)
         if set(self.paths) - set(sources):
-            raise ValueError(f"data.paths names {sorted(set(self.paths) - set(sources))}, not among the sources")
+            raise SettingError("paths", f"names {sorted(set(self.paths) - set(sources))}, not among the sources",
+                               self.paths)
+        for source, where in self.paths.items():
+            check_text(f"paths.{source}", where)
+        check_text("split", self.split, optional=True)
+        check_range("limit", self.limit, 1, integer=True, optional=True)
+        check_range("world_seed", self.world_seed, 0, integer=True)
+        check_range("world_size", self.world_size, 1, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,27 +138,48 @@ class SAPOConfig:
     # (plain data parallelism) or "fsdp" (each array split over the devices, `sharding.fsdp_spec`;
     # rollouts and the export gather a whole copy first).
     draft_sharding: str = "replicate"
+    # Resuming from output_dir's checkpoint with settings other than those it was trained with is
+    # refused (each changed key named) unless this is true (`sft.check_resume`).
+    allow_changed_settings: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "reward_weights", tuple(float(w) for w in self.reward_weights))
-        if len(self.reward_weights) != 3:
-            raise ValueError(f"reward_weights must be (w1, w2, w3), got {self.reward_weights}")
-        if self.draft_sharding not in ("replicate", "fsdp"):
-            raise ValueError(f"draft_sharding must be replicate or fsdp, got '{self.draft_sharding}'")
-        if self.target_parallelism not in ("tensor", "replicate"):
-            raise ValueError(f"target_parallelism must be tensor or replicate, got '{self.target_parallelism}'")
-        if self.schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"schedule must be constant, cosine or linear, got '{self.schedule}'")
+        for key in ("output_dir", "draft", "target"):
+            check_text(key, getattr(self, key))
+        if not isinstance(self.data, SAPOData):
+            raise SettingError("data", "must be a SAPOData (a mapping in a config file)", self.data)
+        if not isinstance(self.spec, SpecConfig):
+            raise SettingError("spec", "must be a SpecConfig (a mapping in a config file)", self.spec)
         for name in ("dtype", "param_dtype", "export_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{name} must be float32, bfloat16 or float16, got '{getattr(self, name)}'")
-        if min(self.batch_size, self.steps, self.checkpoint_every, self.log_every, self.micro_batches) < 1:
-            raise ValueError("batch_size, steps, checkpoint_every, log_every and micro_batches must be >= 1")
-        if self.rollout_prompts < 0:
-            raise ValueError(f"rollout_prompts must be >= 0, got {self.rollout_prompts}")
-        if self.max_new_tokens < 1 or self.max_new_tokens >= self.max_length:
-            raise ValueError(f"max_new_tokens {self.max_new_tokens} must be >= 1 and below max_length {self.max_length}")
-        self.settings()  # GRPOSettings validates G and the iterations
+            check_choice(name, getattr(self, name), ("float32", "bfloat16", "float16"))
+        check_range("max_pixels", self.max_pixels, 1, integer=True, optional=True)
+        check_range("max_length", self.max_length, 2, integer=True)
+        check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        if self.max_new_tokens >= self.max_length:
+            raise SettingError("max_new_tokens", f"must be below max_length ({self.max_length})", self.max_new_tokens)
+        if isinstance(self.reward_weights, (list, tuple)) and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights):
+            object.__setattr__(self, "reward_weights", tuple(float(w) for w in self.reward_weights))
+        check_range("micro_batches", self.micro_batches, 1, integer=True)
+        check_range("learning_rate", self.learning_rate, above=0)
+        check_choice("schedule", self.schedule, ("constant", "cosine", "linear"))
+        check_range("warmup_steps", self.warmup_steps, 0, integer=True)
+        check_range("end_lr_ratio", self.end_lr_ratio, 0, 1)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("b1", self.b1, 0, below=1)
+        check_range("b2", self.b2, 0, below=1)
+        check_range("clip_norm", self.clip_norm, above=0)
+        for key in ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "draft_devices",
+                    "target_devices"):
+            check_range(key, getattr(self, key), 1, integer=True)
+        check_range("seed", self.seed, 0, integer=True)
+        check_flag("tensorboard", self.tensorboard)
+        check_choice("target_parallelism", self.target_parallelism, ("tensor", "replicate"))
+        check_choice("draft_sharding", self.draft_sharding, ("replicate", "fsdp"))
+        check_flag("allow_changed_settings", self.allow_changed_settings)
+        # group_size, temperature, top_p, alpha, l_ref, reward_weights, epsilon, beta, grpo_iterations,
+        # logprob_chunk, check_rows and rollout_prompts: GRPOSettings checks them (same names). The
+        # sampling settings here are SAPO's rollouts'; spec.* holds the speculative engine's own.
+        self.settings()
 
     def settings(self) -> GRPOSettings:
         return GRPOSettings(
@@ -156,8 +192,9 @@ class SAPOConfig:
 
 
 def load_sapo_config(path: str, overrides: list[str] | None = None) -> SAPOConfig:
-    """A SAPOConfig from YAML with `a.b=value` overrides; errors name the file and key."""
-    return _build(SAPOConfig, read_yaml(path, overrides), path, nested=dict(_NESTED, data=SAPOData))
+    """A SAPOConfig from YAML with `a.b=value` overrides; every setting checked (errors name the
+    file and the key) before anything loads."""
+    return resolve_input_paths(_build(SAPOConfig, read_yaml(path, overrides), path), path, ("draft", "target"))
 
 
 # ---- optimizer --------------------------------------------------------------------------------
@@ -370,7 +407,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     from ..hub import resolve_checkpoint
     from ..loading import load_model
     from ..processing import load_processor
-    from ..sft import shard_batch
+    from ..sft import check_shapes, resume_step, settings_of, shard_batch
     from ..sharding import role_mesh
     from ..spec.methods import StepEngine, check_same_tokenizer
     from ..spec.roles import Role
@@ -390,6 +427,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
         raise ConfigError(f"a micro-batch of {micro_prompts} prompts x {cfg.group_size} rollouts per process must "
                           f"divide over its {len(local_devices)} draft devices")
     os.makedirs(cfg.output_dir, exist_ok=True)
+    resume_step(cfg)  # before anything loads: a resume with other settings is refused
 
     image_overrides = {} if cfg.max_pixels is None else {"max_pixels": cfg.max_pixels}
     processor = load_processor(cfg.draft, **image_overrides)
@@ -420,9 +458,11 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     step, key = 0, jax.random.key(cfg.seed)
     latest = ckpt.latest_step()
     if latest is not None:
-        if latest > cfg.steps:
-            raise ConfigError(f"{cfg.output_dir} holds a checkpoint at step {latest}, past steps={cfg.steps}; "
-                              "raise steps or use a new output_dir")
+        try:
+            check_shapes(ckpt, latest, cfg.output_dir, policy=policy, optimizer=optimizer, reference=reference)
+        except ConfigError:
+            ckpt.close()
+            raise
         meta = ckpt.restore(latest, policy=policy, optimizer=optimizer, reference=reference, data_iterator=iterator)
         if meta.get("process_count", 1) != n_proc:
             raise ConfigError(f"the checkpoint at step {latest} was written by {meta['process_count']} processes; "
@@ -441,6 +481,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
             logger.warning("tensorboardX is not installed; metrics go to metrics.jsonl only")
 
     schedule = make_schedule(cfg)
+    settings_record = settings_of(cfg)  # stored with every checkpoint, compared when a run resumes
     history, last = [], {}
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or pid != 0, desc="sapo")
     try:
@@ -497,7 +538,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
                                 kl=f"{row['kl']:.4f}")
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     ckpt.save(step, policy=policy, optimizer=optimizer, reference=reference, data_iterator=iterator,
-                              meta={"seed": cfg.seed, "process_count": n_proc,
+                              meta={"seed": cfg.seed, "process_count": n_proc, "settings": settings_record,
                                     "rng_key": np.asarray(jax.random.key_data(key)).tolist()})
                 if stop_after is not None and step >= stop_after:
                     return {"step": step, "metrics": last, "history": history, "policy": policy, "optimizer": optimizer}
@@ -557,9 +598,12 @@ def main(argv=None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
-    cfg = load_sapo_config(args.config, args.overrides)
-    t0 = time.perf_counter()
-    out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+    try:
+        cfg = load_sapo_config(args.config, args.overrides)
+        t0 = time.perf_counter()
+        out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+    except ConfigError as e:  # a setting that does not fit: its message, not a traceback
+        raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
         print(json.dumps({"steps": out["step"], "final": out["metrics"], "seconds": round(time.perf_counter() - t0, 1),
                           "export_dir": out.get("export_dir")}, indent=2))

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from .steps import StepConfig
+from .steps import SettingError, StepConfig, check_choice, check_flag, check_range, check_text
 from .tbvm import JUDGE_CUE, JUDGE_FORMATS, JUDGE_INSTRUCTION, Keywords
 
 METHODS = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
 FALLBACK_MODES = ("auto", "eager", "on_reject")
+KEYWORD_POLICIES = ("single", "first_subtoken")
+# `alpha` is a threshold on rho = sigmoid(z+ - z-), so it lies in [0, 1] (0 accepts every drafted
+# step). The one value outside: REJECT_ALL (infinity; `.inf` in YAML, `spec.alpha=.inf` on the
+# command line), which no rho reaches, so every drafted step is rejected and the target writes
+# every step (tests of target equivalence; alpha = 1 still accepts a rho rounded to 1.0).
+REJECT_ALL = math.inf
 
 REASONING_INSTRUCTION = (
     "Solve the problem step by step. Separate the steps with a blank line and put the final answer in "
@@ -81,19 +88,37 @@ class SpecConfig:
     solo_tokens_per_call: int = 256
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method '{self.method}' is not one of {METHODS}")
-        if self.draft_steps_per_call < 1:
-            raise ValueError(f"draft_steps_per_call must be >= 1, got {self.draft_steps_per_call}")
-        if self.solo_tokens_per_call < 1:
-            raise ValueError(f"solo_tokens_per_call must be >= 1, got {self.solo_tokens_per_call}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.fallback not in FALLBACK_MODES:
-            raise ValueError(f"fallback must be one of {FALLBACK_MODES}, got '{self.fallback}'")
-        if self.judge_format not in JUDGE_FORMATS:
-            raise ValueError(f"judge_format must be one of {JUDGE_FORMATS}, got '{self.judge_format}'")
+        check_choice("method", self.method, METHODS)
+        if self.alpha != REJECT_ALL:
+            try:
+                check_range("alpha", self.alpha, 0, 1)
+            except SettingError:
+                raise SettingError("alpha", "must be in [0, 1] (or inf: reject every drafted step)", self.alpha) \
+                    from None
+        check_range("window", self.window, 1, integer=True)
+        for key in ("draft_temperature", "target_temperature"):
+            check_range(key, getattr(self, key), 0)
+        check_range("top_p", self.top_p, high=1, above=0)
+        check_range("seed", self.seed, 0, integer=True)
+        for key in ("instruction", "judge_instruction", "judge_cue", "specreason_prompt", "specreason_prefix"):
+            check_text(key, getattr(self, key), empty=True)
+        check_choice("judge_format", self.judge_format, JUDGE_FORMATS)
         if self.judge_format == "cue" and not self.judge_cue:
-            raise ValueError("judge_format 'cue' needs a non-empty judge_cue")
-        if self.lookahead_judge not in ("model", "always", "never"):
-            raise ValueError(f"lookahead_judge must be model/always/never, got '{self.lookahead_judge}'")
+            raise SettingError("judge_cue", "must not be empty with judge_format 'cue'", self.judge_cue)
+        check_range("specreason_threshold", self.specreason_threshold, 0, 10, integer=True)
+        check_choice("lookahead_judge", self.lookahead_judge, ("model", "always", "never"))
+        check_range("sd_tokens", self.sd_tokens, 1, integer=True)
+        check_range("fallback_chunk", self.fallback_chunk, 1, integer=True)
+        check_choice("fallback", self.fallback, FALLBACK_MODES)
+        check_flag("gather_checks", self.gather_checks)
+        check_range("draft_steps_per_call", self.draft_steps_per_call, 1, integer=True)
+        check_range("solo_tokens_per_call", self.solo_tokens_per_call, 1, integer=True)
+        if not isinstance(self.steps, StepConfig):
+            raise SettingError("steps", "must be a StepConfig (a mapping in a config file)", self.steps)
+        if not isinstance(self.keywords, Keywords):
+            raise SettingError("keywords", "must be a Keywords (a mapping in a config file)", self.keywords)
+        check_text("keywords.positive", self.keywords.positive)
+        check_text("keywords.negative", self.keywords.negative)
+        if self.keywords.positive == self.keywords.negative:
+            raise SettingError("keywords.negative", "must differ from keywords.positive", self.keywords.negative)
+        check_choice("keywords.policy", self.keywords.policy, KEYWORD_POLICIES)

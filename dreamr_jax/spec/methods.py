@@ -40,6 +40,10 @@ class Problem:
     # prepares both before dispatching either, and each role's thread waits for its own.
     openers: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.tokens_left <= 0:  # no budget: done before it starts (no method may write a token)
+            self.trace.finish_reason, self.done = "budget", True
+
     def open(self, role_name: str) -> Context:
         ctx, done = self.dispatch(self.prepare(role_name))
         done()

@@ -85,7 +85,10 @@ class SpeculativeReasoner:
         self.target = Role("target", target_model, target_devices, target_parallelism)
         self.draft = Role("draft", draft_model, draft_devices, draft_parallelism) if draft_model is not None else None
         self._engines: dict[str, StepEngine] = {}
-        self.engine(self.config.method)  # validates keywords etc. at start-up
+        # Validates keywords etc. at start-up, with a method this pair runs: a target alone (no
+        # draft) runs only `target`, whatever the config's default; a method that needs the draft
+        # is refused when it is asked for (`solve`, `solve_many`, `dreamr eval`).
+        self.engine(self.config.method if self.draft is not None else "target")
 
     def engine(self, method: str) -> StepEngine:
         import dataclasses
@@ -102,6 +105,8 @@ class SpeculativeReasoner:
 
     def solve(self, question: str, image=None, method: str | None = None) -> Trace:
         """Reason about one question (and optional image, or list of images) with one method."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"the question must be a non-empty string, got {question!r}")
         method = method or self.config.method
         engine = self.engine(method)
         cfg = engine.config
@@ -159,24 +164,42 @@ class SpeculativeReasoner:
         return engine.warm_checks(ctx)
 
     def solve_many(self, records: Iterable[dict], output: str | None = None, methods: Sequence[str] | None = None,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, resume: bool = True) -> list[dict]:
         """Solve records ({'question', 'image'? or 'images'?, 'answer'?, 'id'?}) with each method.
 
-        Results stream to `output` (JSONL) as they finish; a record that fails is written with
-        its error and the run goes on."""
+        Results stream to `output` (JSONL, appended) as they finish; a record that fails is
+        written with its error and the run goes on. With `resume` (the default) a (record id,
+        method) pair that `output` already holds with status ok is not solved again: its row is
+        returned as written and the number skipped is printed. A record without an id is known
+        by its position. Returns a row per record and method, in order."""
         from tqdm import tqdm
 
-        methods = list(methods or [self.config.method])
+        from ..evaluate import check_methods, open_results, read_results, result_key
+
+        methods = list(dict.fromkeys(methods or [self.config.method]))
+        check_methods(methods, has_draft=self.draft is not None)  # before any solve, not once per record
         records = list(records)
+        done = {}
+        if output and resume:
+            done = {k: row for k, row in read_results(output).items() if row.get("status") == "ok"}
+        keys = [[result_key(record.get("id", idx), m) for m in methods] for idx, record in enumerate(records)]
+        todo = sum(k not in done for row in keys for k in row)
+        if todo < len(records) * len(methods):
+            print(f"resuming: {len(records) * len(methods) - todo} of {len(records) * len(methods)} (record, method) "
+                  f"pairs are already in {output} with status ok; skipped")
         results = []
-        sink = open(output, "a") if output else None
+        sink = open_results(output) if output and todo else None
         try:
-            bar = tqdm(total=len(records) * len(methods), disable=not progress, desc="solving")
+            bar = tqdm(total=todo, disable=not progress, desc="solving")
             for idx, record in enumerate(records):
-                for method in methods:
+                for method, key in zip(methods, keys[idx]):
+                    if key in done:
+                        results.append(done[key])
+                        continue
                     row = {"id": record.get("id", idx), "method": method, "reference": record.get("answer")}
                     try:
-                        trace = self.solve(record["question"], record.get("images") or record.get("image"), method=method)
+                        image = record.get("images") or record.get("image")
+                        trace = self.solve(record["question"], image, method=method)
                         row.update(status="ok", trace=trace.to_dict())
                     except Exception as e:  # one bad record must not stop the run
                         row.update(status="failed", error=f"{type(e).__name__}: {e}",
