@@ -396,7 +396,7 @@ def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str
     with locked_out_dir(out_dir):
         results_path = os.path.join(out_dir, "results.jsonl")
         if fresh and os.path.exists(results_path):
-            print(f"--fresh: the previous results are kept as {_set_aside(results_path)}")
+            print(f"starting fresh: the previous results are kept as {_set_aside(results_path)}")
         done = {k for k, row in read_results(results_path, warn=False).items() if row.get("status") == "ok"}
         pending = [m for m in methods
                    if any(result_key(r.get("id", i), m) not in done for i, r in enumerate(records))]
