@@ -70,16 +70,19 @@ class Role:
         self.clock_start = start
         self.intervals = []
 
-    def _timed(self, kind: str, fn, *args, tokens: int = 0):
+    def _timed(self, kind: str, fn, *args, tokens: int = 0, op: str = "extend", cached: int = 0, rows: int = 1):
+        """Run one device call, wait for it, and record its interval with its shape (`op`, the
+        tokens each row had `cached`, `rows`)."""
         start = time.perf_counter()
         out = fn(*args)
         jax.block_until_ready(out)
-        self._record(kind, start, time.perf_counter(), tokens)
+        self._record(kind, start, time.perf_counter(), tokens, op=op, cached=cached, rows=rows)
         return out
 
-    def _record(self, kind: str, start: float, end: float, tokens: int) -> None:
+    def _record(self, kind: str, start: float, end: float, tokens: int, **shape) -> None:
         with self._lock:
-            self.intervals.append(Interval(self.name, kind, start - self.clock_start, end - self.clock_start, tokens))
+            self.intervals.append(Interval(self.name, kind, start - self.clock_start, end - self.clock_start, tokens,
+                                           **shape))
 
     def _put(self, array):
         return jax.device_put(np.asarray(array), self.sharding)
@@ -106,6 +109,8 @@ class Role:
         # One cache size for every prompt bucket below it (the cache's shape is part of every
         # program's signature); attention reads only the valid part of it (`attend_bucket`).
         cache_len = length_bucket(batch.input_ids.shape[1] + capacity)
+        # image patches the vision tower encodes: each image token merges merge_size**2 of them
+        patches = int((batch.image_gather >= 0).sum()) * self.model.cfg.vision.spatial_merge_size ** 2
         start = time.perf_counter()
         logits, cache = self.generator.prefill(batch, cache_len)
         ctx = Context(cache=cache, prompt_len=prompt_len, fed=[], pending=[], logits=logits, prompt_logits=logits)
@@ -113,7 +118,7 @@ class Role:
 
         def done():
             jax.block_until_ready((logits, cache.keys))
-            self._record("prefill", start, time.perf_counter(), prompt_len)
+            self._record("prefill", start, time.perf_counter(), prompt_len, op="prefill", patches=patches)
 
         return ctx, done
 
@@ -168,7 +173,8 @@ class Role:
             end = ctx.prompt_len + len(ctx.fed) + width
             ctx.cache = self._ensure_room(ctx.cache, end)
             ctx.logits, ctx.cache = self._timed(kind, self.generator.extend_last, ctx.cache, ids,
-                                                np.array([n], np.int32), attend_bucket(end, ctx.cache.max_len), tokens=n)
+                                                np.array([n], np.int32), attend_bucket(end, ctx.cache.max_len), tokens=n,
+                                                cached=ctx.prompt_len + len(ctx.fed))
             ctx.fed = ctx.fed + ctx.pending
             ctx.pending = []
             self._synced(ctx)
@@ -207,12 +213,13 @@ class Role:
         # attention covers the slots the loop can write: rows stop after max_tokens, however long
         # the output buffer's bucket is
         attend = attend_bucket(ctx.prompt_len + len(ctx.fed) + len(ctx.pending) + max_tokens + 1, ctx.cache.max_len)
+        cached = ctx.prompt_len + len(ctx.fed)
         tokens, logps, n_gen, cache, seen = self._timed(
             kind, lambda: self.generator.decode(ctx.cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
                                                 params=params, seed=seed, out_len=out_len, first_tokens=first,
                                                 attend_len=attend, keep_logits=keep_logits, max_steps=max_steps,
                                                 end_ids=end_ids, max_step_len=max_step_tokens,
-                                                answer_ids=answer_ids, in_step=in_step))
+                                                answer_ids=answer_ids, in_step=in_step), op="decode", cached=cached)
         tokens, logps, n_gen = jax.device_get((tokens, logps, n_gen))  # one transfer back
         n = int(n_gen[0])
         new = tokens[0, :n].tolist()
@@ -250,7 +257,7 @@ class Role:
         n_acc, token, ctx.cache = self._timed(
             kind, self.generator.extend_verify, ctx.cache, ids, np.array([len(rows)], np.int32), prev,
             len(ctx.pending), padded, len(proposal), draft_logits, seed, params, draft_params,
-            attend_bucket(end, ctx.cache.max_len), tokens=len(rows))
+            attend_bucket(end, ctx.cache.max_len), tokens=len(rows), cached=ctx.prompt_len + len(ctx.fed))
         n_acc, token = jax.device_get((n_acc, token))
         ctx.fed = ctx.fed + rows
         ctx.pending = []
@@ -280,7 +287,8 @@ class Role:
         ctx.cache = self._ensure_room(ctx.cache, end)
         forked = ctx.cache.fork(np.zeros(k, np.int32))
         logits, _ = self._timed(kind, self.generator.extend_last, forked, ids, n,
-                                attend_bucket(end, ctx.cache.max_len), tokens=int(n[:wanted].sum()))
+                                attend_bucket(end, ctx.cache.max_len), tokens=int(n[:wanted].sum()),
+                                cached=ctx.prompt_len + len(ctx.fed), rows=wanted)
         return logits[:wanted]
 
     def check_chain(self, ctx: Context, drafts: Sequence[Sequence[int]], suffix: Sequence[int],
@@ -336,7 +344,7 @@ class Role:
         logits, ctx.cache = self._timed(kind, self.generator.extend_packed, ctx.cache, ids_w,
                                         np.array([n_draft], np.int32), positions_w, slots_w, visible[None], read,
                                         np.asarray(read_ids, np.int32), attend_bucket(scratch, ctx.cache.max_len),
-                                        tokens=n)
+                                        tokens=n, cached=ctx.prompt_len + len(ctx.fed))
         ctx.fed = ctx.fed + lead + [t for d in drafts for t in d]
         ctx.pending = []
         ctx.logits = None
@@ -373,12 +381,15 @@ def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]],
         # rows with nothing new start from the context's own next-token logits
         base = role.feed(ctx, kind) if ctx.logits is None else ctx.logits
     logits, cache = role._timed(kind, role.generator.extend_last, cache, ids, np.maximum(n, 0), attend,
-                                tokens=int(n.sum()))
+                                tokens=int(n.sum()), cached=base_len, rows=k)
     cache = cache.with_lengths(base_len + n)
     if (n == 0).any():
         logits = jnp.where(jnp.asarray(n == 0)[:, None], jnp.broadcast_to(base, logits.shape), logits)
     tokens, _, n_gen, _, _ = role._timed(
         kind, lambda: role.generator.decode(cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
-                                            params=params, seed=seed, out_len=out_len, attend_len=attend))
+                                            params=params, seed=seed, out_len=out_len, attend_len=attend),
+        op="decode", cached=base_len + int(n.mean()), rows=k)
     tokens, n_gen = np.asarray(tokens), np.asarray(n_gen)
+    with role._lock:
+        role.intervals[-1].tokens = int(n_gen.sum())
     return [tokens[i, : n_gen[i]].tolist() for i in range(k)]

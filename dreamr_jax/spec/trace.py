@@ -26,10 +26,17 @@ class Interval:
     """A span during which a role's device was busy, in seconds since the problem started."""
 
     role: str  # "draft" | "target"
-    kind: str  # "prefill" | "draft" | "check" | "fallback" | "verify" | "decode"
+    kind: str  # what it was for: "prefill" | "draft" | "check" | "fallback" | "verify" | "decode"
     start: float
     end: float
-    tokens: int = 0
+    tokens: int = 0  # new tokens: fed (prefill, extend) or generated (decode), all rows together
+    # The call's shape, for pricing it at another scale (`dreamr_jax.costmodel`): the program
+    # ("prefill" | "extend" | "decode"; "" in traces written before it was recorded), the tokens
+    # each row already had in its cache, the rows, and the image patches of a prefill.
+    op: str = ""
+    cached: int = 0
+    rows: int = 1
+    patches: int = 0
 
     @property
     def duration(self) -> float:
@@ -80,5 +87,6 @@ class Trace:
     def from_dict(cls, d: dict) -> "Trace":
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         d["steps"] = [Step(**s) for s in d.get("steps", [])]
-        d["intervals"] = [Interval(**i) for i in d.get("intervals", [])]
+        known = {f.name for f in dataclasses.fields(Interval)}
+        d["intervals"] = [Interval(**{k: v for k, v in i.items() if k in known}) for i in d.get("intervals", [])]
         return cls(**d)
