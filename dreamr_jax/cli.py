@@ -20,10 +20,24 @@ def _generate(args):
         print(f"[{len(out.token_ids[0])} tokens, finish: {out.finish_reasons[0]}]", file=sys.stderr)
 
 
+def _projection(args):
+    """`--project HW:DRAFT:TARGET` (with `--project-devices D:T`) of `eval` / `demo`, looked up
+    in the cost model before any work; None without `--project`."""
+    from .projection import Projection, ProjectionError
+
+    if not args.project:
+        if args.project_devices is not None:
+            raise ProjectionError("--project-devices needs --project HW:DRAFT:TARGET")
+        return None
+    return Projection.parse(args.project, args.project_devices or "1:1").resolve()
+
+
 def _demo(args):
     from .demo import DEFAULT_CONFIG, run_demo
 
-    run_demo(args.out, count=args.count, config=args.config or DEFAULT_CONFIG, fresh=not args.resume)
+    projection = _projection(args)
+    run_demo(args.out, count=args.count, config=args.config or DEFAULT_CONFIG, fresh=not args.resume,
+             projection=projection)
 
 
 def _reasoner(cfg):
@@ -81,6 +95,7 @@ def _eval(args):
     if args.warmup_records < 0:
         raise ValueError(f"--warmup-records must be >= 0, got {args.warmup_records}")
     check_out_dir(args.out)
+    projection = _projection(args)
     records = read_records(args.data)[: args.limit or None]
     if not records:
         raise ValueError(f"{args.data}: holds no records")
@@ -88,7 +103,53 @@ def _eval(args):
     check_methods(["target"] + methods, has_draft=cfg.draft is not None, pair=args.config)  # eval always runs target
     with locked_out_dir(args.out):  # before the models load: a second run on --out fails at once
         run_eval(_reasoner(cfg), records, methods, args.out, warmup=args.warmup,
-                 warmup_records=args.warmup_records, fresh=args.fresh)
+                 warmup_records=args.warmup_records, fresh=args.fresh, projection=projection)
+
+
+def _calibrate(args):
+    from .calibrate import measure
+    from .costmodel import save_hardware
+
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--out {args.out}: folder {folder} does not exist")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    hw = measure(args.name, repeats=args.repeats)
+    save_hardware(hw, args.out)
+    print(f"{args.out}: {hw.notes}")
+
+
+def _project(args):
+    """`dreamr project`: a results file's traces replayed on other hardware with other models.
+    Every input is checked before a trace is priced: the device counts and output paths, the
+    results file, the hardware and models (the cost model's errors), the rows (solved `target`
+    rows, traces with call shapes) and that both models fit with the longest context."""
+    import json
+
+    from .evaluate import _write_text
+    from .projection import (Projection, ProjectionError, check_output_path, format_table, plot_projected_speedup,
+                             read_result_rows, to_json)
+
+    for flag, n in (("--draft-devices", args.draft_devices), ("--target-devices", args.target_devices)):
+        if n < 1:
+            raise ProjectionError(f"{flag} must be >= 1, got {n}")
+    plot = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.results)), "projected_speedup.png")
+    check_output_path(args.json, "--json")
+    check_output_path(plot, "--plot")
+    projection = Projection(args.hardware, args.draft, args.target, args.draft_devices, args.target_devices)
+    rows = read_result_rows(args.results)
+    projection.resolve()
+    summaries = projection.project(rows, source=args.results)
+    print(format_table(summaries))
+    print(projection.assumptions())
+    if args.json:
+        _write_text(args.json, json.dumps(to_json(summaries, projection, args.results), indent=2, allow_nan=False) + "\n")
+        print(f"json: {args.json}")
+    draft = f", draft {args.draft} x{args.draft_devices}" if args.draft else ""
+    plot_projected_speedup(summaries, plot, title=f"projected on {projection.label}: target {args.target} "
+                                                  f"x{args.target_devices}{draft}")
+    print(f"plot: {plot}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--warmup-records", type=int, default=8,
                    help="records each method solves untimed first, to compile the shapes the run meets")
     e.add_argument("--set", action="append", default=[])
+    _projection_options(e)
     e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="every method on the embedded world with the shipped pair (offline)")
@@ -140,8 +202,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true",
                    help="resume an interrupted demo's results in --out (default: measure again, keeping the old "
                         "results.jsonl as results.<time>.jsonl)")
+    _projection_options(d)
     d.set_defaults(func=_demo)
+
+    j = sub.add_parser("project", help="replay a results file's traces on other hardware with other models "
+                                       "(the cost model): projected latency and speedup per method")
+    j.add_argument("--results", required=True, help="RUN/results.jsonl of dreamr eval / dreamr demo")
+    j.add_argument("--hardware", required=True, help="a hardware preset (e.g. l40s) or a hardware JSON file")
+    j.add_argument("--draft", default=None,
+                   help="draft model: a preset (e.g. qwen3-vl-2b), a checkpoint folder, config.json or asset:draft "
+                        "(needed when the traces have draft calls)")
+    j.add_argument("--target", required=True, help="target model, e.g. qwen3-vl-32b:int4")
+    j.add_argument("--draft-devices", type=int, default=1, help="devices the draft is sharded over")
+    j.add_argument("--target-devices", type=int, default=1, help="devices the target is sharded over")
+    j.add_argument("--json", default=None, help="write the projection per method as JSON")
+    j.add_argument("--plot", default=None,
+                   help="projected vs measured speedup plot (default: projected_speedup.png beside the results)")
+    j.set_defaults(func=_project)
+
+    c = sub.add_parser("calibrate", help="measure this machine for the cost model and write a hardware preset")
+    c.add_argument("--out", required=True, help="JSON file for `dreamr project --hardware PATH`")
+    c.add_argument("--name", default="this-cpu")
+    c.add_argument("--repeats", type=int, default=5)
+    c.set_defaults(func=_calibrate)
     return p
+
+
+def _projection_options(parser) -> None:
+    parser.add_argument("--project", default=None, metavar="HW:DRAFT:TARGET",
+                        help="add a projected@HW speedup column: the run's traces replayed with every call priced "
+                             "by the cost model for HW with these models (e.g. l40s:qwen3-vl-2b:qwen3-vl-32b:int4; "
+                             "the target is everything after the second colon)")
+    parser.add_argument("--project-devices", default=None, metavar="D:T",
+                        help="devices of the draft and the target for --project (default 1:1)")
 
 
 # Commands that run a draft and a target: on a CPU-only host each role gets its own CPU device

@@ -83,13 +83,14 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def run_demo(out_dir: str = os.path.join("out", "demo"), count: int = 100, config: str = DEFAULT_CONFIG,
              methods=("target", "draft", "sd", "specreason", "lookahead", "dreamr"), progress: bool = True,
-             fresh: bool = True) -> list[dict]:
+             fresh: bool = True, projection=None) -> list[dict]:
     """`make demo`: the shipped target/draft pair on `count` synthetic test problems with every
     method; prints the table (accuracy, acceptance, latency, speedup over target alone and the
     projected speedup) and writes the plots and per-problem traces to `out_dir`. A demo is a
     measurement, so by default it measures again: an earlier `results.jsonl` there is kept as
     `results.<time>.jsonl` and a new one started (its speedups compare times of one run). With
-    `fresh=False` (`--resume`) it resumes an interrupted demo like `dreamr eval`."""
+    `fresh=False` (`--resume`) it resumes an interrupted demo like `dreamr eval`. A
+    `projection.Projection` (`--project`) adds its `projected@HW` speedup column."""
     from .config import load_config
     from .data import synthetic
     from .evaluate import EvalError, check_methods, check_out_dir, locked_out_dir, read_records, run_eval
@@ -112,6 +113,6 @@ def run_demo(out_dir: str = os.path.join("out", "demo"), count: int = 100, confi
         # The warm-up is a whole untimed pass (about half a minute here): FPSR packs its checks by
         # timing, so only the run's own problems reach the check shapes the timed pass will meet.
         rows = run_eval(reasoner, read_records(data), methods, out_dir, warmup_records=count, progress=progress,
-                        fresh=fresh)
+                        fresh=fresh, projection=projection)
     print(f"demo total {time.perf_counter() - t0:.0f} s")
     return rows

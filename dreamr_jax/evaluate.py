@@ -293,17 +293,46 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+    # `--project HW:DRAFT:TARGET` adds a `projected@HW` column (`add_projection`)
+    extra = [k for k in (rows[0] if rows else {}) if k.startswith("projected@")]
     head = (f"{'method':<11} {'n':>4} {'fail':>4} {'graded':>6} {'acc':>7} {'accept':>7} {'draft tok':>9} "
             f"{'length':>6} {'mean s':>7} {'median s':>8} {'speedup':>8} {'median':>7} {'projected':>9} "
-            f"{'compiles':>8}")
+            f"{'compiles':>8}" + "".join(f" {k:>{max(len(k), 8)}}" for k in extra))
     lines = [head, "-" * len(head)]
     for r in rows:
         length = "-" if r["length_ratio"] != r["length_ratio"] else f"{r['length_ratio']:.2f}"
         lines.append(f"{r['method']:<11} {r['problems']:>4} {r['failed']:>4} {r['graded']:>6} "
                      f"{_pct(r['accuracy']):>7} {_pct(r['acceptance']):>7} {_pct(r['draft_token_share']):>9} "
                      f"{length:>6} {r['mean_latency_s']:>7.4f} {r['median_latency_s']:>8.4f} {r['speedup']:>7.2f}x "
-                     f"{r['median_speedup']:>6.2f}x {r['projected_speedup']:>8.2f}x {r['compiles']:>8}")
+                     f"{r['median_speedup']:>6.2f}x {r['projected_speedup']:>8.2f}x {r['compiles']:>8}"
+                     + "".join(f" {_speedup(r.get(k)):>{max(len(k), 8)}}" for k in extra))
     return "\n".join(lines)
+
+
+def _speedup(x) -> str:
+    return "-" if x is None or x != x else f"{x:.2f}x"
+
+
+def add_projection(rows: list[dict], results: list[dict], projection, source: str = "results") -> str:
+    """`--project`: each summary row gets `projection.column` (`projected@HW`), the method's
+    speedup over `target` with every call of its traces priced on the projected hardware and
+    models (`dreamr_jax.projection`), over the records every method solved (as `speedup`). A
+    projection that cannot be made (traces without call shapes, a context that does not fit)
+    leaves the column empty with a note: the measured results stand. Returns the line to print
+    under the table (the projection's assumptions, or that note)."""
+    from .projection import speedup_column
+
+    methods = [r["method"] for r in rows]
+    ok = [{r["id"] for r in results if r["method"] == m and r["status"] == "ok"} for m in methods]
+    common = set.intersection(*ok) if ok else set()
+    try:
+        speedups = speedup_column(projection, [r for r in results if r["id"] in common], methods, source)
+        line = f"{projection.column}: {projection.assumptions()}"
+    except ValueError as e:
+        speedups, line = {}, f"note: no {projection.column} column: {e}"
+    for r in rows:
+        r[projection.column] = speedups.get(r["method"], float("nan"))
+    return line
 
 
 def _pct(x: float) -> str:
@@ -383,9 +412,10 @@ def plot_timeline(trace: dict, path: str) -> None:
 
 
 def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str, *, warmup: bool = True,
-             warmup_records: int = 8, progress: bool = True, fresh: bool = False) -> list[dict]:
+             warmup_records: int = 8, progress: bool = True, fresh: bool = False, projection=None) -> list[dict]:
     """Solve `records` with each method, then write results.jsonl, summary.json, the table and
     the two plots to `out_dir`. `target` is always run: speedups are against it, same run.
+    A `projection.Projection` (`--project`) adds its `projected@HW` speedup column.
 
     Holds `out_dir` for the run (`locked_out_dir`). Resumes: the (record id, method) pairs
     results.jsonl already holds with status ok are not solved again, and the table covers every
@@ -409,8 +439,11 @@ def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str
         others = sorted({r["method"] for r in results} - set(methods))
         results = [r for r in results if r["method"] in methods]
         rows = summarise(results, methods)
+        projected = add_projection(rows, results, projection, results_path) if projection is not None else None
         table = format_table(rows)
         print(table)
+        if projected:
+            print(projected)
         _report_coverage(results, records, others)
         _write_text(os.path.join(out_dir, "summary.json"),
                     json.dumps(_json_safe(rows), indent=2, allow_nan=False) + "\n")
