@@ -56,9 +56,11 @@ def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / _best(lambda: mm(a, b), repeats)
 
 
-def half_rows(peak: float, k: int = 1024, rows=(8, 32, 128), repeats: int = 5) -> float:
+def half_rows(peak: float, bandwidth: float, k: int = 1024, rows=(16, 32, 64, 128), repeats: int = 5) -> float:
     """Hockney's half-performance length of a (rows, k) @ (k, k) float32 matmul: the row count at
-    which it reaches half of `peak` (median over the sizes measured)."""
+    which its compute reaches half of `peak` (median over the sizes measured). A size whose time
+    the weights' bytes alone explain (`bandwidth`) is memory-bound and says nothing about the
+    compute rate: it is left out (fitting on it priced one-row products far too slow)."""
     import jax
     import jax.numpy as jnp
 
@@ -67,9 +69,11 @@ def half_rows(peak: float, k: int = 1024, rows=(8, 32, 128), repeats: int = 5) -
     halves = []
     for n in rows:
         a = jnp.ones((n, k), jnp.float32)
-        rate = 2 * n * k * k / _best(lambda a=a: mm(a, b), repeats)
-        halves.append(n * max(peak / rate - 1, 0.0))  # rate = peak * n / (n + h)
-    return float(np.median(halves))
+        t = _best(lambda a=a: mm(a, b), repeats)
+        if t <= 1.25 * (k * k * 4) / bandwidth:
+            continue  # memory-bound
+        halves.append(n * max(peak / (2 * n * k * k / t) - 1, 0.0))  # rate = peak * n / (n + h)
+    return float(np.median(halves)) if halves else 0.0
 
 
 def last_level_cache_bytes() -> float:
@@ -140,10 +144,10 @@ def measure(name: str = "this-cpu", repeats: int = 5) -> Hardware:
 
     bandwidth = read_bandwidth(repeats=repeats)
     flops = matmul_flops(repeats=repeats)
-    halves = half_rows(flops, repeats=repeats)
     cache = last_level_cache_bytes()
     # read bandwidth of an array a quarter of the cache's size, summed again and again
     cache_bw = read_bandwidth(mib=max(int(cache / 4 / 2**20), 1), repeats=20) if cache else 0.0
+    halves = half_rows(flops, cache_bw or bandwidth, repeats=repeats)  # its 4 MiB matrix stays in cache
     fixed = fixed_costs(repeats=repeats)
     device = jax.devices()[0]
     rates = Hardware(name=name, peak_flops=flops, mem_bandwidth=bandwidth, memory=1.0, link_bandwidth=bandwidth,

@@ -408,3 +408,19 @@ def test_h100_32b_decode_matches_benchmarks():
     assert step(2) == pytest.approx(1.335e-3, rel=0.25) and step(4) == pytest.approx(2.055e-3, rel=0.25)
     # and the full model against the extrapolated 23.7 ms/step
     assert step(64) == pytest.approx(23.7e-3, rel=0.25)
+
+
+def test_calibration_fits_the_half_rows_it_was_given(monkeypatch):
+    """`calibrate.half_rows` recovers the half-performance length from matmul times generated
+    with a known one, and leaves out a size whose time its bytes alone explain."""
+    from dreamr_jax import calibrate
+
+    peak, bandwidth, h, k = 400e9, 100e9, 30.0, 1024
+    sizes = iter([16, 32, 64, 128])
+
+    def fake_best(fn, repeats):
+        n = next(sizes)
+        compute = 2 * n * k * k / (peak * n / (n + h))
+        return compute if n > 32 else k * k * 4 / bandwidth  # the 16- and 32-row products: memory-bound
+    monkeypatch.setattr(calibrate, "_best", fake_best)
+    assert calibrate.half_rows(peak, bandwidth, k=k, repeats=1) == pytest.approx(h)
