@@ -469,3 +469,34 @@ def speedup_column(projection: Projection, results: Sequence[dict], methods: Seq
                    source: str = "results") -> dict[str, float]:
     """{method: projected speedup} for `dreamr eval/demo --project`."""
     return {s["method"]: s["projected_speedup"] for s in projection.project(results, source=source, methods=methods)}
+
+
+# ---- FPSR's steady state: speedup as a function of acceptance ---------------------------------
+
+
+def steady_state_speedup(acceptance: float, t_draft: float, t_target: float, t_check: float, step_tokens: float,
+                         length_ratio: float = 1.0) -> float:
+    """dreamr over the target alone per reasoning step, in FPSR's steady state with each role on
+    its own devices (a model of ours; SPEC.md gives no closed form): the target alone takes
+    L t_t per step; an accepted step costs max(L t_d, t_c) (drafting pipelines against the
+    checks), a rejected one max(L t_t, L t_d + t_c) (the target's own step, started with the
+    draft's, commits once the check failed). t_d, t_t: seconds per decoded token; t_c: seconds
+    per check of one step; L: tokens per step; `length_ratio`: dreamr's trace length over the
+    target's. Its bound as t_d, t_c -> 0 is 1 / (1 - acceptance)."""
+    a, L = acceptance, step_tokens
+    per_step = a * max(L * t_draft, t_check) + (1 - a) * max(L * t_target, L * t_draft + t_check)
+    return L * t_target / (per_step * length_ratio)
+
+
+def acceptance_for(speedup: float, t_draft: float, t_target: float, t_check: float, step_tokens: float,
+                   length_ratio: float = 1.0) -> float | None:
+    """The lowest acceptance at which `steady_state_speedup` reaches `speedup` (it grows with
+    acceptance), or None if not even at 100%."""
+    args = (t_draft, t_target, t_check, step_tokens, length_ratio)
+    if steady_state_speedup(1.0, *args) < speedup:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisection to well below a rounding of the printed share
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if steady_state_speedup(mid, *args) < speedup else (lo, mid)
+    return hi

@@ -482,3 +482,18 @@ def test_run_eval_with_project_adds_the_column_to_table_and_summary(fits, tmp_pa
     assert summary["dreamr"]["projected@l40s"] == pytest.approx(TARGET_AB / DREAMR_AB)  # records a and b
     assert summary["target"]["projected@l40s"] == pytest.approx(1.0)
     assert "projected@l40s" in (out / "table.txt").read_text().splitlines()[0]
+
+
+def test_steady_state_speedup_and_the_acceptance_it_needs():
+    """The steady-state model against its formula worked by hand, and the bisection finding the
+    acceptance for a speedup (None when even 100% falls short)."""
+    from dreamr_jax.projection import acceptance_for, steady_state_speedup
+
+    # L = 10 tokens, t_d = 1, t_t = 4, t_c = 8: accepted step max(10, 8) = 10, rejected
+    # max(40, 10 + 8) = 40; target alone 40 per step
+    assert steady_state_speedup(1.0, 1.0, 4.0, 8.0, 10) == pytest.approx(40 / 10)
+    assert steady_state_speedup(0.5, 1.0, 4.0, 8.0, 10) == pytest.approx(40 / (0.5 * 10 + 0.5 * 40))
+    assert steady_state_speedup(0.5, 1.0, 4.0, 8.0, 10, length_ratio=1.25) == pytest.approx(40 / 25 / 1.25)
+    # 2x: 40 / (10 a + 40 (1 - a)) = 2  ->  a = 2/3
+    assert acceptance_for(2.0, 1.0, 4.0, 8.0, 10) == pytest.approx(2 / 3, abs=1e-9)
+    assert acceptance_for(4.5, 1.0, 4.0, 8.0, 10) is None
