@@ -513,12 +513,9 @@ def floor_ms(points: list[dict], full: int, bw_gbs: float):
 def projection(t_d, t_t, t_c, step_tokens, rates=(0.5, 0.7), length_ratio=1.0):
     """FPSR steady state (see the module docstring): speedup of dreamr over the target alone, for
     dreamr traces `length_ratio` times as long as the target's own (in steps)."""
-    out = {}
-    L = step_tokens
-    for a in rates:
-        dreamr = a * max(L * t_d, t_c) + (1 - a) * max(L * t_t, L * t_d + t_c)
-        out[str(a)] = (L * t_t) / (dreamr * length_ratio)
-    return out
+    from dreamr_jax.projection import steady_state_speedup
+
+    return {str(a): steady_state_speedup(a, t_d, t_t, t_c, step_tokens, length_ratio) for a in rates}
 
 
 def main(argv=None) -> int:
