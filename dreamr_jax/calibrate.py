@@ -133,7 +133,8 @@ def fixed_costs(repeats: int = 5, steps: int = 64) -> dict:
             return gen.extend(cache.fork([0]), np.array([[7]], np.int32), np.ones(1, np.int32), attend_len=128)[0]
 
         fork = _best(lambda cache=cache: cache.fork([0]).keys, repeats)
-        out[layers] = {"decode_iteration_s": max(_best(decode, repeats) - fork, 0.0) / steps,
+        # `steps` tokens from given logits take steps - 1 forwards (none after the last token)
+        out[layers] = {"decode_iteration_s": max(_best(decode, repeats) - fork, 0.0) / (steps - 1),
                        "extend_call_s": max(_best(extend, repeats) - fork, 0.0)}
     return out
 

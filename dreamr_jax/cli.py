@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); EOS always stops")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's dtype on accelerators, float32 on CPU")
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(func=_generate)
 

@@ -199,10 +199,12 @@ def resolve_input_paths(cfg, path: str, keys: Sequence[str]):
     changes = {}
     for key in keys:
         value = getattr(cfg, key)
-        if not isinstance(value, str) or value.startswith("asset:"):
+        if not isinstance(value, str) or not value or value.startswith("asset:"):
             continue
         value = os.path.expanduser(value)
         if os.path.isabs(value):
+            if not os.path.exists(value):
+                raise ConfigError(f"{path}: {key}: {value!r} does not exist")
             continue
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), value)
         if os.path.exists(beside):

@@ -236,7 +236,7 @@ def _extend_verify(structure, leaves, cache, input_ids, num_new, prev_logits, n_
 @functools.partial(jax.jit, static_argnames=("structure", "params", "out_len", "feed_first", "attend_len", "keep_logits"),
                    donate_argnames=("cache",))
 def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, first_tokens, max_steps, max_step_len,
-            in_step0,
+            in_step0, answered0,
             params: SamplingParams, out_len: int, feed_first: bool = False, attend_len=None, keep_logits: bool = False):
     """The whole decode as one while_loop.
 
@@ -246,7 +246,8 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     markers (3, e.g. the `boxed` tokens). A row stops after `max_steps[b]` steps (1: at the first
     delimiter), at the delimiter of a step that holds an answer marker, at a kind-2 token, after
     `max_new[b]` tokens, or when a step reaches `max_step_len[b]` tokens without a delimiter
-    (the first step already holds `in_step0[b]` tokens when a call continues a cut step).
+    (the first step already holds `in_step0[b]` tokens when a call continues a cut step, and
+    `answered0[b]` says whether those tokens hold an answer marker).
     The last iteration's forward is skipped once no row runs (its logits would never be read).
     The cache ends holding every fed token: all generated tokens but each row's last (sampled, never fed), so a continuation starts by
     feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
@@ -296,8 +297,8 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
         logits, cache = jax.lax.cond(jnp.any(running), forward, lambda t, r, c: (logits, c), tok, running, cache)
         return step + 1, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step, answered
 
-    no = jnp.zeros((b,), bool)
-    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0, n0, in_step0, no)
+    carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0, n0, in_step0,
+             answered0)
     _, cache, logits, tokens, logps, n_gen, _, _, seen, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return tokens, logps, n_gen, cache, seen if keep_logits else logits
 
@@ -405,14 +406,15 @@ class Generator:
 
     def decode(self, cache: KVCache, logits=None, *, max_new_tokens, stop_ids=(), params=SamplingParams(), seed=0,
                active=None, out_len=None, first_tokens=None, attend_len=None, keep_logits=False, max_steps=1,
-               end_ids=(), max_step_len=None, answer_ids=(), in_step=0):
+               end_ids=(), max_step_len=None, answer_ids=(), in_step=0, answered=False):
         """Decode from next-token `logits` (B, V), or from `first_tokens` (B,) not yet fed.
 
         A row stops at its first token in `stop_ids`, or, with `max_steps` > 1, after that many
         of them (several reasoning steps in one call), or at the first of them that ends a step
         holding a token of `answer_ids` (the step that states the answer); at once at a token of
         `end_ids`; after `max_new_tokens`; or when a step reaches `max_step_len` tokens without a
-        stop token (counting `in_step` tokens the first step already holds)."""
+        stop token (counting `in_step` tokens the first step already holds; `answered`: they hold
+        an answer token, so the first delimiter ends the row)."""
         feed_first = first_tokens is not None
         b = len(first_tokens) if feed_first else logits.shape[0]
         if feed_first:
@@ -425,7 +427,8 @@ class Generator:
         step_len = np.broadcast_to(np.asarray(max_new if max_step_len is None else max_step_len, np.int32), (b,))
         return _decode(self.structure, self.leaves, cache, logits, np.int32(seed),
                        self.stop_kind(stop_ids, end_ids, answer_ids),
-                       max_new, active, first, steps, step_len, np.broadcast_to(_i32(in_step), (b,)), params=params,
+                       max_new, active, first, steps, step_len, np.broadcast_to(_i32(in_step), (b,)),
+                       np.broadcast_to(np.asarray(answered, bool), (b,)), params=params,
                        out_len=out_len, feed_first=feed_first,
                        attend_len=attend_len, keep_logits=keep_logits)
 

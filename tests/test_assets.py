@@ -89,6 +89,34 @@ def test_target_writes_whole_solutions(world_reasoner):
         assert len(calls) == 1 and calls[0].tokens == trace.num_tokens, (calls, trace.num_tokens)
 
 
+def test_a_cut_answer_step_still_ends_the_call(world_reasoner):
+    """With calls of 3-7 tokens the answer step is cut across calls, its `boxed` token in one
+    call and its delimiter in a later one; the call that finishes it stops at that delimiter (the
+    carried tokens' answer marker counts), so the decode calls together write exactly the
+    committed tokens and nothing after the answer."""
+    import dataclasses
+
+    config = world_reasoner.config
+    cut_after_marker = 0
+    try:
+        for limit in (3, 4, 5, 6, 7):
+            world_reasoner.config = dataclasses.replace(config, solo_tokens_per_call=limit)
+            world_reasoner._engines.clear()
+            for p in synthetic.problems(0, "test", 3):
+                trace = world_reasoner.solve(p.question, p.image(), method="target")
+                calls = [i.tokens for i in trace.intervals if i.kind == "decode"]
+                assert trace.finish_reason == "answer" and sum(calls) == trace.num_tokens, (limit, calls)
+                answer = trace.steps[-1].token_ids
+                boxed = trace.num_tokens - len(answer) + next(
+                    i for i, t in enumerate(answer) if t in world_reasoner.engine("target").answer_ids)
+                ends = np.cumsum(calls)
+                cut_after_marker += any(boxed < e < trace.num_tokens for e in ends)  # a call ended between
+    finally:
+        world_reasoner.config = config
+        world_reasoner._engines.clear()
+    assert cut_after_marker > 0, "no answer step was cut between its marker and its delimiter"
+
+
 def test_target_reasons_and_judges(world_reasoner):
     """The shipped target solves 9 of 10 test problems, and its CPN verdicts agree with the
     labels of 40 validation judging examples at least 80% of the time (a coin agrees 50%)."""

@@ -393,10 +393,12 @@ def test_bad_call_arguments():
 # ---- validation against a measurement ----------------------------------------------------------------
 
 
-def test_h100_32b_decode_matches_benchmarks():
+def test_h100_preset_reproduces_the_32b_decode_it_was_tuned_on():
     """docs/BENCHMARKS.md: a 32B-shaped bf16 decode on one H100 (batch 1, 32 steps after 128 tokens)
     measured at 4 and 2 layers, 2.055 and 1.335 ms/step: 0.36 ms per layer. Priced the same way (the
-    difference of a 4- and a 2-layer model, per step), within 25%."""
+    difference of a 4- and a 2-layer model, per step), within 25%. Not an independent check: the
+    preset's bandwidth efficiency and per-step cost were set from this measurement; it guards the
+    preset and the counts against drifting from it."""
     model, h100 = cm.model_spec("qwen3-vl-32b"), cm.hardware("h100")
 
     def step(layers):

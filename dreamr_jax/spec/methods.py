@@ -227,6 +227,7 @@ def run_single(engine: StepEngine, problem: Problem, role_name: str) -> None:
                                stop_ids=engine.delimiter_ids, end_ids=engine.eos_ids, answer_ids=engine.answer_ids,
                                max_steps=cfg.steps.max_steps - len(problem.trace.steps),
                                max_step_tokens=cfg.steps.max_step_tokens, in_step=len(partial),
+                               answered=any(t in engine.answer_ids for t in partial),
                                params=engine.target_params if role_name == "target" else engine.draft_params,
                                seed=cfg.seed + len(problem.committed) + len(partial), kind="decode")
         steps = engine.split_steps(partial + tokens)

@@ -184,14 +184,14 @@ class Role:
     def write(self, ctx: Context, *, max_tokens: int, stop_ids: Sequence[int], params: SamplingParams,
               seed: int = 0, kind: str = "decode", max_steps: int = 1, end_ids: Sequence[int] = (),
               max_step_tokens: int | None = None, answer_ids: Sequence[int] = (),
-              in_step: int = 0) -> tuple[list[int], list[float]]:
+              in_step: int = 0, answered: bool = False) -> tuple[list[int], list[float]]:
         """Decode up to `max_tokens` from ctx (stopping at a stop token, or after `max_steps` of
         them, or after the step holding a token of `answer_ids`; at once at a token of `end_ids`;
         when a step reaches `max_step_tokens`); ctx then stands for the old tokens plus the new
-        ones. `in_step`: tokens the step being continued already holds (for `max_step_tokens`).
-        Returns (tokens, log-probs)."""
+        ones. `in_step`: tokens the step being continued already holds (for `max_step_tokens`);
+        `answered`: whether they hold an answer token. Returns (tokens, log-probs)."""
         new, logps, _ = self._decode(ctx, max_tokens, stop_ids, params, seed, kind, False, max_steps, end_ids,
-                                     max_step_tokens, answer_ids, in_step)
+                                     max_step_tokens, answer_ids, in_step, answered)
         return new, logps
 
     def propose(self, ctx: Context, *, max_tokens: int, stop_ids: Sequence[int], params: SamplingParams,
@@ -202,7 +202,7 @@ class Role:
         return new, seen
 
     def _decode(self, ctx, max_tokens, stop_ids, params, seed, kind, keep_logits, max_steps=1, end_ids=(),
-                max_step_tokens=None, answer_ids=(), in_step=0):
+                max_step_tokens=None, answer_ids=(), in_step=0, answered=False):
         out_len = length_bucket(max_tokens)
         self._need_logits(ctx)
         fold = len(ctx.pending) == 1  # feed the one pending token inside the decode program
@@ -219,7 +219,8 @@ class Role:
                                                 params=params, seed=seed, out_len=out_len, first_tokens=first,
                                                 attend_len=attend, keep_logits=keep_logits, max_steps=max_steps,
                                                 end_ids=end_ids, max_step_len=max_step_tokens,
-                                                answer_ids=answer_ids, in_step=in_step), op="decode", cached=cached)
+                                                answer_ids=answer_ids, in_step=in_step, answered=answered),
+            op="decode", cached=cached)
         tokens, logps, n_gen = jax.device_get((tokens, logps, n_gen))  # one transfer back
         n = int(n_gen[0])
         new = tokens[0, :n].tolist()
@@ -390,6 +391,6 @@ def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]],
                                             params=params, seed=seed, out_len=out_len, attend_len=attend),
         op="decode", cached=base_len + int(n.mean()), rows=k)
     tokens, n_gen = np.asarray(tokens), np.asarray(n_gen)
-    with role._lock:
-        role.intervals[-1].tokens = int(n_gen.sum())
+    with role._lock:  # rows x iterations: the loop computes every row until the longest one stops
+        role.intervals[-1].tokens = k * int(n_gen.max(initial=0))
     return [tokens[i, : n_gen[i]].tolist() for i in range(k)]
