@@ -118,6 +118,18 @@ TINY_WORLD_ARCH = dict(hidden_size=32, num_hidden_layers=1, intermediate_size=64
                        num_key_value_heads=1, vision_hidden_size=32, vision_depth=1)
 
 
+def tiny_sft_config(tmp, **changes):
+    """A few-step SFT run of TINY_WORLD_ARCH on the world's judging mix (trainer and resume tests)."""
+    from dreamr_jax import assets
+    from dreamr_jax.data.pipeline import DataConfig
+    from dreamr_jax.sft import SFTConfig
+
+    base = dict(output_dir=str(tmp), tokenizer=assets.path("tokenizer"), model=TINY_WORLD_ARCH,
+                data=DataConfig(judging_fraction=0.5, seq_len=160), batch_size=4, steps=4, learning_rate=3e-3,
+                warmup_steps=2, checkpoint_every=2, log_every=1)
+    return SFTConfig(**{**base, **changes})
+
+
 @pytest.fixture(scope="session")
 def world_token_ids():
     import dreamr_jax as dr

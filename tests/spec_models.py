@@ -55,3 +55,27 @@ def build_spec_model(folder: str, seed: int, hidden: int = 64, layers: int = 2, 
     save_state(model, folder, config)
     write_processor_files(folder, shortest_edge=1024, longest_edge=64 * 64)
     return folder
+
+
+def sequential_commits(reasoner, problem, dctx, tctx, rho_of, alpha: float) -> list[float]:
+    """FPSR's commit rule executed one step at a time with nothing speculative or cancelled:
+    draft a step from the committed text, score it with `rho_of(tctx, position, step)` (tctx
+    then holds the committed text), commit it if rho >= alpha and it did not hit the step cap,
+    else commit the target's own step; until `problem` is done. Returns the rhos."""
+    eng = reasoner.engine("dreamr")
+    rhos = []
+    while not problem.done:
+        reasoner.draft.set_tokens(dctx, problem.committed)
+        d, _ = reasoner.draft.write(dctx, max_tokens=eng.step_budget(problem), stop_ids=eng.stop_ids,
+                                    params=eng.draft_params)
+        reasoner.target.set_tokens(tctx, problem.committed)
+        rho = rho_of(tctx, len(problem.committed), d)
+        rhos.append(rho)
+        if rho >= alpha and not eng.hit_cap(d):
+            eng.commit(problem, d, "draft", rho=rho)
+        else:
+            reasoner.target.set_tokens(tctx, problem.committed)
+            t, _ = reasoner.target.write(tctx, max_tokens=eng.step_budget(problem), stop_ids=eng.stop_ids,
+                                         params=eng.target_params)
+            eng.commit(problem, t, "target", rho=rho)
+    return rhos

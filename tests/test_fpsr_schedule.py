@@ -17,7 +17,7 @@ from dreamr_jax.spec.fpsr import run_dreamr
 from dreamr_jax.spec.methods import Problem
 from dreamr_jax.spec.trace import Trace
 
-from spec_models import build_spec_model
+from spec_models import build_spec_model, sequential_commits
 
 QUESTION = "What is 2 + 3?"
 WATCHDOG_S = 60.0  # a run takes well under a second once compiled
@@ -66,23 +66,11 @@ def _problem(reasoner, budget: int):
 
 
 def _sequential(reasoner, budget: int, accept_share: float, seed: int) -> Trace:
-    """The commit rule one step at a time: draft a step from the committed text, accept it on
-    its verdict (unless it hit the step cap), else the target's own step."""
-    eng = reasoner.engine("dreamr")
+    """The commit rule one step at a time (`spec_models.sequential_commits`) with `_rho`'s verdicts."""
     problem = _problem(reasoner, budget)
     dctx, tctx = problem.open("draft"), problem.open("target")
-    while not problem.done:
-        reasoner.draft.set_tokens(dctx, problem.committed)
-        d, _ = reasoner.draft.write(dctx, max_tokens=eng.step_budget(problem), stop_ids=eng.stop_ids,
-                                    params=eng.draft_params)
-        rho = _rho(len(problem.committed), d, accept_share, seed)
-        if rho >= eng.config.alpha and not eng.hit_cap(d):
-            eng.commit(problem, d, "draft", rho=rho)
-        else:
-            reasoner.target.set_tokens(tctx, problem.committed)
-            t, _ = reasoner.target.write(tctx, max_tokens=eng.step_budget(problem), stop_ids=eng.stop_ids,
-                                         params=eng.target_params)
-            eng.commit(problem, t, "target", rho=rho)
+    sequential_commits(reasoner, problem, dctx, tctx, lambda tctx, position, d: _rho(position, d, accept_share, seed),
+                       reasoner.config.alpha)
     return problem.trace
 
 

@@ -9,15 +9,13 @@ import os
 
 import pytest
 
-from dreamr_jax import assets
 from dreamr_jax.config import ConfigError, load_config
-from dreamr_jax.data.pipeline import DataConfig
 from dreamr_jax.rl.trainer import SAPOConfig, load_sapo_config
 from dreamr_jax.sft import SFTConfig, changed_settings, load_sft_config, main as sft_main, settings_of, train
 from dreamr_jax.spec.config import REJECT_ALL, SpecConfig
 from dreamr_jax.spec.steps import StepConfig
 
-from conftest import TINY_WORLD_ARCH
+from conftest import TINY_WORLD_ARCH, tiny_sft_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PAIR = os.path.join(ROOT, "configs", "synthetic.yaml")
@@ -158,11 +156,7 @@ def test_changed_settings_are_listed_by_key():
 
 
 def _cfg(tmp, **kw) -> SFTConfig:
-    base = dict(output_dir=str(tmp), tokenizer=assets.path("tokenizer"), model=TINY_WORLD_ARCH,
-                data=DataConfig(judging_fraction=0.5, seq_len=160), batch_size=4, steps=2, learning_rate=3e-3,
-                warmup_steps=1, checkpoint_every=1, log_every=1)
-    base.update(kw)
-    return SFTConfig(**base)
+    return tiny_sft_config(tmp, **{"steps": 2, "warmup_steps": 1, "checkpoint_every": 1, **kw})
 
 
 def test_resume_refuses_changed_settings_and_other_shapes(tmp_path, capfd):

@@ -19,15 +19,10 @@ from dreamr_jax import assets
 from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
 from dreamr_jax.sft import SFTConfig, load_sft_config, make_optimizer, train, weighted_loss
 
-from conftest import TINY_WORLD_ARCH
+from conftest import tiny_sft_config
 
 
-def _cfg(tmp, **kw) -> SFTConfig:
-    base = dict(output_dir=str(tmp), tokenizer=assets.path("tokenizer"), model=TINY_WORLD_ARCH,
-                data=DataConfig(judging_fraction=0.5, seq_len=160), batch_size=4, steps=4, learning_rate=3e-3,
-                warmup_steps=2, checkpoint_every=2, log_every=1)
-    base.update(kw)
-    return SFTConfig(**base)
+_cfg = tiny_sft_config
 
 
 def test_weighted_loss_matches_reference(tiny_world_model):

@@ -45,7 +45,7 @@ from dreamr_jax.spec.timeline import overlap_time
 from dreamr_jax.spec.trace import Interval, Step, Trace
 
 from conftest import build_torch_model, tiny_config_dict
-from spec_models import build_spec_model
+from spec_models import build_spec_model, sequential_commits
 
 STEPS = StepConfig(max_step_tokens=24, token_budget=64)
 QUESTION = "What is 2 + 3?"
@@ -132,9 +132,8 @@ def _assert_whole_steps(trace, engine):
 
 
 def sequential_fpsr(reasoner, question, alpha):
-    """FPSR's commit rule executed one step at a time with nothing speculative or cancelled:
-    draft a step from the committed text, check it, commit it if rho >= alpha (and it did not
-    hit the cap), else commit the target's own step. Returns (trace, rhos)."""
+    """FPSR's commit rule one step at a time (`spec_models.sequential_commits`) with the target's
+    real CPN scores. Returns (trace, rhos)."""
     eng = reasoner.engine("dreamr")
     cfg = eng.config
     ids = reasoner.processor.encode(reasoner.prompt(question, 0), [])["input_ids"]
@@ -142,21 +141,8 @@ def sequential_fpsr(reasoner, question, alpha):
     capacity = cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
     dctx = reasoner.draft.open(ids, capacity=capacity)
     tctx = reasoner.target.open(ids, capacity=capacity)
-    rhos = []
-    while not problem.done:
-        reasoner.draft.set_tokens(dctx, problem.committed)
-        d, _ = reasoner.draft.write(dctx, max_tokens=eng.step_budget(problem), stop_ids=eng.stop_ids,
-                                    params=eng.draft_params)
-        reasoner.target.set_tokens(tctx, problem.committed)
-        rho = float(eng.cpn_scores(tctx, [d])[0])
-        rhos.append(rho)
-        if rho >= alpha and not eng.hit_cap(d):
-            eng.commit(problem, d, "draft", rho=rho)
-        else:
-            reasoner.target.set_tokens(tctx, problem.committed)
-            t, _ = reasoner.target.write(tctx, max_tokens=eng.step_budget(problem), stop_ids=eng.stop_ids,
-                                         params=eng.target_params)
-            eng.commit(problem, t, "target", rho=rho)
+    rhos = sequential_commits(reasoner, problem, dctx, tctx,
+                              lambda tctx, position, d: float(eng.cpn_scores(tctx, [d])[0]), alpha)
     return problem.trace, rhos
 
 

@@ -200,10 +200,8 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
         # 4. nothing to do until the draft hands over a step. Here every drafted step has been
         #    committed (1. takes checked ones, 2. checks the rest), so the draft is writing one:
         #    it only waits with no drafts when the budget is spent, and a spent budget ends the
-        #    problem at its last commit. The timeout only re-checks that reasoning (and the error).
-        if not drafts and problem.tokens_left <= 0:
-            problem.trace.finish_reason, problem.done = "budget", True
-            break
+        #    problem at its last commit (`StepEngine.commit`; a problem with none is done before it
+        #    starts). The timeout only re-checks that reasoning (and the error).
         with shared.cond:
             if shared.epoch == epoch and len(shared.drafts) == len(drafts) and shared.error is None:
                 shared.cond.wait(timeout=1.0)
