@@ -108,14 +108,15 @@ def _eval(args):
 
 def _calibrate(args):
     from .calibrate import measure
-    from .costmodel import save_hardware
+    from .costmodel import model_spec, save_hardware
 
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--out {args.out}: folder {folder} does not exist")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    hw = measure(args.name, repeats=args.repeats)
+    models = [model_spec(m) for m in args.models.split(",") if m] if args.models else []  # (bad names fail here)
+    hw = measure(args.name, repeats=args.repeats, models=models)
     save_hardware(hw, args.out)
     print(f"{args.out}: {hw.notes}")
 
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="JSON file for `dreamr project --hardware PATH`")
     c.add_argument("--name", default="this-cpu")
     c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--models", default=None,
+                   help="comma-separated models (presets, config folders, asset:target) whose weight shapes "
+                        "the matmul table measures too, e.g. asset:target,asset:draft")
     c.set_defaults(func=_calibrate)
     return p
 

@@ -74,14 +74,24 @@ class Hardware:
     # (XLA's CPU runtime runs ops one after another) and is hidden on accelerators, which queue
     # kernels ahead of the device (0 there)
     layer_overhead_s: float = 0.0
-    # A small-batch matmul reaches less of the peak: a matmul of n rows (tokens) runs at
-    # n / (n + flops_half_rows) of peak_flops * flops_efficiency (Hockney's half-performance
-    # length; 0: every size at the full rate). Large on CPUs, where thread-pool splitting needs rows.
-    flops_half_rows: float = 0.0
+    # Measured matmul times, for hardware whose small matmuls fall far below its peak (a CPU: a
+    # (32, 192) @ (192, 576) product ran at a sixth of the 1024^3 rate, a one-row product costs about
+    # its launch): (rows, n_in, n_out, seconds) of one (rows, n_in) @ (n_in, n_out) float32 product
+    # inside a compiled program (`calibrate.matmul_table`: square products on a grid of widths, plus
+    # the named models' own weight shapes, each over a range of row counts). A weight product is
+    # then priced by `matmul_seconds` from this table instead of peak_flops; empty: the roofline's
+    # peak_flops * flops_efficiency for every size (the GPU / TPU presets, whose matmuls are large).
+    matmul_table: tuple = ()
     # A last-level cache that holds a small model's weights: when the weights one device reads per
     # forward fit in `cache_bytes`, memory traffic moves at `cache_bandwidth` (0: no such tier).
     cache_bytes: float = 0.0
     cache_bandwidth: float = 0.0
+    # Where elementwise work is not hidden under the matmuls: the rate at which a part's activation
+    # bytes (norms, rotary, softmax, residuals, gating) are processed, added after its roofline
+    # instead of inside it. A CPU runs a forward's ops one after another and its small elementwise
+    # fusions move far below the memory bandwidth (calibrated: a few GB/s); 0: activations are part
+    # of the roofline's bytes (accelerators, which fuse them into the matmuls' epilogues).
+    elementwise_bandwidth: float = 0.0
     notes: str = ""  # where each number comes from
 
     def __post_init__(self):
@@ -92,11 +102,12 @@ class Hardware:
             v = getattr(self, f)
             if not _positive(v) or v > 1:
                 raise CostModelError(f"hardware '{self.name}': {f} must be in (0, 1], got {v!r}")
-        for f in ("call_overhead_s", "token_overhead_s", "link_latency_s", "layer_overhead_s", "flops_half_rows",
-                  "cache_bytes", "cache_bandwidth"):
+        for f in ("call_overhead_s", "token_overhead_s", "link_latency_s", "layer_overhead_s",
+                  "cache_bytes", "cache_bandwidth", "elementwise_bandwidth"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
                 raise CostModelError(f"hardware '{self.name}': {f} must be a number >= 0, got {v!r}")
+        object.__setattr__(self, "matmul_table", _checked_table(self.name, self.matmul_table))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,6 +115,58 @@ class Hardware:
 
 def _positive(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _checked_table(name: str, table) -> tuple:
+    """`matmul_table` as a sorted tuple of (rows, n_in, n_out, seconds) (a JSON file gives lists),
+    every value positive, each (rows, n_in, n_out) once, and square products (n_in == n_out) of at
+    least one width, which price the shapes the table does not hold."""
+    if not isinstance(table, (list, tuple)):
+        raise CostModelError(f"hardware '{name}': matmul_table must be a list of [rows, n_in, n_out, seconds], "
+                             f"got {type(table).__name__}")
+    out = []
+    for i, entry in enumerate(table):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 4 and all(_positive(v) for v in entry)):
+            raise CostModelError(f"hardware '{name}': matmul_table[{i}] must be [rows, n_in, n_out, seconds] of "
+                                 f"positive numbers, got {entry!r}")
+        out.append((float(entry[0]), int(entry[1]), int(entry[2]), float(entry[3])))
+    if len({e[:3] for e in out}) != len(out):
+        raise CostModelError(f"hardware '{name}': matmul_table holds a (rows, n_in, n_out) more than once")
+    if out and not any(i == o for _, i, o, _ in out):
+        raise CostModelError(f"hardware '{name}': matmul_table has no square product (n_in == n_out): "
+                             "those price the shapes it does not hold")
+    return tuple(sorted(out))
+
+
+def _log_interp(points: list[tuple[float, float]], x: float, grow: float) -> float:
+    """y at x from sorted (x, y) points, linear in log x and log y; past the last point y grows as
+    (x / x_last) ** grow, below the first it stays at the first's."""
+    if x >= points[-1][0]:
+        return points[-1][1] * (x / points[-1][0]) ** grow
+    if x <= points[0][0]:
+        return points[0][1]
+    i = max(j for j in range(len(points)) if points[j][0] <= x)
+    (x0, y0), (x1, y1) = points[i], points[i + 1]
+    f = math.log(x / x0) / math.log(x1 / x0)
+    return math.exp((1 - f) * math.log(y0) + f * math.log(y1))
+
+
+def matmul_seconds(hw: Hardware, rows: float, n_in: int, n_out: int) -> float:
+    """Seconds of one (rows, n_in) @ (n_in, n_out) product on `hw`. Without a `matmul_table`: its
+    FLOPs at the roofline's rate. With one: the measured times of that shape, interpolated in log
+    rows (past the largest row count the time grows with the FLOPs; below the smallest it stays:
+    launch-bound); a shape the table does not hold is read from the square products at the width
+    of the same size, w = sqrt(n_in n_out), interpolated in log width (past the widest growing as
+    w^2, the FLOPs)."""
+    if not hw.matmul_table:
+        return 2 * rows * n_in * n_out / (hw.peak_flops * hw.flops_efficiency)
+    by_shape: dict[tuple[int, int], list] = {}
+    for r, i, o, t in hw.matmul_table:
+        by_shape.setdefault((i, o), []).append((r, t))
+    if (n_in, n_out) in by_shape:
+        return _log_interp(by_shape[n_in, n_out], rows, 1.0)
+    squares = [(i, _log_interp(points, rows, 1.0)) for (i, o), points in sorted(by_shape.items()) if i == o]
+    return _log_interp(squares, math.sqrt(n_in * n_out), 2.0)
 
 
 # Shared assumptions of the GPU presets (dreamr-jax through XLA, bf16):
@@ -561,6 +624,8 @@ class Count:
     act_bytes: float = 0.0
     allreduce_bytes: float = 0.0
     allreduces: int = 0
+    # its weight products as (rows, n_in, n_out) on this device: what `matmul_seconds` prices
+    matmuls: tuple = ()
 
     @property
     def bytes(self) -> float:
@@ -603,6 +668,10 @@ def layer_count(model: ModelSpec, *, tokens: float, rows: int = 1, cached: float
     act_attn = 2 * q + 2 * kv  # q, k, v written; the attention output read by o
     act_mlp = 3 * m.intermediate  # gate and up written; their product read by down
     n_allreduce = (d_attn > 1) + (d_mlp > 1)  # after o_proj and after down_proj, when split
+    # q, k, v and gate, up split their outputs over the devices; o and down their inputs
+    (h, _), (_, kv_out), _, (q_in, _) = m.attention_shapes
+    matmuls = ((n, h, q // d_attn), (n, h, kv_out // d_attn), (n, h, kv_out // d_attn), (n, q_in // d_attn, h),
+               (n, h, m.intermediate // d_mlp), (n, h, m.intermediate // d_mlp), (n, m.intermediate // d_mlp, h))
     return Count(
         flops=(projections + attention) / d_attn + mlp / d_mlp,
         weight_bytes=weights_attn / d_attn + weights_mlp / d_mlp,
@@ -610,6 +679,7 @@ def layer_count(model: ModelSpec, *, tokens: float, rows: int = 1, cached: float
         act_bytes=b * n * (act_whole + act_attn / d_attn + act_mlp / d_mlp),
         allreduce_bytes=n_allreduce * n * m.hidden * b,
         allreduces=n_allreduce,
+        matmuls=matmuls,
     )
 
 
@@ -628,6 +698,7 @@ def head_count(model: ModelSpec, *, tokens: float, outputs: float, devices: int 
         act_bytes=outputs * m.vocab * 4 / d_vocab,
         allreduce_bytes=tokens * m.hidden * b if split else 0.0,
         allreduces=int(split),
+        matmuls=((outputs, m.hidden, m.vocab // d_vocab),),
     )
 
 
@@ -644,6 +715,7 @@ def vision_block_count(model: ModelSpec, *, patches: float, keys: float, rows: i
         weight_bytes=sum(m.linear_bytes(i, o) for i, o in m.vision_block_shapes),
         # read x (qkv), attn (proj), x (MLP), hidden (down); write 3 vh, vh, (mats - 1) vi, vh
         act_bytes=b * p * (8 * vh + mats * vi),
+        matmuls=tuple((p, i, o) for i, o in m.vision_block_shapes),
     )
 
 
@@ -655,7 +727,8 @@ def vision_counts(model: ModelSpec, *, patches: int, rows: int = 1) -> list[tupl
     p = rows * patches
     parts = [("patch_embed", Count(flops=2 * p * m.patch_dim * m.vision_hidden,
                                    weight_bytes=m.linear_bytes(m.patch_dim, m.vision_hidden),
-                                   act_bytes=b * p * (m.patch_dim + m.vision_hidden)))]
+                                   act_bytes=b * p * (m.patch_dim + m.vision_hidden),
+                                   matmuls=((p, m.patch_dim, m.vision_hidden),)))]
     full = m.vision_full_blocks if m.vision_window else m.vision_depth  # blocks attending to the whole image
     for block in range(m.vision_depth):
         keys = patches if block < full else min(patches, m.vision_window)  # (their order does not matter)
@@ -664,7 +737,8 @@ def vision_counts(model: ModelSpec, *, patches: int, rows: int = 1) -> list[tupl
     (wide, _), (_, out) = m.merger_shapes
     merger = Count(flops=sum(2 * merged * i * o for i, o in m.merger_shapes),
                    weight_bytes=sum(m.linear_bytes(i, o) for i, o in m.merger_shapes),
-                   act_bytes=b * merged * (3 * wide + out))  # fc1 reads and writes wide; fc2 reads wide
+                   act_bytes=b * merged * (3 * wide + out),  # fc1 reads and writes wide; fc2 reads wide
+                   matmuls=tuple((merged, i, o) for i, o in m.merger_shapes))
     parts += [(f"merger{k}", merger) for k in range(1 + m.deepstack)]
     return parts
 
@@ -694,6 +768,16 @@ class CallCost:
     bound: str  # "compute" | "memory" (which dominated the layers)
     iterations: int = 1  # forwards in the call (decode: one per loop iteration)
     parts: dict = dataclasses.field(default_factory=dict)  # seconds of "layers", "vision", "head", "link", "overhead"
+
+
+def compute_seconds(hw: Hardware, count: Count) -> float:
+    """The compute side of one part's roofline: its weight products by `matmul_seconds`, and its
+    other FLOPs (attention's QK^T and PV) at the average rate of those products."""
+    if not count.matmuls:
+        return count.flops / (hw.peak_flops * hw.flops_efficiency)
+    products = sum(matmul_seconds(hw, *mm) for mm in count.matmuls)
+    product_flops = sum(2 * r * i * o for r, i, o in count.matmuls)
+    return products * count.flops / product_flops
 
 
 def _check_args(model, hw, devices, op, tokens, rows, cached, patches):
@@ -737,30 +821,31 @@ def call_cost(model: ModelSpec, hw: Hardware, devices: int, op: str, *, tokens: 
     else:
         n, start, outputs = tokens * rows, cached, rows
     byte_rate = hw.mem_bandwidth * hw.bandwidth_efficiency
+    weight_share = 1.0  # of the weight bytes that count on the memory side
     if hw.cache_bandwidth and weight_bytes_per_device(model, devices) <= hw.cache_bytes:
         byte_rate = hw.cache_bandwidth  # the weights stay in the last-level cache between forwards
+        # ... and a measured matmul table timed its products reading their weights from cache: its
+        # times hold that read already
+        weight_share = 0.0 if hw.matmul_table else 1.0
 
-    def flops_rate(matmul_rows: float) -> float:
-        rate = hw.peak_flops * hw.flops_efficiency
-        return rate * matmul_rows / (matmul_rows + hw.flops_half_rows) if hw.flops_half_rows else rate
-
-    def priced(count: Count, times: int, matmul_rows: float) -> tuple[float, float, float]:
-        c, m = count.flops / flops_rate(matmul_rows), count.bytes / byte_rate
+    def priced(count: Count, times: int) -> tuple[float, float, float]:
+        c = compute_seconds(hw, count)
+        if hw.elementwise_bandwidth:  # activations after the roofline of the weights and cache
+            m = (weight_share * count.weight_bytes + count.kv_bytes) / byte_rate
+            return times * c, times * m, times * (max(c, m) + count.act_bytes / hw.elementwise_bandwidth)
+        m = (weight_share * count.weight_bytes + count.kv_bytes + count.act_bytes) / byte_rate
         return times * c, times * m, times * max(c, m)
 
     layer = layer_count(model, tokens=n, rows=rows, cached=start, devices=devices)
     head = head_count(model, tokens=n, outputs=outputs, devices=devices)
     vision = vision_counts(model, patches=patches, rows=rows) if op == "prefill" and patches else []
     per_forward = [layer] * model.layers + [head]
-    # (count, times, the rows of its matmuls): a forward's layers multiply n rows, the head its
-    # outputs, the vision tower the image's patches
-    counts = [(c, iterations, n) for c in per_forward[:-1]] + [(head, iterations, outputs)] + \
-        [(c, 1, patches * rows) for _, c in vision]
+    counts = [(c, iterations) for c in per_forward] + [(c, 1) for _, c in vision]  # (count, times)
 
     compute_s = memory_s = 0.0
     seconds = {"layers": 0.0, "vision": 0.0, "head": 0.0}
-    for i, (c, times, matmul_rows) in enumerate(counts):
-        cs, ms, s = priced(c, times, matmul_rows)
+    for i, (c, times) in enumerate(counts):
+        cs, ms, s = priced(c, times)
         compute_s, memory_s = compute_s + cs, memory_s + ms
         seconds["layers" if i < model.layers else "head" if i == model.layers else "vision"] += s
 
@@ -772,13 +857,13 @@ def call_cost(model: ModelSpec, hw: Hardware, devices: int, op: str, *, tokens: 
                                     + c.allreduces * hw.link_latency_s)
     overhead_s = hw.call_overhead_s + (iterations * hw.token_overhead_s if op == "decode" else 0.0)
     overhead_s += hw.layer_overhead_s * (iterations * model.layers + (model.vision_depth if vision else 0))
-    layer_compute, layer_memory, _ = priced(layer, 1, n)
+    layer_compute, layer_memory, _ = priced(layer, 1)
     total = sum(seconds.values()) + link_s + overhead_s
     return CallCost(
-        flops=sum(c.flops * t for c, t, _ in counts),
-        weight_bytes=sum(c.weight_bytes * t for c, t, _ in counts),
-        kv_bytes=sum(c.kv_bytes * t for c, t, _ in counts),
-        act_bytes=sum(c.act_bytes * t for c, t, _ in counts),
+        flops=sum(c.flops * t for c, t in counts),
+        weight_bytes=sum(c.weight_bytes * t for c, t in counts),
+        kv_bytes=sum(c.kv_bytes * t for c, t in counts),
+        act_bytes=sum(c.act_bytes * t for c, t in counts),
         allreduce_bytes=iterations * sum(c.allreduce_bytes for c in per_forward) if devices > 1 else 0.0,
         compute_s=compute_s,
         memory_s=memory_s,

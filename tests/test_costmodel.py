@@ -6,6 +6,7 @@ safetensors header are read)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -412,17 +413,111 @@ def test_h100_preset_reproduces_the_32b_decode_it_was_tuned_on():
     assert step(64) == pytest.approx(23.7e-3, rel=0.25)
 
 
-def test_calibration_fits_the_half_rows_it_was_given(monkeypatch):
-    """`calibrate.half_rows` recovers the half-performance length from matmul times generated
-    with a known one, and leaves out a size whose time its bytes alone explain."""
+# ---- a calibrated CPU: measured matmul table, elementwise rate --------------------------------------
+
+# Times chosen so the hand values below are exact: shape (8, 16) measured at 1 and 4 rows; squares of
+# width 4 and 16 measured at 1 and 4 rows.
+TABLE = ((1, 8, 16, 1e-6), (4, 8, 16, 16e-6), (1, 4, 4, 1e-6), (4, 4, 4, 2e-6), (1, 16, 16, 4e-6),
+         (4, 16, 16, 32e-6))
+TABLE_HW = dataclasses.replace(TOY_HW, matmul_table=TABLE)
+
+
+def test_matmul_table_lookup_by_hand():
+    """A held shape: its times, log-interpolated over rows (2 rows: halfway in log between 1 and 16
+    us is 4 us), the smallest row count's time below it, growing with the FLOPs past the largest.
+    A shape not held: read from the squares at w = sqrt(n_in n_out) (8 x 8 -> w = 8, halfway in log
+    between widths 4 and 16), growing as w^2 past the widest. No table: the roofline's rate."""
+    seconds = functools.partial(cm.matmul_seconds, TABLE_HW)
+    assert seconds(1, 8, 16) == pytest.approx(1e-6) and seconds(4, 8, 16) == pytest.approx(16e-6)
+    assert seconds(2, 8, 16) == pytest.approx(4e-6)
+    assert seconds(0.5, 8, 16) == pytest.approx(1e-6)
+    assert seconds(12, 8, 16) == pytest.approx(48e-6)
+    # 8 x 8 at 1 row: between 1 us (width 4) and 4 us (width 16) -> 2 us; at 4 rows: 2 and 32 -> 8
+    assert seconds(1, 8, 8) == pytest.approx(2e-6) and seconds(4, 8, 8) == pytest.approx(8e-6)
+    assert seconds(1, 32, 32) == pytest.approx(16e-6)  # (32 / 16)^2 x 4 us
+    assert seconds(4, 2, 2) == pytest.approx(2e-6)  # below the narrowest: its time
+    assert cm.matmul_seconds(TOY_HW, 3, 8, 16) == pytest.approx(2 * 3 * 8 * 16 / 1e3)
+
+
+def test_table_prices_the_products_of_a_layer():
+    """With a table, a part's compute is its products' table times plus its other FLOPs (attention)
+    at their average rate: a layer of TOY prices q, k, v, o, gate, up, down from the table."""
+    count = cm.layer_count(TOY, tokens=4, cached=5)
+    products = [(4, 8, 8), (4, 8, 4), (4, 8, 4), (4, 8, 8), (4, 8, 16), (4, 8, 16), (4, 16, 8)]
+    assert sorted(count.matmuls) == sorted(products)
+    table_s = sum(cm.matmul_seconds(TABLE_HW, *p) for p in products)
+    product_flops = sum(2 * r * i * o for r, i, o in products)
+    assert cm.compute_seconds(TABLE_HW, count) == pytest.approx(table_s * count.flops / product_flops)
+    assert count.flops > product_flops  # attention's QK^T and PV are in it
+    assert cm.compute_seconds(TOY_HW, count) == pytest.approx(count.flops / 1e3)
+
+
+def test_elementwise_work_added_after_the_roofline():
+    """With elementwise_bandwidth, a part costs max(compute, (weights + cache) / bandwidth) +
+    activations / elementwise_bandwidth; a model in the cache and a matmul table: its weight bytes
+    are in the table's times, so only the cache's bytes count on the memory side."""
+    hw = dataclasses.replace(TOY_HW, elementwise_bandwidth=50.0)
+    count = cm.layer_count(TOY, tokens=6, rows=2, cached=5)
+    cost = cm.call_cost(TOY, hw, 1, "extend", tokens=6, rows=2, cached=5)
+    head = cm.head_count(TOY, tokens=6, outputs=2)
+    expect = [max(c.flops / 1e3, (c.weight_bytes + c.kv_bytes) / 1e2) + c.act_bytes / 50.0
+              for c in (count, count, head)]
+    assert cost.seconds == pytest.approx(sum(expect) + 1.0)
+    cached = dataclasses.replace(hw, matmul_table=TABLE, cache_bytes=1e9, cache_bandwidth=1e3)
+    cost = cm.call_cost(TOY, cached, 1, "extend", tokens=6, rows=2, cached=5)
+    expect = [max(cm.compute_seconds(cached, c), c.kv_bytes / 1e3) + c.act_bytes / 50.0 for c in (count, count, head)]
+    assert cost.seconds == pytest.approx(sum(expect) + 1.0)
+
+
+def test_bad_matmul_tables():
+    with pytest.raises(CostModelError, match=r"matmul_table\[1\] must be \[rows, n_in, n_out, seconds\]"):
+        dataclasses.replace(TOY_HW, matmul_table=((1, 4, 4, 1e-6), (1, 4, 4)))
+    with pytest.raises(CostModelError, match="more than once"):
+        dataclasses.replace(TOY_HW, matmul_table=((1, 4, 4, 1e-6), (1, 4, 4, 2e-6)))
+    with pytest.raises(CostModelError, match="no square product"):
+        dataclasses.replace(TOY_HW, matmul_table=((1, 4, 8, 1e-6),))
+    # a JSON file's lists come back as the table
+    hw = dataclasses.replace(TOY_HW, matmul_table=[list(e) for e in TABLE])
+    assert hw.matmul_table == tuple(sorted((float(r), int(i), int(o), float(t)) for r, i, o, t in TABLE))
+
+
+def test_monotone_is_the_least_squares_non_decreasing_fit():
+    """Pool adjacent violators in log time: [1, 2, 8, 2, 4] -> the violators 8, 2, 4 pooled at their
+    geometric mean 4; an increasing sequence is kept."""
+    from dreamr_jax.calibrate import monotone
+
+    assert monotone([1, 2, 8, 2, 4]) == pytest.approx([1, 2, 4, 4, 4])
+    assert monotone([1, 2, 3]) == pytest.approx([1, 2, 3])
+    assert monotone([4, 1]) == pytest.approx([2, 2])
+
+
+def test_calibration_recovers_the_elementwise_rate_it_was_given():
+    """`calibrate.elementwise_rate` recovers the rate from extend times generated with a known one
+    on top of the priced matmuls and a fixed cost."""
     from dreamr_jax import calibrate
 
-    peak, bandwidth, h, k = 400e9, 100e9, 30.0, 1024
-    sizes = iter([16, 32, 64, 128])
+    rate, fixed = 3e9, 40e-6
+    spec = calibrate.tiny_spec(4)
+    rates = dataclasses.replace(cm.hardware("cpu"), matmul_table=TABLE, elementwise_bandwidth=1e30)
 
-    def fake_best(fn, repeats):
-        n = next(sizes)
-        compute = 2 * n * k * k / (peak * n / (n + h))
-        return compute if n > 32 else k * k * 4 / bandwidth  # the 16- and 32-row products: memory-bound
-    monkeypatch.setattr(calibrate, "_best", fake_best)
-    assert calibrate.half_rows(peak, bandwidth, k=k, repeats=1) == pytest.approx(h)
+    def measured(n):
+        cost = cm.call_cost(spec, rates, 1, "extend", tokens=n, cached=16)
+        return cost.seconds + fixed + cost.act_bytes / rate
+
+    wide = {n: measured(n) for n in (16, 32, 64)}
+    assert calibrate.elementwise_rate(spec, rates, measured(1), wide) == pytest.approx(rate)
+
+
+def test_matmul_table_measures_every_shape_and_its_transpose():
+    """A tiny grid, measured for real: each square width and each named shape with its transpose,
+    at every row count, times positive and never falling as rows grow."""
+    from dreamr_jax import calibrate
+
+    table = calibrate.matmul_table(shapes=[(8, 16)], rows=(1, 4), widths=(8,), copies=2, repeats=1)
+    assert {(r, i, o) for r, i, o, _ in table} == {(r, i, o) for r in (1, 4) for i, o in ((8, 8), (8, 16), (16, 8))}
+    by_shape = {}
+    for r, i, o, t in table:
+        by_shape.setdefault((i, o), []).append(t)
+    assert all(t > 0 for ts in by_shape.values() for t in ts)
+    assert all(ts == sorted(ts) for ts in by_shape.values())
+    cm.Hardware(**{**TOY_HW.to_dict(), "matmul_table": table})  # a valid table
