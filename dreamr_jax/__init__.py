@@ -15,17 +15,18 @@ import importlib
 _EXPORTS = {
     "GenerationResult": ".generation", "Generator": ".generation", "forward": ".generation",
     "generate": ".generation", "load_model": ".loading", "Processor": ".processing",
-    "load_processor": ".processing", "SpecConfig": ".spec", "SpeculativeReasoner": ".spec", "Trace": ".spec",
+    "load_processor": ".processing", "SpeculationConfig": ".speculative", "SpeculativeReasoner": ".speculative",
+    "Trace": ".speculative",
 }
 
 __all__ = ["load_model", "load_processor", "forward", "generate", "GenerationResult", "Generator", "Processor",
-           "SpeculativeReasoner", "SpecConfig", "Trace", "rl"]
+           "SpeculativeReasoner", "SpeculationConfig", "Trace", "rl"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "rl":  # dr.rl.grpo_loss, as ARCHITECTURE.md names it
-        return importlib.import_module(".rl", __name__)
+    if name == "rl":  # dr.rl.grpo_loss: the public name of the training package's pure pieces
+        return importlib.import_module(".training", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value

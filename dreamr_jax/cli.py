@@ -42,7 +42,7 @@ def _demo(args):
 
 def _reasoner(cfg):
     from .sharding import split_devices
-    from .spec import SpeculativeReasoner
+    from .speculative import SpeculativeReasoner
 
     draft_devices, target_devices = split_devices(cfg.draft_devices, cfg.target_devices)
     return SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype,

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .spec.config import SpecConfig
-from .spec.steps import SettingError, check_choice, check_range, check_text
+from .speculative.config import SpeculationConfig
+from .validation import SettingError, check_choice, check_range, check_text
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -38,7 +38,7 @@ class PairConfig:
     # or "replicate" (a whole copy on each).
     draft_parallelism: str = "tensor"
     target_parallelism: str = "tensor"
-    spec: SpecConfig = SpecConfig()
+    spec: SpeculationConfig = SpeculationConfig()
 
     def __post_init__(self):
         check_text("target", self.target)

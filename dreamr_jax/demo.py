@@ -94,7 +94,7 @@ def run_demo(out_dir: str = os.path.join("out", "demo"), count: int = 100, confi
     from .config import load_config
     from .data import synthetic
     from .evaluate import EvalError, check_methods, check_out_dir, locked_out_dir, read_records, run_eval
-    from .spec import SpeculativeReasoner
+    from .speculative import SpeculativeReasoner
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise EvalError(f"--count must be an integer >= 1, got {count!r}")

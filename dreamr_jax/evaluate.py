@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .data.grading import answers_match
-from .spec.config import METHODS
+from .speculative.config import METHODS
 
 
 class EvalError(ValueError):

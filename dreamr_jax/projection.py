@@ -26,8 +26,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .spec.timeline import schedule
-from .spec.trace import Interval, Trace
+from .speculative.timeline import schedule
+from .speculative.trace import Interval, Trace
 
 SecondsOf = Callable[[Interval], float]
 ROLES = ("draft", "target")

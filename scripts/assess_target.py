@@ -54,7 +54,7 @@ def assess(folder: str, count: int) -> dict:
     from dreamr_jax.config import load_config
     from dreamr_jax.data import synthetic
     from dreamr_jax.data.grading import answers_match
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
     from probe_reading import reading_accuracy
 
     spec = load_config(os.path.join(ROOT, "configs", "synthetic.yaml")).spec

@@ -28,8 +28,8 @@ def audit(draft: str, target: str, count: int, group: int, temperature: float, s
     import dreamr_jax as dr
     from dreamr_jax.config import load_config
     from dreamr_jax.data import synthetic
-    from dreamr_jax.rl.rollouts import sample_rollouts, step_rhos
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.training.rollouts import sample_rollouts, step_rhos
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     spec = load_config(os.path.join(ROOT, "configs", "synthetic.yaml")).spec
     processor = dr.load_processor(target)

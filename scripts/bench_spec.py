@@ -37,7 +37,7 @@ def main():
 
     import jax
 
-    from dreamr_jax.spec import SpeculativeReasoner, StepConfig
+    from dreamr_jax.speculative import SpeculativeReasoner, StepConfig
     from spec_models import build_spec_model
 
     folder = tempfile.mkdtemp(prefix="bench_spec_")

@@ -61,7 +61,7 @@ def accuracy(folder: str, count: int, split: str = "val") -> float:
     from dreamr_jax.config import load_config
     from dreamr_jax.data import synthetic
     from dreamr_jax.data.grading import answers_match
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     spec = load_config(os.path.join(ROOT, "configs", "synthetic.yaml")).spec
     reasoner = SpeculativeReasoner(target=folder, config=spec, method="target")
@@ -89,7 +89,7 @@ def main() -> None:
     import dreamr_jax as dr
     from dreamr_jax import assets
     from dreamr_jax.data.world_tokenizer import write_tokenizer_files
-    from dreamr_jax.sft import load_sft_config, train
+    from dreamr_jax.training.sft import load_sft_config, train
 
     if not (args.resume or args.skip_training) and os.path.exists(args.work):
         shutil.rmtree(args.work)  # a stale run would be resumed by `train` (old tokenizer, old steps)

@@ -55,7 +55,7 @@ def main() -> None:
 
     from dreamr_jax.config import load_config
     from dreamr_jax.data import synthetic
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     cfg = load_config(args.config)
     reasoner = SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype=cfg.dtype)

@@ -28,7 +28,7 @@ def solution_logits(model, processor, problems) -> list[np.ndarray]:
 
     import dreamr_jax as dr
     from dreamr_jax.config import load_config
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     spec = load_config(os.path.join(ROOT, "configs", "synthetic.yaml")).spec
     reasoner = SpeculativeReasoner(draft=model, target=model, processor=processor, config=spec)

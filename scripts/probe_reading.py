@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import dreamr_jax as dr
-    from dreamr_jax.sft import load_sft_config, train
+    from dreamr_jax.training.sft import load_sft_config, train
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_sft_config(args.config, [f"output_dir={out}", f"steps={args.steps}", "end_lr_ratio=1.0",

@@ -109,7 +109,7 @@ def world_rows(hw, repeats: int, problem: int = 25) -> list[dict]:
     from dreamr_jax import costmodel
     from dreamr_jax.config import load_config
     from dreamr_jax.data import synthetic
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     cfg = load_config(os.path.join(ROOT, "configs", "synthetic.yaml"))
     reasoner = SpeculativeReasoner(draft=cfg.draft, target=cfg.target, config=cfg.spec, dtype="float32")

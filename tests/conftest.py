@@ -122,7 +122,7 @@ def tiny_sft_config(tmp, **changes):
     """A few-step SFT run of TINY_WORLD_ARCH on the world's judging mix (trainer and resume tests)."""
     from dreamr_jax import assets
     from dreamr_jax.data.pipeline import DataConfig
-    from dreamr_jax.sft import SFTConfig
+    from dreamr_jax.training.sft import SFTConfig
 
     base = dict(output_dir=str(tmp), tokenizer=assets.path("tokenizer"), model=TINY_WORLD_ARCH,
                 data=DataConfig(judging_fraction=0.5, seq_len=160), batch_size=4, steps=4, learning_rate=3e-3,
@@ -134,7 +134,7 @@ def tiny_sft_config(tmp, **changes):
 def world_token_ids():
     import dreamr_jax as dr
     from dreamr_jax import assets
-    from dreamr_jax.sft import token_ids_of
+    from dreamr_jax.training.sft import token_ids_of
 
     return token_ids_of(dr.load_processor(tokenizer_path=assets.path("tokenizer")))
 

@@ -12,6 +12,7 @@ import pytest
 
 import dreamr_jax as dr
 from dreamr_jax import assets
+from dreamr_jax import prompts
 from dreamr_jax.data import synthetic
 
 MB = 2**20
@@ -29,7 +30,7 @@ def world_pair():
 @pytest.fixture(scope="module")
 def world_reasoner(world_pair):
     from dreamr_jax.config import load_config
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec
     target, draft = world_pair
@@ -38,7 +39,7 @@ def world_reasoner(world_pair):
 
 
 def test_assets_fit_the_budget_and_share_a_tokenizer(world_pair):
-    from dreamr_jax.spec.methods import check_same_tokenizer
+    from dreamr_jax.speculative.methods import check_same_tokenizer
 
     total = sum(_size(assets.path(n)) for n in ("target", "draft", "tokenizer"))
     assert total <= 30 * MB, total / MB
@@ -62,7 +63,7 @@ def test_shipped_target_matches_transformers(world_pair):
     target, _ = world_pair
     proc = dr.load_processor(assets.path("target"))
     p = synthetic.make_problem(0, "test", 0)
-    enc = proc([proc.user_prompt(f"{synthetic.INSTRUCTION}\n\n{p.question}", 1) + p.steps[0]], [[p.image()]])
+    enc = proc([proc.user_prompt(f"{prompts.WORLD_INSTRUCTION}\n\n{p.question}", 1) + p.steps[0]], [[p.image()]])
     ours = np.asarray(dr.forward(target, enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
                                  enc["image_grid_thw"]))
     ref = transformers.Qwen3VLForConditionalGeneration.from_pretrained(assets.path("target"), dtype=torch.float32).eval()

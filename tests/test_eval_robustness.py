@@ -15,8 +15,8 @@ import pytest
 
 from dreamr_jax.cli import main
 from dreamr_jax.evaluate import DataError, EvalError, locked_out_dir, read_records, run_eval
-from dreamr_jax.spec import SpeculativeReasoner
-from dreamr_jax.spec.trace import Step, Trace
+from dreamr_jax.speculative import SpeculativeReasoner
+from dreamr_jax.speculative.trace import Step, Trace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC = os.path.join(REPO, "configs", "synthetic.yaml")

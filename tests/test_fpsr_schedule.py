@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import dreamr_jax as dr
-from dreamr_jax.spec import SpeculativeReasoner, StepConfig
-from dreamr_jax.spec.fpsr import run_dreamr
-from dreamr_jax.spec.methods import Problem
-from dreamr_jax.spec.trace import Trace
+from dreamr_jax.speculative import SpeculativeReasoner, StepConfig
+from dreamr_jax.speculative.fpsr import run_dreamr
+from dreamr_jax.speculative.methods import Problem
+from dreamr_jax.speculative.trace import Trace
 
 from spec_models import build_spec_model, sequential_commits
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamr_jax.rl import (chunked_token_logprobs, composite_reward, draft_reward, group_advantages, grpo_loss,
+from dreamr_jax.training import (chunked_token_logprobs, composite_reward, draft_reward, group_advantages, grpo_loss,
                            length_reward, outcome_reward)
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from dreamr_jax import projection as pj
 from dreamr_jax.cli import build_parser, main
-from dreamr_jax.spec.timeline import project, schedule
-from dreamr_jax.spec.trace import Interval, Step, Trace
+from dreamr_jax.speculative.timeline import project, schedule
+from dreamr_jax.speculative.trace import Interval, Step, Trace
 
 
 def _old_project(trace: Trace) -> float:
@@ -453,7 +453,7 @@ class HandReasoner:
     draft = object()
 
     def __init__(self):
-        from dreamr_jax.spec import SpeculativeReasoner
+        from dreamr_jax.speculative import SpeculativeReasoner
 
         self.solve_many = SpeculativeReasoner.solve_many.__get__(self)
         self.traces = {(r["id"], r["method"]): r.get("trace") for r in hand_rows()}

@@ -9,7 +9,7 @@ import numpy as np
 
 import dreamr_jax as dr
 from dreamr_jax.data import synthetic
-from dreamr_jax.rl.rollouts import Rollout, cut_at_answer, sample_rollouts, split_steps, step_rhos
+from dreamr_jax.training.rollouts import Rollout, cut_at_answer, sample_rollouts, split_steps, step_rhos
 
 
 def test_split_and_cut():
@@ -43,7 +43,7 @@ def test_rollouts_group_and_logprobs(tiny_world_pair):
 
 def test_step_rhos_equal_the_check_run_step_by_step(tiny_world_pair):
     from dreamr_jax.config import load_config
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     target_dir, draft_dir = tiny_world_pair
     spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec

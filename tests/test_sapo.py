@@ -11,8 +11,8 @@ from flax import nnx
 
 import dreamr_jax as dr
 from dreamr_jax.data import synthetic
-from dreamr_jax.rl.sapo import GRPOSettings, _logprobs, policy_batch, sapo_step
-from dreamr_jax.rl.rollouts import Rollout
+from dreamr_jax.training.sapo import GRPOSettings, _logprobs, policy_batch, sapo_step
+from dreamr_jax.training.rollouts import Rollout
 
 
 def test_response_logprobs_match_the_inference_forward(tiny_world_pair):
@@ -42,7 +42,7 @@ def test_one_sapo_step_updates_the_policy_only(tiny_world_pair):
     import optax
 
     from dreamr_jax.config import load_config
-    from dreamr_jax.spec import SpeculativeReasoner
+    from dreamr_jax.speculative import SpeculativeReasoner
 
     target_dir, draft_dir = tiny_world_pair
     spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from dreamr_jax.config import ConfigError, load_config
-from dreamr_jax.rl.trainer import SAPOConfig, SAPOData, load_sapo_config, make_optimizer, train
+from dreamr_jax.training.sapo_trainer import SAPOConfig, SAPOData, load_sapo_config, make_optimizer, train
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # The tiny task: R = the share of response tokens in a fixed set of 32 of the 512 ids (1/16
@@ -106,7 +106,7 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair, sharding):
     script = textwrap.dedent(f"""
         import hashlib, json, sys
         import jax
-        from dreamr_jax.rl.trainer import initialize_distributed
+        from dreamr_jax.training.sapo_trainer import initialize_distributed
         initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), "gloo")
         jax.config.update("jax_default_matmul_precision", "highest")
         import numpy as np
@@ -114,7 +114,7 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair, sharding):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_sapo_trainer import _cfg, task_reward
         import dreamr_jax.sharding
-        from dreamr_jax.rl.trainer import gather_whole, local_copy, train
+        from dreamr_jax.training.sapo_trainer import gather_whole, local_copy, train
         dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny draft's matrices too
         cfg = _cfg(sys.argv[3], json.loads(sys.argv[4]), steps=2, group_size=4, checkpoint_every=1, warmup_steps=0,
                    draft_sharding=sys.argv[5])
@@ -175,7 +175,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     import dreamr_jax as dr
     import dreamr_jax.sharding
     from test_sapo_trainer import _cfg, task_reward
-    from dreamr_jax.rl.trainer import train
+    from dreamr_jax.training.sapo_trainer import train
 
     dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny draft's matrices too
     root, pair = sys.argv[2], json.loads(sys.argv[3])
@@ -280,8 +280,8 @@ def test_micro_batches_make_the_same_update(tiny_world_pair):
 
     import dreamr_jax as dr
     from dreamr_jax.data import synthetic
-    from dreamr_jax.rl.rollouts import Rollout
-    from dreamr_jax.rl.sapo import GRPOSettings, policy_batch, update
+    from dreamr_jax.training.rollouts import Rollout
+    from dreamr_jax.training.sapo import GRPOSettings, policy_batch, update
 
     draft_dir = tiny_world_pair[1]
     proc = dr.load_processor(draft_dir)
@@ -320,8 +320,8 @@ def test_micro_batches_make_the_same_update(tiny_world_pair):
     # Data parallel over processes: process 1's rows (patches, merge units, images, image
     # tokens renumbered by `offset_for_process`) appended to process 0's make one global batch
     # whose log-probs are those of the two halves.
-    from dreamr_jax.rl.sapo import _logprobs
-    from dreamr_jax.rl.trainer import offset_for_process
+    from dreamr_jax.training.sapo import _logprobs
+    from dreamr_jax.training.sapo_trainer import offset_for_process
 
     halves = [policy_batch(policy.cfg, [rollouts[i] for i in rows], prompts, proc.pad_token_id, width=128,
                            num_patches=64) for rows in ([0, 1], [2, 3])]
@@ -338,7 +338,7 @@ def test_micro_batches_make_the_same_update(tiny_world_pair):
 def test_prompt_batches_split_by_process():
     """Each process reads its own interleaved slice of the shuffled prompts: together they read
     what one process reads, none twice; the order depends on the seed only."""
-    from dreamr_jax.rl.trainer import prompt_dataset
+    from dreamr_jax.training.sapo_trainer import prompt_dataset
 
     cfg = SAPOConfig(output_dir="x", draft="x", target="x", data=SAPOData(world_size=12), seed=3)
 
@@ -358,7 +358,7 @@ def test_prompt_batches_split_by_process():
 def test_outcome_reward_grades_records():
     """R_outcome of a record uses its answer type: choices by letter, numbers by value, text
     normalised (the trainer passes records of the data loaders)."""
-    from dreamr_jax.rl.rewards import outcome_reward
+    from dreamr_jax.training.rewards import outcome_reward
 
     choice = {"answer": "B", "answer_type": "choice", "choices": ["cat", "dog", "cow"]}
     number = {"answer": "12", "answer_type": "number", "choices": []}

@@ -10,10 +10,10 @@ import os
 import pytest
 
 from dreamr_jax.config import ConfigError, load_config
-from dreamr_jax.rl.trainer import SAPOConfig, load_sapo_config
-from dreamr_jax.sft import SFTConfig, changed_settings, load_sft_config, main as sft_main, settings_of, train
-from dreamr_jax.spec.config import REJECT_ALL, SpecConfig
-from dreamr_jax.spec.steps import StepConfig
+from dreamr_jax.training.sapo_trainer import SAPOConfig, load_sapo_config
+from dreamr_jax.training.sft import SFTConfig, changed_settings, load_sft_config, main as sft_main, settings_of, train
+from dreamr_jax.speculative.config import REJECT_ALL, SpeculationConfig
+from dreamr_jax.speculative.steps import StepConfig
 
 from conftest import TINY_WORLD_ARCH, tiny_sft_config
 
@@ -123,7 +123,7 @@ def test_sapo_checks_its_own_sampling_settings_and_its_spec():
 
 def test_python_api_checks_the_same_ranges():
     with pytest.raises(ValueError, match="alpha must be in"):
-        SpecConfig(alpha=1.5)
+        SpeculationConfig(alpha=1.5)
     with pytest.raises(ValueError, match="token_budget must be >= 1, got 0"):
         StepConfig(token_budget=0)
     with pytest.raises(ValueError, match="steps must be >= 1"):
@@ -131,7 +131,7 @@ def test_python_api_checks_the_same_ranges():
     with pytest.raises(ValueError, match="alpha"):
         SAPOConfig(output_dir="x", draft="x", target="x", alpha=-0.1)
     # the documented way to reject every drafted step (tests of target equivalence)
-    assert SpecConfig(alpha=REJECT_ALL).alpha == math.inf
+    assert SpeculationConfig(alpha=REJECT_ALL).alpha == math.inf
     assert load_config(PAIR, ["spec.alpha=.inf"]).spec.alpha == math.inf
     # the shipped configs all pass
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
@@ -143,7 +143,7 @@ def test_python_api_checks_the_same_ranges():
 def test_changed_settings_are_listed_by_key():
     base = SAPOConfig(output_dir="a", draft="d", target="t")
     other = SAPOConfig(output_dir="b", draft="d", target="t", batch_size=8, steps=5,
-                       spec=SpecConfig(alpha=0.5, steps=StepConfig(token_budget=99)))
+                       spec=SpeculationConfig(alpha=0.5, steps=StepConfig(token_budget=99)))
     changes = changed_settings(settings_of(base), settings_of(other))
     # output_dir and steps may change on resume; the rest is named with old and new values
     assert changes == ["batch_size: 64 -> 8", "spec.alpha: 0.7 -> 0.5", "spec.steps.token_budget: 2048 -> 99"]

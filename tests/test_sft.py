@@ -17,7 +17,7 @@ from flax import nnx
 import dreamr_jax as dr
 from dreamr_jax import assets
 from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
-from dreamr_jax.sft import SFTConfig, load_sft_config, make_optimizer, train, weighted_loss
+from dreamr_jax.training.sft import SFTConfig, load_sft_config, make_optimizer, train, weighted_loss
 
 from conftest import tiny_sft_config
 
@@ -149,7 +149,7 @@ def test_data_parallel_matches_one_device(tmp_path):
         import dreamr_jax as dr
         import dreamr_jax.sharding
         from test_sft import _cfg
-        from dreamr_jax.sft import train
+        from dreamr_jax.training.sft import train
         dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny model's matrices too
         out = train(_cfg(sys.argv[2], steps=2, checkpoint_every=100, sharding=sys.argv[3]), progress=False,
                     export=sys.argv[3] == "fsdp")

@@ -60,7 +60,7 @@ TP_SCRIPT = textwrap.dedent("""
     from conftest import image_prompt, random_image_inputs
     from dreamr_jax.generation import _extend
     from dreamr_jax.loading import load_model
-    from dreamr_jax.spec.roles import Role
+    from dreamr_jax.speculative.roles import Role
 
     def collectives(role, cache):  # the collective ops XLA put into one forward of one new token
         gen = role.generator
@@ -154,7 +154,7 @@ def test_tensor_parallel_roles_match_one_device(tiny_checkpoints, tmp_path):
 
 def test_parallelism_config_errors():
     from dreamr_jax.config import ConfigError, load_config
-    from dreamr_jax.rl.trainer import SAPOConfig
+    from dreamr_jax.training.sapo_trainer import SAPOConfig
 
     with pytest.raises(ConfigError, match="synthetic.yaml: target_parallelism must be tensor or replicate, got 'pipeline'"):
         load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), ["target_parallelism=pipeline"])

@@ -1,4 +1,4 @@
-"""Step-level speculative reasoning (dreamr_jax.spec): the exactness properties of SPEC.md
+"""Step-level speculative reasoning (dreamr_jax.speculative): the exactness properties of SPEC.md
 sections 1-4 on tiny random draft/target pairs with the real Qwen vocabulary.
 
 - greedy exactness of dreamr / specreason / lookahead at reject-all and accept-all settings,
@@ -34,15 +34,16 @@ import dreamr_jax as dr
 from dreamr_jax.generation import forward
 from dreamr_jax.processing import ImageError, Processor, qwen_tokenizer_dir
 from dreamr_jax.sampling import SamplingParams
-from dreamr_jax.spec import (ContextLengthError, KeywordError, Keywords, SpeculativeReasoner, StepConfig, accept,
-                             cpn_rho, final_answer, keyword_token_ids, project, split_steps)
-from dreamr_jax.spec.config import SpecConfig
-from dreamr_jax.spec.methods import (Problem, StepEngine, TokenizerMismatchError, check_same_tokenizer,
+from dreamr_jax.speculative import ContextLengthError, SpeculativeReasoner, StepConfig, accept, cpn_rho, project, split_steps
+from dreamr_jax.prompts import KeywordError, Keywords, keyword_token_ids
+from dreamr_jax.data.grading import final_answer
+from dreamr_jax.speculative.config import SpeculationConfig
+from dreamr_jax.speculative.methods import (Problem, StepEngine, TokenizerMismatchError, check_same_tokenizer,
                                      speculative_accept)
-from dreamr_jax.spec.roles import Role
-from dreamr_jax.spec.steps import boxed_answer
-from dreamr_jax.spec.timeline import overlap_time
-from dreamr_jax.spec.trace import Interval, Step, Trace
+from dreamr_jax.speculative.roles import Role
+from dreamr_jax.data.grading import boxed_answer
+from dreamr_jax.speculative.timeline import overlap_time
+from dreamr_jax.speculative.trace import Interval, Step, Trace
 
 from conftest import build_torch_model, tiny_config_dict
 from spec_models import build_spec_model, sequential_commits
@@ -490,7 +491,7 @@ def test_cpn_matches_transformers(tmp_path):
         shutil.copy(os.path.join(qwen_tokenizer_dir(), name), tmp_path)
     model = dr.load_model(str(tmp_path))
     proc = dr.load_processor(str(tmp_path), min_pixels=16 * 16, max_pixels=32 * 32)
-    eng = StepEngine(None, Role("target", model), proc, SpecConfig(method="target"))
+    eng = StepEngine(None, Role("target", model), proc, SpeculationConfig(method="target"))
     img = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     enc = proc.encode(proc.user_prompt("Is the triangle in the figure isosceles?", 1), [img])
     ids, pix, grids = enc["input_ids"], enc["pixel_values"], enc["image_grid_thw"]
@@ -523,8 +524,8 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
     from dreamr_jax.sharding import split_devices
-    from dreamr_jax.spec import SpeculativeReasoner, StepConfig
-    from dreamr_jax.spec.timeline import overlap_time, project
+    from dreamr_jax.speculative import SpeculativeReasoner, StepConfig
+    from dreamr_jax.speculative.timeline import overlap_time, project
 
     draft, target, question, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     assert len(jax.devices()) == 4, jax.devices()

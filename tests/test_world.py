@@ -11,10 +11,11 @@ import pytest
 
 import dreamr_jax as dr
 from dreamr_jax import assets
+from dreamr_jax import prompts
 from dreamr_jax.data import synthetic
 from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
-from dreamr_jax.spec.steps import final_answer
-from dreamr_jax.spec.tbvm import judge_suffix, keyword_token_ids
+from dreamr_jax.data.grading import final_answer
+from dreamr_jax.prompts import judge_suffix, keyword_token_ids
 
 
 def _answer_from_grid(p: synthetic.WorldProblem) -> int:
@@ -149,14 +150,14 @@ def test_world_tokenizer_is_qwen_style(world_processor):
 def test_training_examples_are_the_engines_token_sequences(world_processor):
     """A judging example is exactly: the reasoner's prompt, each context step encoded as
     step + "\\n\\n", the candidate likewise, the judging suffix (CPN or SpecReason), the verdict."""
-    from dreamr_jax.spec.config import specreason_suffix
+    from dreamr_jax.prompts import specreason_suffix
 
     cfg = DataConfig(judging_fraction=0.6, specreason_fraction=0.3)
     enc = WorldEncoder(world_processor, cfg)
     tok = world_processor.tokenizer
     pos, neg = keyword_token_ids(tok)
-    cpn = tok.encode(judge_suffix(instruction=synthetic.JUDGE_INSTRUCTION), add_special_tokens=False)
-    scoring = tok.encode(specreason_suffix(synthetic.SPECREASON_PROMPT, synthetic.SPECREASON_PREFIX),
+    cpn = tok.encode(judge_suffix(instruction=prompts.WORLD_JUDGE_INSTRUCTION), add_special_tokens=False)
+    scoring = tok.encode(specreason_suffix(prompts.WORLD_SPECREASON_PROMPT, prompts.WORLD_SPECREASON_PREFIX),
                          add_special_tokens=False)
     nine, zero = tok.encode("9", add_special_tokens=False)[0], tok.encode("0", add_special_tokens=False)[0]
     seen = Counter()
@@ -165,7 +166,7 @@ def test_training_examples_are_the_engines_token_sequences(world_processor):
         ids = ex["input_ids"][: ex["length"]].tolist()
         p = synthetic.make_problem(0, "train", index)
         prompt = world_processor.encode(
-            world_processor.user_prompt(f"{synthetic.INSTRUCTION}\n\n{p.question}", 1), [p.image()])
+            world_processor.user_prompt(f"{prompts.WORLD_INSTRUCTION}\n\n{p.question}", 1), [p.image()])
         assert ids[: len(prompt["input_ids"])] == prompt["input_ids"]
         np.testing.assert_array_equal(ex["pixel_values"], prompt["pixel_values"])
         rest = ids[len(prompt["input_ids"]):]
@@ -228,10 +229,10 @@ def test_world_config_uses_the_prompts_the_models_learned():
     from dreamr_jax.config import load_config
 
     spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec
-    assert spec.instruction == synthetic.INSTRUCTION
-    assert spec.judge_instruction == synthetic.JUDGE_INSTRUCTION
-    assert (spec.specreason_prompt, spec.specreason_prefix) == (synthetic.SPECREASON_PROMPT,
-                                                                synthetic.SPECREASON_PREFIX)
+    assert spec.instruction == prompts.WORLD_INSTRUCTION
+    assert spec.judge_instruction == prompts.WORLD_JUDGE_INSTRUCTION
+    assert (spec.specreason_prompt, spec.specreason_prefix) == (prompts.WORLD_SPECREASON_PROMPT,
+                                                                prompts.WORLD_SPECREASON_PREFIX)
 
 
 def test_collate_matches_the_generation_path(world_processor, tiny_world_model):

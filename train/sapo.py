@@ -7,7 +7,7 @@ DREAMR_PROCESS_ID (or --coordinator / --num-processes / --process-id); each proc
 trains on its own slice of every prompt batch. scripts/launch_tpu_pod.sh does the TPU case.
 """
 
-from dreamr_jax.rl.trainer import main
+from dreamr_jax.training.sapo_trainer import main
 
 if __name__ == "__main__":
     main()

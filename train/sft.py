@@ -4,7 +4,7 @@ The same command runs on CPU, GPU and TPU; on a multi-host slice set JAX_COORDIN
 (or DREAMR_MULTIHOST=1 where JAX detects the cluster) and run it on every worker.
 """
 
-from dreamr_jax.sft import main
+from dreamr_jax.training.sft import main
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,8 @@
 """Answer grading: choice letters, numbers with tolerance, normalised free text.
 
+Answer extraction (`final_answer`: the last complete \\boxed{}, else a stated choice letter)
+lives here too, with the grading it feeds; the engine imports it from here.
+
 Two layers:
 
 * record-free helpers (`normalise`, `as_number`, `answers_match`, `parse_number`,
@@ -28,7 +31,53 @@ import operator
 import re
 import string
 
-from ..spec.steps import brace_group
+# ---- the final answer a reasoning text states (the decode loop and the methods stop on it) ----
+
+_BOXED = re.compile(r"\\boxed\{")
+_CHOICE = re.compile(r"(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*:?\s*\(?([A-J])\)?(?![A-Za-z])")
+
+
+def boxed_answer(text: str) -> str | None:
+    """The content of the last complete `\\boxed{...}` (nested braces allowed), else None."""
+    result = None
+    for match in _BOXED.finditer(text):
+        group = brace_group(text, match.end() - 1)
+        if group is not None:
+            result = group[0]
+    return result
+
+
+def brace_group(text: str, start: int) -> tuple[str, int] | None:
+    """The content of the `{...}` group opening at text[start] (nested braces allowed) and the
+    index after it; None if text[start] is not "{" or the group never closes."""
+    if start >= len(text) or text[start] != "{":
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i], i + 1
+    return None
+
+
+def choice_answer(text: str) -> str | None:
+    """A multiple-choice letter stated as an answer ("Answer: B", "the answer is (C)")."""
+    found = _CHOICE.findall(text)
+    return found[-1] if found else None
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer a step states, if any: a complete \\boxed{} first, else a choice letter."""
+    boxed = boxed_answer(text)
+    if boxed is not None:
+        return boxed.strip()
+    return choice_answer(text)
+
+
+# ---- grading ----
 
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 
@@ -304,7 +353,6 @@ def extract_answer(text: str | None, record: dict) -> str | None:
 
     Looks at, in order: the last complete \\boxed{...}; an answer statement ("the answer is
     (C)", "Answer: 12"); the final line. None when nothing usable is found."""
-    from ..spec.steps import boxed_answer, choice_answer
 
     if not text:
         return None

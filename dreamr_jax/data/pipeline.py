@@ -23,8 +23,9 @@ import dataclasses
 import numpy as np
 
 from ..models.qwen_vl.rope_index import get_rope_index, prepare_vision_inputs
-from ..spec.config import question_text, specreason_suffix
-from ..spec.tbvm import JUDGE_CUE, Keywords, judge_suffix, judge_text, keyword_token_ids
+from ..prompts import (JUDGE_CUE, WORLD_INSTRUCTION, WORLD_JUDGE_INSTRUCTION, WORLD_SPECREASON_PREFIX,
+                       WORLD_SPECREASON_PROMPT, Keywords, judge_suffix, judge_text, keyword_token_ids, question_text,
+                       specreason_suffix)
 from . import synthetic
 
 
@@ -44,14 +45,14 @@ class DataConfig:
     # the reference order correct), the mismatch SAPO's R_draft exists to remove. 0 for the
     # shipped pair.
     shuffled_reads: float = 0.0
-    instruction: str = synthetic.INSTRUCTION
-    judge_instruction: str = synthetic.JUDGE_INSTRUCTION
+    instruction: str = WORLD_INSTRUCTION
+    judge_instruction: str = WORLD_JUDGE_INSTRUCTION
     # Share of CPN judging examples asked with the short verdict cue (`tbvm.judge_text("cue")`)
     # instead of the full judging turn, so one target serves both `spec.judge_format`s.
     cue_fraction: float = 0.0
     judge_cue: str = JUDGE_CUE
-    specreason_prompt: str = synthetic.SPECREASON_PROMPT
-    specreason_prefix: str = synthetic.SPECREASON_PREFIX
+    specreason_prompt: str = WORLD_SPECREASON_PROMPT
+    specreason_prefix: str = WORLD_SPECREASON_PREFIX
 
 
 class WorldEncoder:

@@ -45,13 +45,6 @@ COLOURS = {"red": (215, 40, 40), "green": (30, 150, 60), "blue": (40, 70, 215), 
            "purple": (140, 50, 170)}
 COLOUR_NAMES = tuple(COLOURS)
 
-# Short prompts for this world (configurable in SpecConfig; see configs/synthetic.yaml): the
-# tiny models read them on every problem and the judge suffix on every check.
-INSTRUCTION = "Solve step by step and put the answer in \\boxed{}."
-JUDGE_INSTRUCTION = "Is the last step correct? Answer positive or negative."
-SPECREASON_PROMPT = "Score the last step from 0 to 9."
-SPECREASON_PREFIX = "Score: "
-
 _FONT = {  # 5x7 glyphs, one string of five bits per row
     "0": ["01110", "10001", "10011", "10101", "11001", "10001", "01110"],
     "1": ["00100", "01100", "00100", "00100", "00100", "00100", "01110"],

@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from .synthetic import INSTRUCTION, JUDGE_INSTRUCTION, SPECREASON_PREFIX, SPECREASON_PROMPT, judging_example, make_problem
+from ..prompts import WORLD_INSTRUCTION, WORLD_JUDGE_INSTRUCTION, WORLD_SPECREASON_PREFIX, WORLD_SPECREASON_PROMPT
+from .synthetic import judging_example, make_problem
 
 # Qwen2's pre-tokenizer regex, as in its tokenizer.json.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -27,12 +28,11 @@ IMAGE_SIZE_PIXELS = 64 * 64  # the world's 2x2 grids
 def training_corpus(seed: int = 0, count: int = 4000):
     """Text of this world: prompts, steps, the judging suffix and verdicts, the default
     instructions of the package (so any configured prompt still tokenizes sensibly)."""
-    from ..spec import config as paper  # SPEC.md's prompts, the package defaults
-    from ..spec.tbvm import JUDGE_INSTRUCTION as PAPER_JUDGE
+    from .. import prompts as paper  # the paper's prompts, the package defaults
 
     rng = np.random.default_rng(seed)
-    fixed = [INSTRUCTION, JUDGE_INSTRUCTION, SPECREASON_PROMPT, SPECREASON_PREFIX, paper.REASONING_INSTRUCTION,
-             PAPER_JUDGE, paper.SPECREASON_PROMPT, paper.SPECREASON_PREFIX, paper.LOOKAHEAD_PROMPT,
+    fixed = [WORLD_INSTRUCTION, WORLD_JUDGE_INSTRUCTION, WORLD_SPECREASON_PROMPT, WORLD_SPECREASON_PREFIX, paper.REASONING_INSTRUCTION,
+             paper.JUDGE_INSTRUCTION, paper.SPECREASON_PROMPT, paper.SPECREASON_PREFIX, paper.LOOKAHEAD_PROMPT,
              "positive", " positive", "negative", " negative", "user\n", "assistant\n", "system\n",
              "You are a helpful assistant."]
     for i in range(count):

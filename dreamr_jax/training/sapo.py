@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from ..generation import _image_indices, length_bucket
-from ..spec.steps import SettingError, check_choice, check_flag, check_range
+from ..validation import SettingError, check_choice, check_flag, check_range
 from .grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from .rewards import composite_reward, draft_reward, length_reward, outcome_reward
 from .rollouts import Rollout, sample_rollouts, step_rhos

@@ -1,17 +1,82 @@
-"""TBVM with the CPN score (SPEC.md section 2): the target judges a drafted step from the
-logits of two keyword tokens after a judging instruction.
+"""Chat strings, instructions and judging cues: every text the methods put around a model's
+reasoning. A leaf: it imports nothing of ours, so the data layer, the engine and training
+share one copy of each.
 
-rho = s+ / (s+ + s-) with s± the keyword probabilities equals sigmoid(z+ - z-) on the raw
-logits: the softmax normaliser cancels. Accept iff rho >= alpha.
+The chat strings are Qwen's ChatML (the format of every model this package loads, and of the
+embedded world's tokenizer); `turn` and `open_turn` build them in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def turn(role: str, text: str) -> str:
+    """One whole ChatML turn."""
+    return f"{IM_START}{role}\n{text}{IM_END}\n"
+
+
+def open_turn(role: str) -> str:
+    """The start of a turn the model writes."""
+    return f"{IM_START}{role}\n"
+
+
+def after_step(instruction: str, assistant_prefix: str = "", chat_end: str = IM_END + "\n") -> str:
+    """Text after a candidate step that asks the model about it: close the assistant turn, a user
+    turn carrying `instruction`, then the answer turn opened (and started with `assistant_prefix`)."""
+    return f"{chat_end}{turn('user', instruction)}{open_turn('assistant')}{assistant_prefix}"
+
+
+# ---- the reasoning prompt ----
+
+REASONING_INSTRUCTION = (
+    "Solve the problem step by step. Separate the steps with a blank line and put the final answer in "
+    "\\boxed{} (for a multiple-choice question, the letter of the choice)."
+)
+
+SPECREASON_PROMPT = (
+    "Evaluate the last reasoning step solely based on factual correctness and logical validity. Ignore style, "
+    "phrasing, or overall usefulness; only judge whether the step is objectively correct and logically follows "
+    "from prior steps. Assign a score from 0 to 9."
+)
+SPECREASON_PREFIX = "I think the quality score is: "
+
+
+
+def question_text(instruction: str, question: str) -> str:
+    """The first user turn's text: the reasoning instruction, a blank line, the question."""
+    return f"{instruction}\n\n{question}"
+
+
+def specreason_suffix(prompt: str = SPECREASON_PROMPT, prefix: str = SPECREASON_PREFIX) -> str:
+    """Text after a candidate step for SpecReason's forced 0-9 score."""
+    return after_step(prompt, prefix)
+
+
+LOOKAHEAD_PROMPT = (
+    "Do the following two reasoning steps state the same thing? Answer [aligned] if they are semantically "
+    "equivalent, [unaligned] if they are not.\nStep A: {a}\nStep B: {b}"
+)
+
+
+def lookahead_suffix(step_a: str, step_b: str, prompt: str = LOOKAHEAD_PROMPT) -> str:
+    """Text after the checked prefix for Lookahead Reasoning's semantic judge: the two steps in a
+    user turn, and the answer turn opened with "[" (its verdicts are [aligned] / [unaligned])."""
+    return after_step(prompt.format(a=step_a, b=step_b), "[")
+
+
+# ---- the embedded world's short prompts (configs/synthetic.yaml sets them; the tiny models read
+# them on every problem, and the judge suffix on every check) ----
+
+WORLD_INSTRUCTION = "Solve step by step and put the answer in \\boxed{}."
+WORLD_JUDGE_INSTRUCTION = "Is the last step correct? Answer positive or negative."
+WORLD_SPECREASON_PROMPT = "Score the last step from 0 to 9."
+WORLD_SPECREASON_PREFIX = "Score: "
+
+
+# ---- TBVM's judging prompt and keywords ----
 
 JUDGE_INSTRUCTION = (
     "Evaluate the last reasoning step only for factual correctness, logical validity and consistency with "
@@ -63,39 +128,15 @@ def keyword_token_ids(tokenizer, keywords: Keywords = Keywords()) -> tuple[int, 
     return ids[0], ids[1]
 
 
-def cpn_rho(logits, positive_id: int, negative_id: int):
-    """rho = sigmoid(z+ - z-) in float32, over any leading batch shape of logits (..., V).
-
-    A numpy input is scored in numpy (no device dispatch for a handful of verdicts)."""
-    if isinstance(logits, np.ndarray):
-        margin = logits[..., positive_id].astype(np.float32) - logits[..., negative_id].astype(np.float32)
-        with np.errstate(over="ignore"):
-            return (np.float32(1) / (np.float32(1) + np.exp(-margin))).astype(np.float32)
-    logits = jnp.asarray(logits, jnp.float32)
-    return jax.nn.sigmoid(logits[..., positive_id] - logits[..., negative_id])
-
-
-def accept(rho, alpha: float):
-    """Accept iff rho >= alpha (alpha > 1 rejects everything, alpha = 0 accepts everything).
-
-    Compared in float32 (rho's precision), so host-side decisions (`is_accepted`) agree."""
-    return jnp.asarray(rho, jnp.float32) >= jnp.float32(alpha)
-
-
-def is_accepted(rho: float, alpha: float) -> bool:
-    """`accept` for one host-side rho, with the same float32 comparison."""
-    return bool(np.float32(rho) >= np.float32(alpha))
-
-
 # A few-token verdict cue after the step: close the turn and ask in one word. The model must be
 # trained to answer it (the embedded world's target is); SPEC.md's full turn is the default.
-JUDGE_CUE = "<|im_end|> correct?"
+JUDGE_CUE = f"{IM_END} correct?"
 JUDGE_FORMATS = ("turn", "cue")
 
 
 def judge_suffix(chat_end: str = "<|im_end|>\n", instruction: str = JUDGE_INSTRUCTION) -> str:
     """Text after the candidate step: close the assistant turn, ask, open the verdict turn."""
-    return f"{chat_end}<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+    return after_step(instruction, chat_end=chat_end)
 
 
 def judge_text(judge_format: str = "turn", instruction: str = JUDGE_INSTRUCTION, cue: str = JUDGE_CUE) -> str:

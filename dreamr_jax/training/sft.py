@@ -21,10 +21,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .config import ConfigError, _build, read_yaml, resolve_input_paths
-from .data.pipeline import DataConfig, WorldEncoder, world_dataset
-from .sharding import distribute, gather_whole, local_copy
-from .spec.steps import SettingError, check_choice, check_flag, check_range, check_text
+from ..config import ConfigError, _build, read_yaml, resolve_input_paths
+from ..data.pipeline import DataConfig, WorldEncoder, world_dataset
+from ..sharding import distribute, gather_whole, local_copy
+from ..validation import SettingError, check_choice, check_flag, check_range, check_text
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -84,7 +84,7 @@ class SFTConfig:
 
 def check_data(data: DataConfig) -> None:
     """The ranges of the world pipeline's settings (`data.*`)."""
-    from .data.synthetic import SPLITS
+    from ..data.synthetic import SPLITS
 
     check_range("data.seed", data.seed, 0, integer=True)
     check_choice("data.split", data.split, tuple(SPLITS))
@@ -103,7 +103,7 @@ def check_model_arguments(model: dict) -> None:
         return
     import inspect
 
-    from .assets import qwen3_vl_config
+    from ..assets import qwen3_vl_config
 
     params = {name: p for name, p in inspect.signature(qwen3_vl_config).parameters.items() if name != "token_ids"}
     for key in model:
@@ -208,7 +208,7 @@ def resume_step(cfg) -> int | None:
     """The step of the latest checkpoint in cfg.output_dir (None: a fresh run), once the checks a
     resume must pass before anything loads have passed: not past cfg.steps, the same settings
     (`check_resume`)."""
-    from .checkpoint import TrainCheckpointer
+    from ..checkpoint import TrainCheckpointer
 
     ckpt = TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
     try:
@@ -338,13 +338,13 @@ def shard_batch(batch: dict, mesh) -> dict:
 
 
 def build_model(cfg: SFTConfig, token_ids: dict):
-    from .assets import qwen3_vl_config
-    from .loading import load_model
-    from .models.qwen_vl.config import QwenVLConfig
-    from .models.qwen_vl.model import QwenVLModel
+    from ..assets import qwen3_vl_config
+    from ..loading import load_model
+    from ..models.qwen_vl.config import QwenVLConfig
+    from ..models.qwen_vl.model import QwenVLModel
 
     if cfg.init:
-        from .hub import resolve_checkpoint
+        from ..hub import resolve_checkpoint
 
         model = load_model(cfg.init, dtype="float32")
         with open(os.path.join(resolve_checkpoint(cfg.init), "config.json")) as f:
@@ -371,10 +371,10 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None, progress: bool = Tru
     import grain
     from tqdm import tqdm
 
-    from .checkpoint import TrainCheckpointer, trim_metrics
-    from .hub import resolve_checkpoint
-    from .models.qwen_vl.params import save_state
-    from .processing import load_processor
+    from ..checkpoint import TrainCheckpointer, trim_metrics
+    from ..hub import resolve_checkpoint
+    from ..models.qwen_vl.params import save_state
+    from ..processing import load_processor
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     resume_step(cfg)  # before anything loads: a resume with other settings is refused

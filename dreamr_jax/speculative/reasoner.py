@@ -10,7 +10,8 @@ from typing import Iterable, Sequence
 
 from .. import compiles
 from ..sharding import split_devices
-from .config import SpecConfig, question_text
+from ..prompts import question_text
+from .config import SpeculationConfig
 from .fpsr import run_dreamr
 from .methods import Problem, StepEngine, check_same_tokenizer, run_lookahead, run_sd, run_single, run_specreason
 from .roles import Role
@@ -22,7 +23,7 @@ class ContextLengthError(ValueError):
     """A question (with its image tokens) plus the token budget exceeds the model's context."""
 
 
-def _capacity(cfg: SpecConfig) -> int:
+def _capacity(cfg: SpeculationConfig) -> int:
     """Tokens a problem's contexts make room for after the prompt (drafts ahead, checks' scratch)."""
     return cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
 
@@ -46,19 +47,19 @@ class SpeculativeReasoner:
     target checkpoint's). Roles sit on disjoint devices from `split_devices` (or share one); a role
     with several devices splits its weights over them (`*_parallelism="tensor"`, the default) or
     keeps a copy on each ("replicate").
-    method / alpha / window default to `config`'s (SpecConfig(): dreamr, 0.7, 4); any other
-    `SpecConfig` field can be passed as a keyword.
+    method / alpha / window default to `config`'s (SpeculationConfig(): dreamr, 0.7, 4); any other
+    `SpeculationConfig` field can be passed as a keyword.
     """
 
     def __init__(self, draft=None, target=None, processor=None, method: str | None = None, alpha: float | None = None,
-                 window: int | None = None, *, config: SpecConfig | None = None, draft_processor=None, dtype="float32",
+                 window: int | None = None, *, config: SpeculationConfig | None = None, draft_processor=None, dtype="float32",
                  draft_devices=None, target_devices=None, draft_parallelism: str = "tensor",
                  target_parallelism: str = "tensor", **overrides):
         import dataclasses
 
         if target is None:
             raise ValueError("a target model (or checkpoint path) is required")
-        base = config or SpecConfig()
+        base = config or SpeculationConfig()
         explicit = {k: v for k, v in dict(method=method, alpha=alpha, window=window).items() if v is not None}
         self.config = dataclasses.replace(base, **explicit, **overrides)
         if processor is None or isinstance(processor, (str, os.PathLike)):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .steps import SettingError, StepConfig, check_choice, check_flag, check_range, check_text
-from .tbvm import JUDGE_CUE, JUDGE_FORMATS, JUDGE_INSTRUCTION, Keywords
+from ..validation import SettingError, check_choice, check_flag, check_range, check_text
+from .steps import StepConfig
+from ..prompts import (JUDGE_CUE, JUDGE_FORMATS, JUDGE_INSTRUCTION, REASONING_INSTRUCTION, SPECREASON_PREFIX,
+                       SPECREASON_PROMPT, Keywords)
 
 METHODS = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
 FALLBACK_MODES = ("auto", "eager", "on_reject")
@@ -17,38 +19,8 @@ KEYWORD_POLICIES = ("single", "first_subtoken")
 # every step (tests of target equivalence; alpha = 1 still accepts a rho rounded to 1.0).
 REJECT_ALL = math.inf
 
-REASONING_INSTRUCTION = (
-    "Solve the problem step by step. Separate the steps with a blank line and put the final answer in "
-    "\\boxed{} (for a multiple-choice question, the letter of the choice)."
-)
-
-SPECREASON_PROMPT = (
-    "Evaluate the last reasoning step solely based on factual correctness and logical validity. Ignore style, "
-    "phrasing, or overall usefulness; only judge whether the step is objectively correct and logically follows "
-    "from prior steps. Assign a score from 0 to 9."
-)
-SPECREASON_PREFIX = "I think the quality score is: "
-
-
-
-def question_text(instruction: str, question: str) -> str:
-    """The first user turn's text: the reasoning instruction, a blank line, the question."""
-    return f"{instruction}\n\n{question}"
-
-
-def specreason_suffix(prompt: str = SPECREASON_PROMPT, prefix: str = SPECREASON_PREFIX) -> str:
-    """Text after a candidate step for SpecReason's forced 0-9 score."""
-    return f"<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{prefix}"
-
-
-LOOKAHEAD_PROMPT = (
-    "Do the following two reasoning steps state the same thing? Answer [aligned] if they are semantically "
-    "equivalent, [unaligned] if they are not.\nStep A: {a}\nStep B: {b}"
-)
-
-
 @dataclasses.dataclass(frozen=True)
-class SpecConfig:
+class SpeculationConfig:
     method: str = "dreamr"
     alpha: float = 0.7
     window: int = 4

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.grading import answers_match, grade
-from ..spec.tbvm import is_accepted
+from ..speculative.tbvm import is_accepted
 
 
 def outcome_reward(answers: Sequence[str | None], references: Sequence[str | dict | None]) -> np.ndarray:

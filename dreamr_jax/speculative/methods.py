@@ -14,10 +14,11 @@ import numpy as np
 
 from ..generation import attend_bucket, fine_bucket
 from ..sampling import SamplingParams
-from .config import LOOKAHEAD_PROMPT, SpecConfig, specreason_suffix
+from ..data.grading import final_answer
+from ..prompts import judge_text, keyword_token_ids, lookahead_suffix, specreason_suffix
+from .config import SpeculationConfig
 from .roles import Context, Role, write_many
-from .steps import final_answer
-from .tbvm import cpn_rho, judge_text, keyword_token_ids
+from .tbvm import cpn_rho
 from .trace import Step, Trace
 
 
@@ -67,7 +68,7 @@ class Problem:
 class StepEngine:
     """Shared machinery: the two roles, the token ids every method needs, commit and stop rules."""
 
-    def __init__(self, draft: Role | None, target: Role, processor, config: SpecConfig):
+    def __init__(self, draft: Role | None, target: Role, processor, config: SpeculationConfig):
         self.draft, self.target, self.proc, self.config = draft, target, processor, config
         tok = processor.tokenizer
         self.delimiter_ids = tuple(processor.tokens_containing(config.steps.delimiter))
@@ -186,7 +187,7 @@ class StepEngine:
 
 
 def resolve_fallback(mode: str, draft: Role | None, target: Role) -> str:
-    """`SpecConfig.fallback` "auto" made concrete: "eager" when the target has accelerator devices
+    """`SpeculationConfig.fallback` "auto" made concrete: "eager" when the target has accelerator devices
     of its own (its fallback decoding then runs in time the checks leave idle), else "on_reject"
     (roles on one device, or CPU devices, whose cores every computation shares: a fallback chunk
     in flight delays the check behind it by the chunk's time, and at high acceptance the step is
@@ -297,8 +298,7 @@ def run_lookahead(engine: StepEngine, problem: Problem) -> None:
             if not same and cfg.lookahead_judge != "model":
                 same = cfg.lookahead_judge == "always" and not engine.hit_cap(d)
             elif not same:
-                prompt = LOOKAHEAD_PROMPT.format(a=engine.proc.decode(d), b=engine.proc.decode(t))
-                suffix = tok.encode(f"<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n[",
+                suffix = tok.encode(lookahead_suffix(engine.proc.decode(d), engine.proc.decode(t)),
                                     add_special_tokens=False)
                 logits = np.asarray(engine.target.score(problem.target_ctx, [prefixes[i] + suffix], kind="check"))[0]
                 same = logits[aligned_ids[0]] > logits[aligned_ids[1]] and not engine.hit_cap(d)

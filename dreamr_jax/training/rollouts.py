@@ -15,7 +15,7 @@ import numpy as np
 
 from ..generation import generate_from_ids
 from ..sampling import SamplingParams
-from ..spec.steps import final_answer
+from ..data.grading import final_answer
 
 
 @dataclasses.dataclass

@@ -39,8 +39,9 @@ from flax import nnx
 from ..checkpoint import TrainCheckpointer, trim_metrics
 from ..config import ConfigError, _build, read_yaml, resolve_input_paths
 from ..sharding import distribute, gather_whole, local_copy
-from ..spec.config import SpecConfig, question_text
-from ..spec.steps import SettingError, check_choice, check_flag, check_range, check_text
+from ..speculative.config import SpeculationConfig
+from ..prompts import question_text
+from ..validation import SettingError, check_choice, check_flag, check_range, check_text
 from .sapo import GRPOSettings, collect, in_dtype, means, policy_batch, update
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class SAPOConfig:
     target: str  # the frozen verifier: checkpoint folder, hub id or "asset:target"
     data: SAPOData = SAPOData()
     # Prompts, judging suffix, keywords and the step delimiter, as the speculative engine uses them.
-    spec: SpecConfig = SpecConfig()
+    spec: SpeculationConfig = SpeculationConfig()
     dtype: str = "float32"  # compute dtype: rollouts, target, reference, the loss's forward
     param_dtype: str = "float32"  # the trained draft's master weights (and so its optimizer state)
     max_pixels: int | None = None  # image processor bound (default: the checkpoint's)
@@ -147,8 +148,8 @@ class SAPOConfig:
             check_text(key, getattr(self, key))
         if not isinstance(self.data, SAPOData):
             raise SettingError("data", "must be a SAPOData (a mapping in a config file)", self.data)
-        if not isinstance(self.spec, SpecConfig):
-            raise SettingError("spec", "must be a SpecConfig (a mapping in a config file)", self.spec)
+        if not isinstance(self.spec, SpeculationConfig):
+            raise SettingError("spec", "must be a SpeculationConfig (a mapping in a config file)", self.spec)
         for name in ("dtype", "param_dtype", "export_dtype"):
             check_choice(name, getattr(self, name), ("float32", "bfloat16", "float16"))
         check_range("max_pixels", self.max_pixels, 1, integer=True, optional=True)
@@ -407,10 +408,10 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     from ..hub import resolve_checkpoint
     from ..loading import load_model
     from ..processing import load_processor
-    from ..sft import check_shapes, resume_step, settings_of, shard_batch
+    from .sft import check_shapes, resume_step, settings_of, shard_batch
     from ..sharding import role_mesh
-    from ..spec.methods import StepEngine, check_same_tokenizer
-    from ..spec.roles import Role
+    from ..speculative.methods import StepEngine, check_same_tokenizer
+    from ..speculative.roles import Role
 
     settings = cfg.settings()
     n_proc, pid = jax.process_count(), jax.process_index()
@@ -552,7 +553,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     whole = gather_whole(policy, mesh) if export and fsdp else policy  # every process joins the gather
     if export and pid == 0:
         from ..models.qwen_vl.params import save_state
-        from ..sft import _copy_processor_files
+        from .sft import _copy_processor_files
 
         source = resolve_checkpoint(cfg.draft)
         with open(os.path.join(source, "config.json")) as f:
