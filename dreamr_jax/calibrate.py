@@ -22,43 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import numpy as np
 
 from . import costmodel
+# rates and times measured as the benchmarks measure them (calibrate.read_bandwidth stays a public name)
+from .bench.bandwidth import matmul_flops, read_bandwidth
+from .bench.timing import best_of
 from .costmodel import Hardware
-
-
-def _best(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())  # compile and warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    return x.nbytes / _best(lambda: total(x), repeats)
-
-
-def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    b = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    return 2 * n**3 / _best(lambda: mm(a, b), repeats)
 
 
 TABLE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -102,7 +73,7 @@ def matmul_table(shapes=(), rows=TABLE_ROWS, widths=TABLE_WIDTHS, copies: int = 
         if n_in * n_out * 4 > HUGE_BYTES:
             for i, o in {(n_in, n_out), (n_out, n_in)} & wanted:
                 w = jax.random.normal(key, (i, o), jnp.float32)
-                times = [_best(lambda x=jnp.ones((n, i), jnp.float32): alone(x, w), repeats) for n in rows if n <= 64]
+                times = [best_of(lambda x=jnp.ones((n, i), jnp.float32): alone(x, w), repeats) for n in rows if n <= 64]
                 table += [(n, i, o, t) for n, t in zip(rows, monotone(times))]
             continue
         k = int(min(copies, max(1, HUGE_BYTES // (2 * n_in * n_out * 4))))
@@ -113,7 +84,7 @@ def matmul_table(shapes=(), rows=TABLE_ROWS, widths=TABLE_WIDTHS, copies: int = 
         times = []
         for n in rows:
             x = jnp.ones((n, n_in), jnp.float32)
-            t_short, t_long = _best(lambda: short(x, ws, vs), repeats), _best(lambda: long(x, ws, vs), repeats)
+            t_short, t_long = best_of(lambda: short(x, ws, vs), repeats), best_of(lambda: long(x, ws, vs), repeats)
             # 4 more iterations of k pairs; (the floor: noise must not give <= 0)
             times.append(max((t_long - t_short) / (4 * 2 * k), t_long / (6 * 2 * k) / 10))
         smooth = monotone(times)
@@ -209,11 +180,11 @@ def fixed_costs(repeats: int = 5, steps: int = 64) -> dict:
             return gen.extend(cache.fork([0]), np.full((1, n), 7, np.int32), np.array([n], np.int32),
                               attend_len=128)[0]
 
-        fork = _best(lambda cache=cache: cache.fork([0]).keys, repeats)
+        fork = best_of(lambda cache=cache: cache.fork([0]).keys, repeats)
         # `steps` tokens from given logits take steps - 1 forwards (none after the last token)
-        out[layers] = {"decode_iteration_s": max(_best(decode, repeats) - fork, 0.0) / (steps - 1),
-                       "extend_call_s": max(_best(extend, repeats) - fork, 0.0),
-                       "extend_wide_s": {n: max(_best(lambda e=extend, n=n: e(n=n), repeats) - fork, 0.0)
+        out[layers] = {"decode_iteration_s": max(best_of(decode, repeats) - fork, 0.0) / (steps - 1),
+                       "extend_call_s": max(best_of(extend, repeats) - fork, 0.0),
+                       "extend_wide_s": {n: max(best_of(lambda e=extend, n=n: e(n=n), repeats) - fork, 0.0)
                                          for n in WIDE_EXTENDS}}
     return out
 

@@ -2,9 +2,10 @@
 
 One `CheckpointManager` item per part: each named NNX object (e.g. "model" and "optimizer",
 restored onto the live objects' shardings), "data" (the grain iterator's position, via grain's own orbax
-handler) and "meta" (JSON: the step and the run's seed). Orbax writes each step to a
-temporary folder and renames it when complete, so a run killed mid-save leaves the previous
-checkpoint intact; `latest_step` names the newest complete one.
+handler) and "meta" (JSON: the step plus what the run adds, `training.scaffold.Run.save`: its
+seed, process count and settings). Orbax writes each step to a temporary folder and renames it
+when complete, so a run killed mid-save leaves the previous checkpoint intact; `latest_step`
+names the newest complete one. The training scaffold (`training.scaffold.Run`) is its user.
 """
 
 from __future__ import annotations

@@ -1,10 +1,18 @@
-"""`dreamr` command line (thin: parse arguments, call the library)."""
+"""`dreamr` command line (thin: parse arguments, call the library): every job of the project.
+
+    dreamr generate | reason | eval | demo | project | calibrate | quantize | train sft | train sapo
+
+The launchers in `train/` and `infer/` (what a pod or cluster script runs: `python train/sapo.py
+--config ...`) are `launch(<command>)` of this module.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from .distributed import add_distributed_arguments
 
 
 def _generate(args):
@@ -128,7 +136,7 @@ def _project(args):
     rows, traces with call shapes) and that both models fit with the longest context."""
     import json
 
-    from .evaluate import _write_text
+    from .speculative.results import write_text
     from .projection import (Projection, ProjectionError, check_output_path, format_table, plot_projected_speedup,
                              read_result_rows, to_json)
 
@@ -145,12 +153,95 @@ def _project(args):
     print(format_table(summaries))
     print(projection.assumptions())
     if args.json:
-        _write_text(args.json, json.dumps(to_json(summaries, projection, args.results), indent=2, allow_nan=False) + "\n")
+        write_text(args.json, json.dumps(to_json(summaries, projection, args.results), indent=2, allow_nan=False) + "\n")
         print(f"json: {args.json}")
     draft = f", draft {args.draft} x{args.draft_devices}" if args.draft else ""
     plot_projected_speedup(summaries, plot, title=f"projected on {projection.label}: target {args.target} "
                                                   f"x{args.target_devices}{draft}")
     print(f"plot: {plot}")
+
+
+def _calibration_texts(source: str, samples: int) -> list[str]:
+    """`dreamr quantize --calib`: `world` (the embedded world's training problems with their
+    solutions), a .txt file (one sample per line) or a .jsonl file (a "text" field, else
+    "question" and "answer"); the first `samples` of them."""
+    import json
+
+    if source == "world":
+        from .data import synthetic
+
+        return [p.question + "\n" + "\n\n".join(p.steps) for p in synthetic.problems(0, "train", samples)]
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"--calib: no file {source} (give a .txt or .jsonl file, or `world`)")
+    texts = []
+    with open(source) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if source.endswith(".jsonl"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{source}:{n}: not JSON ({e})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{source}:{n}: not a JSON object")
+                text = record.get("text") or " ".join(str(record.get(k, "")) for k in ("question", "answer")).strip()
+                if not text:
+                    raise ValueError(f"{source}:{n}: no 'text' (or 'question' / 'answer') field")
+                texts.append(text)
+            else:
+                texts.append(line.rstrip("\n"))
+            if len(texts) == samples:
+                break
+    return texts
+
+
+def _quantize(args):
+    """`dreamr quantize`: a dense checkpoint as AutoAWQ "gemm" int4 (`quant.quantize.quantize_checkpoint`)."""
+    import time
+
+    for flag, n in (("--group-size", args.group_size), ("--calib-samples", args.calib_samples),
+                    ("--calib-tokens", args.calib_tokens), ("--n-grid", args.n_grid)):
+        if n < 1:
+            raise ValueError(f"{flag} must be >= 1, got {n}")
+    from .hub import resolve_checkpoint
+    from .quant.quantize import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    texts = _calibration_texts(args.calib, args.calib_samples) if args.calib else None
+    stats = quantize_checkpoint(resolve_checkpoint(args.src), args.dst, group_size=args.group_size, calibration=texts,
+                                calibration_tokens=args.calib_tokens, n_grid=args.n_grid, log=print)
+    if stats["awq"]:
+        scaled = [g for g in stats["awq"] if g["ratio"] is not None]
+        gain = sum(g["loss"] for g in stats["awq"]) / max(sum(g["rtn_loss"] for g in stats["awq"]), 1e-30)
+        print(f"AWQ: {len(scaled)} of {len(stats['awq'])} groups scaled; calibration output error "
+              f"{gain:.3f}x that of round to nearest")
+    print(f"quantized {stats['quantized']} linears (group size {args.group_size}), copied {stats['copied']} tensors, "
+          f"max |W - dequant(W)| {stats['max_abs_error']:.3g}; {time.perf_counter() - t0:.1f} s -> {args.dst}")
+
+
+def _train(args):
+    """`dreamr train sft|sapo`: join the other processes (if any), read and check the config,
+    train (resuming from output_dir's newest checkpoint), print a summary."""
+    import json
+    import time
+
+    from .distributed import initialize_distributed
+
+    # First: jax.distributed.initialize must come before anything starts a JAX backend.
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
+    if args.job == "sft":
+        from .training.sft import load_sft_config as load, train
+    else:
+        from .training.sapo_trainer import load_sapo_config as load, train
+    import jax
+
+    cfg = load(args.config, args.overrides)
+    t0 = time.perf_counter()
+    out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        print(json.dumps({"steps": out["step"], "final": out["metrics"], "seconds": round(time.perf_counter() - t0, 1),
+                          "export_dir": out.get("export_dir")}, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +321,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated models (presets, config folders, asset:target) whose weight shapes "
                         "the matmul table measures too, e.g. asset:target,asset:draft")
     c.set_defaults(func=_calibrate)
+
+    q = sub.add_parser("quantize", help="a dense Qwen-VL checkpoint as AutoAWQ \"gemm\" int4 (AWQ scales, then "
+                                        "round to nearest per group)",
+                       description="Quantize every decoder projection to int4 (qweight / qzeros / scales), copy the "
+                                   "rest and add the AWQ quantization_config; `dreamr_jax.load_model(DST)` keeps them "
+                                   "at 4 bits. --calib adds AWQ's activation-aware scale search; without it every "
+                                   "group is rounded to nearest as is. Nothing is downloaded.")
+    q.add_argument("src", help="dense checkpoint: folder (config.json + safetensors), hub id or asset:NAME")
+    q.add_argument("dst", help="output folder")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="input features per scale / zero (default 128; smaller for tiny models whose widths 128 "
+                        "does not divide)")
+    q.add_argument("--calib", default=None,
+                   help="calibration texts for AWQ scaling: a .txt file (one per line), a .jsonl file (\"text\", "
+                        "else \"question\" + \"answer\") or `world` (the embedded world's training problems)")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration texts used (default 128)")
+    q.add_argument("--calib-tokens", type=int, default=512, help="tokens per calibration text (default 512)")
+    q.add_argument("--n-grid", type=int, default=20, help="scale exponents tried per group (default 20)")
+    q.set_defaults(func=_quantize)
+
+    t = sub.add_parser("train", help="train a model: sft (supervised fine-tuning) or sapo (GRPO of the draft)")
+    jobs = t.add_subparsers(dest="job", required=True)
+    for job, helptext, example in (
+            ("sft", "supervised fine-tuning of a Qwen-VL model on the embedded world (solutions + CPN judging)",
+             "steps=200 data.seq_len=256"),
+            ("sapo", "SAPO: GRPO training of a DREAM-R draft against a frozen target", "steps=200 group_size=4"),
+    ):
+        j = jobs.add_parser(job, help=helptext, description=helptext + ". Rerunning the same command resumes from "
+                                                                       "output_dir's newest checkpoint.")
+        j.add_argument("--config", required=True, help=f"configs/{job}_*.yaml")
+        j.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+        j.add_argument("--stop-after", type=int, help="stop after this global step (no export), as if killed")
+        j.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_distributed_arguments(j)
+        j.set_defaults(func=_train)
     return p
 
 
@@ -260,16 +386,35 @@ def cpu_devices_for_roles(count: int = CPU_ROLE_DEVICES) -> bool:
     return True
 
 
+def _reported_errors(command: str) -> tuple:
+    """The errors a command reports in one line (a mistake in what it was given), not as a
+    traceback. Training reports its settings' errors only: anything else in a long run is a
+    fault whose traceback is wanted."""
+    if command == "train":
+        from .config import ConfigError
+
+        return (ConfigError,)
+    return (FileNotFoundError, ValueError)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command in _ROLE_COMMANDS:
         cpu_devices_for_roles()
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except Exception as e:
+        if not isinstance(e, _reported_errors(args.command)):
+            raise
         print(f"dreamr: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def launch(*command: str, argv=None) -> int:
+    """`dreamr <command> <arguments>`, the arguments from this process's command line (or
+    `argv`): what the launchers in train/ and infer/ call, e.g. `launch("train", "sapo")`."""
+    return main([*command, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

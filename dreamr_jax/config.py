@@ -34,7 +34,7 @@ class PairConfig:
     dtype: str = "float32"
     draft_devices: int = 1
     target_devices: int = 1
-    # How a role with several devices holds its weights: "tensor" (split, `sharding.tensor_parallel_shardings`)
+    # How a role with several devices holds its weights: "tensor" (split, `models.qwen_vl.sharding.tensor_parallel_shardings`)
     # or "replicate" (a whole copy on each).
     draft_parallelism: str = "tensor"
     target_parallelism: str = "tensor"
@@ -87,7 +87,7 @@ def _check_type(hint, value, where: str, key: str):
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping of its settings, got {_describe(value)}")
-        return _build(kind, value, where, prefix=key + ".")
+        return build_config(kind, value, where, prefix=key + ".")
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be true or false, got {_describe(value)}")
@@ -116,7 +116,7 @@ def _check_type(hint, value, where: str, key: str):
     return value
 
 
-def _build(cls, data: dict, where: str, prefix: str = ""):
+def build_config(cls, data: dict, where: str, prefix: str = ""):
     """cls(**data) with every value checked against its field's type (`_check_type`) and nested
     mappings built as the dataclasses their fields name; errors name `where` (the file) and the
     key's full path (`prefix` + key)."""
@@ -142,6 +142,9 @@ def _build(cls, data: dict, where: str, prefix: str = ""):
         raise ConfigError(f"{where}: {prefix}{e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {prefix[:-1] + ': ' if prefix else ''}{e}") from None
+
+
+_build = build_config  # the name callers outside this module used before it was public
 
 
 def _parse_value(text: str, key: str = "") -> Any:
@@ -215,5 +218,12 @@ def resolve_input_paths(cfg, path: str, keys: Sequence[str]):
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def read_config(cls, path: str, overrides: list[str] | None = None, input_paths: Sequence[str] = ()):
+    """A `cls` config dataclass from the YAML file at `path` with `a.b=value` overrides: every
+    setting checked (`build_config`), then the relative input paths under `input_paths`
+    resolved (`resolve_input_paths`), before anything loads."""
+    return resolve_input_paths(build_config(cls, read_yaml(path, overrides), path), path, input_paths)
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> PairConfig:
-    return resolve_input_paths(_build(PairConfig, read_yaml(path, overrides), path), path, ("target", "draft"))
+    return read_config(PairConfig, path, overrides, ("target", "draft"))

@@ -20,7 +20,7 @@ Counting conventions (each function below says why):
 * The KV cache and activations are 2 bytes (4 for an fp32 model). Attention reads a row's whole
   cache once per forward (flash-style: scores never reach memory) and writes the new tokens' K / V.
   Each matmul reads its input and writes its output once.
-* Tensor parallelism follows `dreamr_jax.sharding`: attention splits by heads when both head counts
+* Tensor parallelism follows `dreamr_jax.models.qwen_vl.sharding`: attention splits by heads when both head counts
   divide by the device count, the MLP by its intermediate size, the embedding / head by the
   vocabulary; anything that does not divide stays whole on every device, and the vision tower is
   replicated. Each split narrowing product (o_proj, down_proj) ends with an all-reduce of the
@@ -634,7 +634,7 @@ class Count:
 
 def splits(model: ModelSpec, devices: int) -> tuple[int, int, int]:
     """Over how many devices (attention, MLP, vocabulary) split under tensor parallelism, as
-    `dreamr_jax.sharding` places them: attention by whole heads when both head counts divide, the
+    `dreamr_jax.models.qwen_vl.sharding` places them: attention by whole heads when both head counts divide, the
     MLP when the intermediate size divides, embedding / head when the vocabulary divides; 1: whole
     on every device."""
     d = devices

@@ -82,20 +82,22 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def run_demo(out_dir: str = os.path.join("out", "demo"), count: int = 100, config: str = DEFAULT_CONFIG,
-             methods=("target", "draft", "sd", "specreason", "lookahead", "dreamr"), progress: bool = True,
-             fresh: bool = True, projection=None) -> list[dict]:
+             methods=None, progress: bool = True, fresh: bool = True, projection=None) -> list[dict]:
     """`make demo`: the shipped target/draft pair on `count` synthetic test problems with every
     method; prints the table (accuracy, acceptance, latency, speedup over target alone and the
     projected speedup) and writes the plots and per-problem traces to `out_dir`. A demo is a
     measurement, so by default it measures again: an earlier `results.jsonl` there is kept as
     `results.<time>.jsonl` and a new one started (its speedups compare times of one run). With
     `fresh=False` (`--resume`) it resumes an interrupted demo like `dreamr eval`. A
-    `projection.Projection` (`--project`) adds its `projected@HW` speedup column."""
+    `projection.Projection` (`--project`) adds its `projected@HW` speedup column. `methods`:
+    every method (`METHODS`) by default."""
     from .config import load_config
     from .data import synthetic
     from .evaluate import EvalError, check_methods, check_out_dir, locked_out_dir, read_records, run_eval
     from .speculative import SpeculativeReasoner
+    from .speculative.config import METHODS
 
+    methods = METHODS if methods is None else methods
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise EvalError(f"--count must be an integer >= 1, got {count!r}")
     check_out_dir(out_dir)

@@ -10,36 +10,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .data.grading import answers_match
-from .speculative.config import METHODS
+# The results file's rows and the method check are shared with the engine (`solve_many` writes
+# the rows), so they live below both; callers still import EvalError and check_methods from here.
+from .speculative.results import (EvalError, check_methods, json_safe, read_results, result_key, write_atomically,
+                                  write_text)
 
-
-class EvalError(ValueError):
-    """A bad input to an evaluation, or an output folder it cannot use; the message names it."""
 
 
 class DataError(EvalError):
     """A data file that does not fit the record schema; the message names the file and line."""
-
-
-def check_methods(methods: Sequence[str], has_draft: bool = True, *, flag: str = "", pair: str = "this pair") -> None:
-    """Every name one of `METHODS`; with no draft model, only `target` (the others need one).
-    `flag` (the option that named them) and `pair` (the config) go into the message."""
-    for m in methods:
-        if m not in METHODS:
-            raise EvalError(f"{flag + ': ' if flag else ''}unknown method '{m}'; known: {', '.join(METHODS)}")
-    needs_draft = [m for m in methods if m != "target"]
-    if needs_draft and not has_draft:
-        raise EvalError(f"{', '.join(needs_draft)} need{'s' if len(needs_draft) == 1 else ''} a draft model and "
-                        f"{pair} has none (no `draft:`); a target alone runs only the method 'target'")
 
 
 def read_records(path: str) -> list[dict]:
@@ -154,44 +141,6 @@ def locked_out_dir(out_dir: str):
         os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
 
 
-def result_key(record_id, method: str) -> tuple[str, str]:
-    """What identifies a row of results.jsonl: the record's id (as JSON, so 1 and "1" differ) and the method."""
-    return json.dumps(record_id, default=str), method
-
-
-def read_results(path: str, warn: bool = True) -> dict:
-    """{result_key: row} of a results JSONL, the latest row of each pair winning (a failed pair is
-    solved again on resume and appended). A line that does not parse (a run killed mid-write)
-    is left in the file but ignored, with a note."""
-    rows = {}
-    if not os.path.exists(path):
-        return rows
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if row["status"] == "ok" and "trace" not in row:
-                    raise KeyError("trace")
-                rows[result_key(row["id"], row["method"])] = row
-            except (ValueError, KeyError, TypeError):
-                if warn:
-                    print(f"note: {path}:{n} is not a complete result row (a run cut off mid-write?); ignored")
-    return rows
-
-
-def open_results(path: str):
-    """`path` opened for appending rows, on a line of their own even after a torn last line."""
-    f = open(path, "a", encoding="utf-8")
-    if f.tell() > 0:
-        with open(path, "rb") as r:
-            r.seek(-1, os.SEEK_END)
-            if r.read(1) != b"\n":
-                f.write("\n")
-    return f
-
-
 def _set_aside(path: str) -> str:
     """Rename `path` to a timestamped name beside it (never over an existing file)."""
     stem, ext = os.path.splitext(path)
@@ -201,37 +150,6 @@ def _set_aside(path: str) -> str:
         new, k = f"{stem}.{stamp}-{k}{ext}", k + 1
     os.replace(path, new)
     return new
-
-
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """`write(tmp)` a temporary file in the same folder, then rename it over `path`: a reader or
-    a crash sees the old file or the new one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _write_atomically(path, write)
-
-
-def _json_safe(value):
-    """NaN / infinity -> None (JSON null): summary.json stays strict JSON that any reader parses."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
@@ -369,7 +287,7 @@ def plot_speedup_vs_acceptance(rows: list[dict], path: str) -> None:
     ax.set_ylabel("mean wall-clock speedup over target alone")
     ax.set_title("speedup vs acceptance")
     fig.tight_layout()
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -407,7 +325,7 @@ def plot_timeline(trace: dict, path: str) -> None:
                  f"{1000 * trace['wall_time']:.1f} ms, projected {1000 * trace['extra'].get('projected_time', float('nan')):.1f} ms",
                  fontsize=10)
     fig.tight_layout()
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -445,9 +363,9 @@ def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str
         if projected:
             print(projected)
         _report_coverage(results, records, others)
-        _write_text(os.path.join(out_dir, "summary.json"),
-                    json.dumps(_json_safe(rows), indent=2, allow_nan=False) + "\n")
-        _write_text(os.path.join(out_dir, "table.txt"), table + "\n")
+        write_text(os.path.join(out_dir, "summary.json"),
+                   json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
+        write_text(os.path.join(out_dir, "table.txt"), table + "\n")
         plot_speedup_vs_acceptance(rows, os.path.join(out_dir, "speedup_vs_acceptance.png"))
         compiled = sum(r["compiles"] for r in rows)
         if compiled:

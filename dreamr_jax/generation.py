@@ -62,7 +62,7 @@ def patch_bucket(n: int, unit: int = 4) -> int:
 # ---- host-side batch preparation ---------------------------------------------------------------
 
 
-def _image_indices(cfg, ids: np.ndarray, valid: np.ndarray, pixel_values, image_grid_thw):
+def image_indices(cfg, ids: np.ndarray, valid: np.ndarray, pixel_values, image_grid_thw):
     """3-D positions, rope deltas, the image-feature gather index and the bucketed vision
     inputs for a padded batch (`valid` marks real tokens)."""
     is_image = (ids == cfg.image_token_id) & valid
@@ -110,7 +110,7 @@ def prepare_batch(model: QwenVLModel, rows: Sequence[Sequence[int]], pixel_value
     for b, r in enumerate(rows):
         ids[b, : len(r)] = r
         valid[b, : len(r)] = True
-    positions, delta, gather, vision = _image_indices(cfg, ids, valid, pixel_values, image_grid_thw)
+    positions, delta, gather, vision = image_indices(cfg, ids, valid, pixel_values, image_grid_thw)
     return PreparedBatch(ids.astype(np.int32), lengths, positions.astype(np.int32), delta.astype(np.int32),
                          gather.astype(np.int32), vision)
 
@@ -329,7 +329,7 @@ def forward(model: QwenVLModel, input_ids, attention_mask=None, pixel_values=Non
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {ids.shape}")
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    positions, _, gather, vision = _image_indices(model.cfg, ids, mask, pixel_values, image_grid_thw)
+    positions, _, gather, vision = image_indices(model.cfg, ids, mask, pixel_values, image_grid_thw)
     vision = _vision_arrays(vision)
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)

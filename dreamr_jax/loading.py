@@ -15,14 +15,11 @@ from flax import nnx
 from .hub import resolve_checkpoint
 from .models.qwen_vl.config import QwenVLConfig
 from .models.qwen_vl.model import QwenVLModel
-from .models.qwen_vl.params import _QUANT_SUFFIXES, CheckpointError, canonical_key, checkpoint_files, int4_plan, load_state
+from .models.qwen_vl.params import _QUANT_SUFFIXES, canonical_key, checkpoint_files, int4_plan, load_state
 from .quant.formats import QuantFormat, parse_quantization_config
+from .safetensors_io import FLOAT_DTYPES, CheckpointError, read_header
 
 _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# safetensors dtype names -> bytes per element (the header's own vocabulary).
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 # The stored float dtype -> the dtype `dtype="auto"` keeps on an accelerator.
 _AUTO = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -63,43 +60,6 @@ def weight_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def read_header(file: str) -> dict:
-    """A safetensors file's header {key: {dtype, shape, data_offsets}}, checked against the file's
-    size: a truncated or corrupt file is a CheckpointError naming the file (and the first tensor
-    whose bytes are not all there)."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or 8 + n > size:
-            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({size} bytes, too short for "
-                                  f"{'its header' if n >= 0 else 'a header'}); download or copy it again")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{file}: corrupt safetensors file (its header is not valid JSON: {e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors file (its header is not a JSON object)")
-    header.pop("__metadata__", None)
-    data = size - 8 - n
-    for key, e in header.items():
-        try:
-            dtype, shape, (begin, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
-        except (TypeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{file}: tensor '{key}': corrupt header entry {e!r} ({err})") from err
-        if dtype not in _ITEMSIZE:
-            raise CheckpointError(f"{file}: tensor '{key}' has unsupported dtype {dtype}")
-        if end > data:
-            raise CheckpointError(
-                f"{file}: truncated or corrupt: tensor '{key}' ({dtype} {shape}) lies at bytes {begin}..{end} of the "
-                f"data but the file holds only {data} bytes of data; download or copy it again")
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] or begin < 0:
-            raise CheckpointError(f"{file}: corrupt: tensor '{key}' ({dtype} {shape}) takes "
-                                  f"{int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]} bytes but its header "
-                                  f"gives it {end - begin}")
-    return header
-
-
 def check_weight_files(files: list[str], quant: QuantFormat | None) -> dict[str, int]:
     """Headers of every weight file checked (`read_header`), and every tensor the model takes as
     float weights checked to be floating point (an int8 tensor there would be cast to floats
@@ -112,7 +72,7 @@ def check_weight_files(files: list[str], quant: QuantFormat | None) -> dict[str,
             suffix = canonical_key(key).rpartition(".")[2]
             if (quant is not None and suffix in quant.tensor_suffixes) or suffix in _QUANT_SUFFIXES:
                 continue  # quantized-linear tensors: checked by load_state against the quantization_config
-            if e["dtype"] not in _FLOAT:
+            if e["dtype"] not in FLOAT_DTYPES:
                 not_float.append(f"{key} ({e['dtype']}, in {os.path.basename(file)})")
             else:
                 counts[e["dtype"]] += int(np.prod(e["shape"], dtype=np.int64))

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .speculative.results import json_safe, read_results, write_atomically
 from .speculative.timeline import schedule
 from .speculative.trace import Interval, Trace
 
@@ -130,8 +131,6 @@ def _check_devices(devices, role: str) -> None:
 def read_result_rows(path: str) -> list[dict]:
     """The rows of a results JSONL (`dreamr eval` / `dreamr demo`), the latest of each
     (record, method) pair; a missing file or folder is a `ProjectionError`."""
-    from .evaluate import read_results
-
     if not os.path.exists(path):
         raise ProjectionError(f"--results {path}: no such results file (dreamr eval / dreamr demo write "
                               "OUT/results.jsonl)")
@@ -418,11 +417,9 @@ def format_table(summaries: Sequence[dict]) -> str:
 
 
 def to_json(summaries: Sequence[dict], projection: Optional[Projection] = None, source: str = "") -> dict:
-    from .evaluate import _json_safe
-
     doc = {"results": source, "assumptions": projection.to_dict() if projection else None,
            "methods": {s["method"]: {k: v for k, v in s.items() if k != "method"} for s in summaries}}
-    return _json_safe(doc)
+    return json_safe(doc)
 
 
 def plot_projected_speedup(summaries: Sequence[dict], path: str, title: str = "") -> None:
@@ -431,8 +428,6 @@ def plot_projected_speedup(summaries: Sequence[dict], path: str, title: str = ""
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .evaluate import _write_atomically
 
     names = [s["method"] for s in summaries]
     x = np.arange(len(names))
@@ -450,7 +445,7 @@ def plot_projected_speedup(summaries: Sequence[dict], path: str, title: str = ""
     ax.set_title(title or "projected vs measured speedup", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -477,7 +472,7 @@ def speedup_column(projection: Projection, results: Sequence[dict], methods: Seq
 def steady_state_speedup(acceptance: float, t_draft: float, t_target: float, t_check: float, step_tokens: float,
                          length_ratio: float = 1.0) -> float:
     """dreamr over the target alone per reasoning step, in FPSR's steady state with each role on
-    its own devices (a model of ours; SPEC.md gives no closed form): the target alone takes
+    its own devices (a model of ours; the paper gives no closed form): the target alone takes
     L t_t per step; an accepted step costs max(L t_d, t_c) (drafting pipelines against the
     checks), a rejected one max(L t_t, L t_d + t_c) (the target's own step, started with the
     draft's, commits once the check failed). t_d, t_t: seconds per decoded token; t_c: seconds

@@ -129,7 +129,7 @@ def keyword_token_ids(tokenizer, keywords: Keywords = Keywords()) -> tuple[int, 
 
 
 # A few-token verdict cue after the step: close the turn and ask in one word. The model must be
-# trained to answer it (the embedded world's target is); SPEC.md's full turn is the default.
+# trained to answer it (the embedded world's target is); the paper's full turn is the default.
 JUDGE_CUE = f"{IM_END} correct?"
 JUDGE_FORMATS = ("turn", "cue")
 
@@ -142,7 +142,7 @@ def judge_suffix(chat_end: str = "<|im_end|>\n", instruction: str = JUDGE_INSTRU
 def judge_text(judge_format: str = "turn", instruction: str = JUDGE_INSTRUCTION, cue: str = JUDGE_CUE) -> str:
     """The judging text that follows a candidate step.
 
-    "turn": SPEC.md's form (a user turn carrying the instruction, then the verdict turn opens;
+    "turn": the paper's form (a user turn carrying the instruction, then the verdict turn opens;
     about 40 tokens of the Qwen tokenizer, run once per check). "cue": only `cue`, a few tokens,
     for a target trained to answer it; a check then costs little more than its step's tokens."""
     if judge_format == "turn":

@@ -1,11 +1,21 @@
-"""Meshes, the split of devices between the draft and target roles, and how a model's arrays sit on
-them: tensor parallelism of a role's weights, FSDP of a trained model's state, gathering a whole copy."""
+"""Meshes, the split of devices between the draft and target roles, and how a trained model's
+arrays sit on them: FSDP of its state, gathering a whole copy. Generic over models: a model
+family's own split of its weights (tensor parallelism) lives beside the family
+(`dreamr_jax.models.qwen_vl.sharding`) and builds its mesh here."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
+
+# The mesh axis names, one each: data parallelism / FSDP over a training run's or a role's
+# devices, and tensor parallelism of a role's weights.
+DATA_AXIS = "data"
+TENSOR_AXIS = "model"
+# How a role with several devices holds its weights: split by its family's tensor-parallel rules,
+# or a whole copy on each device.
+PARALLELISMS = ("tensor", "replicate")
 
 
 def split_devices(n_draft: int = 1, n_target: int = 1, devices=None):
@@ -22,109 +32,13 @@ def split_devices(n_draft: int = 1, n_target: int = 1, devices=None):
     return devices[:n_draft], devices[n_draft : n_draft + n_target]
 
 
-def role_mesh(devices, axis: str = "data") -> Mesh:
-    """A 1-D mesh over a role's devices (classic Auto axes)."""
-    return Mesh(np.array(list(devices)), (axis,), axis_types=(AxisType.Auto,))
-
-
-# ---- tensor parallelism of one role's weights ----------------------------------------------------
-#
-# Megatron's split of a decoder layer, written as GSPMD shardings of the weights (Auto axes): the
-# projections that widen the stream (q, k, v, gate, up) are split by output feature, the ones that
-# narrow it back (o, down) by input feature, so XLA needs one all-reduce after each narrowing
-# product. The vocabulary is split for the embedding and the output head; norms and the (small)
-# vision tower are replicated. A weight whose split axis does not divide by the device count is
-# replicated instead, so any model runs on any count. int4 layers split the same way: packed bytes
-# and group scales by output feature, or by input feature when the groups divide evenly (a shard
-# boundary must not fall inside a group).
-
-TENSOR_AXIS = "model"
-PARALLELISMS = ("tensor", "replicate")
-_WIDEN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-_NARROW = ("o_proj", "down_proj")
-
-
-def _names(keypath) -> tuple[str, ...]:
-    out = []
-    for k in keypath:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-        if name != "value":  # nnx.Variable's own field
-            out.append(str(name))
-    return tuple(out)
-
-
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def tensor_parallel_spec(names: tuple[str, ...], shape: tuple[int, ...], n: int, split_attention: bool = True):
-    """The PartitionSpec of one weight of a Qwen-VL model (path `names`) over `n` devices.
-    `split_attention=False` keeps q / k / v / o whole (when the heads do not divide by n)."""
-    from jax.sharding import PartitionSpec as P
-
-    if n == 1 or not names or names[0] == "visual":
-        return P()
-    leaf, owner = names[-1], (names[-2] if len(names) > 1 else "")
-    if owner in _ATTENTION and not split_attention:
-        return P()
-    axis = None  # which array axis to split
-    if names[0] == "embed_tokens":
-        axis = 0  # (vocab, hidden)
-    elif names[0] == "lm_head" and leaf == "kernel":
-        axis = 1  # (hidden, vocab)
-    elif owner in _WIDEN:
-        # dense kernel (in, out); bias (out,); int4 qweight (out, in/2), scales / zeros (out, groups)
-        axis = {"kernel": 1, "bias": 0, "qweight": 0, "scales": 0, "zeros": 0}.get(leaf)
-    elif owner in _NARROW:
-        # dense kernel (in, out); int4 qweight (out, in/2), scales / zeros (out, groups); bias stays whole
-        axis = {"kernel": 0, "qweight": 1, "scales": 1, "zeros": 1}.get(leaf)
-    if axis is None or len(shape) <= axis or shape[axis] % n:
-        return P()
-    return P(*([None] * axis + [TENSOR_AXIS]))
-
-
-def tensor_parallel_shardings(state, mesh, text_config=None):
-    """A pytree of `NamedSharding`s matching `state` (an nnx.State of a Qwen-VL model) over `mesh`'s
-    TENSOR_AXIS.
-
-    Attention splits by whole heads: with `text_config` given, q / k / v / o split only when both
-    the query and the KV head counts divide by the device count (a split inside a head makes XLA
-    gather activations around the q / k norms and the GQA grouping); otherwise the attention
-    block stays whole on every device and only the MLP and the vocabulary split. A row-split int4
-    layer's packed bytes and group scales must split at the same input feature for each device's
-    product to need nothing from the others: when only one of them divides, both stay whole."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    n = mesh.shape[TENSOR_AXIS]
-    split_attention = text_config is None or (text_config.num_attention_heads % n == 0
-                                              and text_config.num_key_value_heads % n == 0)
-    leaves = jax.tree_util.tree_leaves_with_path(state)
-    specs = {_names(kp): tensor_parallel_spec(_names(kp), np.shape(x), n, split_attention) for kp, x in leaves}
-    for names, spec in list(specs.items()):
-        if names[-1] in ("qweight", "scales", "zeros") and len(names) > 1 and names[-2] in _NARROW:
-            group = [names[:-1] + (leaf,) for leaf in ("qweight", "scales", "zeros")]
-            if any(specs.get(g) == P() for g in group):
-                for g in group:
-                    specs[g] = P()
-    return jax.tree_util.tree_map_with_path(lambda kp, x: NamedSharding(mesh, specs[_names(kp)]), state)
-
-
-def place_role_state(state, devices, parallelism: str = "tensor", text_config=None):
-    """Put a role's weights on its devices: (placed state, sharding for its inputs). One device:
-    everything there. Several: split by `tensor_parallel_shardings` ("tensor"; `text_config` for
-    the head counts) or copied whole to each ("replicate")."""
-    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
-
-    if parallelism not in PARALLELISMS:
-        raise ValueError(f"parallelism '{parallelism}' is not one of {PARALLELISMS}")
+def role_mesh(devices, axis: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over `devices`, with classic Auto axes (GSPMD places what the shardings leave
+    open): a role's devices, or a training run's data mesh. The one mesh builder, so every mesh of
+    a run agrees on axis types. `jax.make_mesh` keeps CPU and GPU devices in their given order and
+    may reorder a TPU slice's to follow its interconnect (a ring that collectives run fast on)."""
     devices = list(devices)
-    if len(devices) == 1:
-        sharding = SingleDeviceSharding(devices[0])
-        return jax.device_put(state, sharding), sharding
-    mesh = Mesh(np.array(devices), (TENSOR_AXIS,), axis_types=(AxisType.Auto,))
-    replicated = NamedSharding(mesh, P())
-    if parallelism == "replicate":
-        return jax.device_put(state, replicated), replicated
-    return jax.device_put(state, tensor_parallel_shardings(state, mesh, text_config)), replicated
+    return jax.make_mesh((len(devices),), (axis,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 # ---- FSDP of a trained model's weights and optimizer state ----------------------------------------
@@ -132,7 +46,7 @@ def place_role_state(state, devices, parallelism: str = "tensor", text_config=No
 FSDP_MIN_ELEMENTS = 4096  # smaller arrays (norms, biases, counters) stay whole: splitting saves nothing
 
 
-def fsdp_spec(shape: tuple[int, ...], n: int, axis: str = "data"):
+def fsdp_spec(shape: tuple[int, ...], n: int, axis: str = DATA_AXIS):
     """ZeRO-3 / FSDP placement of one array over `n` devices of `axis`: its largest dimension that
     divides by n is split, anything small or indivisible stays whole. The spec depends only on the
     shape, so AdamW's moments land exactly where their weights do; XLA gathers a weight where a

@@ -26,11 +26,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # configs/ and out/ are found from here
 
 
 # Stages of configs/sft_synthetic_target_cue.yaml, each from the last one's export (overrides of

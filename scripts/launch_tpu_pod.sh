@@ -4,10 +4,12 @@
 #   scripts/launch_tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--repo DIR] [--setup] \
 #       [--dry-run] -- python train/sapo.py --config configs/sapo_qwen3vl-2b_qwen3vl-32b.yaml steps=2000
 #
-# Every worker runs the same command (SPMD). DREAMR_MULTIHOST=1 makes the entry point call
-# jax.distributed.initialize(), which finds the slice's coordinator and this worker's process
-# id by itself; each process then trains on its own slice of every prompt batch, and the
-# draft's update runs data parallel over the draft devices of all workers.
+# The command is any training job: `python train/sapo.py ...`, `python train/sft.py ...` (the
+# launchers of `dreamr train sapo|sft`), or `dreamr train ...` where the workers have it on PATH.
+# Every worker runs the same command (SPMD). DREAMR_MULTIHOST=1 makes the job call
+# jax.distributed.initialize() (dreamr_jax.distributed), which finds the slice's coordinator and
+# this worker's process id by itself; each process then trains on its own slice of every prompt
+# batch, and the draft's update runs data parallel over the draft devices of all workers.
 #   --repo DIR  the checkout on the workers (default: ~/dreamr-jax; it must exist there, with
 #               the same files on every worker, e.g. cloned from the same commit)
 #   --setup     first `pip install -e ".[tpu]"` in it on every worker
@@ -28,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --setup) setup=1; shift ;;
     --dry-run) dry=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (the training command goes after --)" >&2; exit 2 ;;
   esac
 done

@@ -12,45 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
-
-import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def reading_accuracy(model, processor, count: int = 64) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
-    from dreamr_jax.data.synthetic import COLOUR_NAMES
-
-    enc = WorldEncoder(processor, DataConfig(judging_fraction=0.0, seq_len=128, split="val"))
-    tok = processor.tokenizer
-    examples = [enc.example(i) for i in range(count)]
-    b = collate({k: np.stack([e[k] for e in examples]) for k in examples[0]}, model.cfg)
-    tokens, deepstack = model.encode_images(jax.tree.map(jnp.asarray, b["vision"]))
-    logits = np.asarray(model.forward(jnp.asarray(b["input_ids"]), jnp.asarray(b["valid"]), jnp.asarray(b["positions"]),
-                                      tokens, deepstack, jnp.asarray(b["image_gather"])))
-    hits = {"read": [0, 0], "result": [0, 0]}
-    for j, e in enumerate(examples):
-        ids = e["input_ids"][: e["length"]]
-        for t in range(1, len(ids)):
-            if e["weights"][t] == 0:
-                continue
-            before = tok.decode(ids[t - 1:t]).strip()
-            is_digit = tok.decode(ids[t:t + 1]).strip().isdigit()
-            # a read digit follows its colour word ("red7"); a result's first digit follows "= "
-            kind = ("read" if before in COLOUR_NAMES else
-                    "result" if tok.decode(ids[max(0, t - 2):t]).strip() == "=" else None) if is_digit else None
-            if kind:
-                hits[kind][0] += int(logits[j, t - 1].argmax() == ids[t])
-                hits[kind][1] += 1
-    return {k: round(a / max(n, 1), 4) for k, (a, n) in hits.items()}
 
 
 def main() -> None:
@@ -61,6 +24,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import dreamr_jax as dr
+    from dreamr_jax.bench.world import reading_accuracy
     from dreamr_jax.training.sft import load_sft_config, train
 
     with tempfile.TemporaryDirectory() as out:

@@ -17,48 +17,30 @@ EOS = 504
 
 def tiny_config_dict(family: str, *, tie: bool = False, vocab: int = VOCAB, real_token_ids: bool = False) -> dict:
     """A tiny config.json dict in the nested (current transformers) layout."""
-    ids = (
-        dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
-        if real_token_ids
-        else dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                  vision_end_token_id=VISION_END)
-    )
-    eos = 151645 if real_token_ids else EOS
+    from dreamr_jax.bench.models import QWEN_TOKEN_IDS, qwen3_vl_dict
+
+    ids = (QWEN_TOKEN_IDS if real_token_ids else
+           dict(eos_token_id=EOS, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                vision_start_token_id=VISION_START, vision_end_token_id=VISION_END))
+    # mrope (2, 3, 3) rather than the factory's (4, 2, 2) for head_dim 16: the split these models
+    # were written with, kept so that the parity tests still compare the same models.
+    config = qwen3_vl_dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=vocab, tie_word_embeddings=tie,
+                           token_ids={k: v for k, v in ids.items() if k != "bos_token_id"}, rope_theta=10000.0,
+                           max_position_embeddings=4096, mrope_section=(2, 3, 3),
+                           vision=dict(depth=3, intermediate_size=48, patch_size=4, deepstack_visual_indexes=(0, 1)))
     if family == "qwen3_vl":
-        return dict(
-            model_type="qwen3_vl",
-            tie_word_embeddings=tie,
-            text_config=dict(
-                vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                max_position_embeddings=4096, eos_token_id=eos, tie_word_embeddings=tie,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
-                                     mrope_interleaved=True),
-            ),
-            vision_config=dict(
-                depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
-                spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16,
-                deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh",
-            ),
-            **ids,
-        )
+        return config
     if family == "qwen2_5_vl":
-        return dict(
-            model_type="qwen2_5_vl",
-            tie_word_embeddings=tie,
-            text_config=dict(
-                vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
-                eos_token_id=eos, tie_word_embeddings=tie,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-            ),
-            vision_config=dict(
-                depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
-                spatial_merge_size=2, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1],
-                hidden_act="silu", tokens_per_second=2,
-            ),
-            **ids,
-        )
+        # The same text model in Qwen2.5-VL's layout (head_dim implied, no interleaved mrope) and its
+        # windowed vision tower.
+        del config["text_config"]["head_dim"], config["text_config"]["rope_parameters"]["mrope_interleaved"]
+        config.update(model_type="qwen2_5_vl", vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
+            spatial_merge_size=2, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1],
+            hidden_act="silu", tokens_per_second=2,
+        ))
+        return config
     raise ValueError(family)
 
 

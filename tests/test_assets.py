@@ -152,14 +152,12 @@ def test_demo_runs_every_method(tmp_path, capsys):
 
 
 def test_judge_audit_counts_every_sampled_step():
-    """scripts/audit_judge.py end to end on the shipped pair: every sampled step is counted under
-    one true verdict, and the judge accepts the draft's correct steps and rejects its misreads."""
-    import sys
+    """The judge audit (scripts/audit_judge.py) end to end on the shipped pair: every sampled step is
+    counted under one true verdict, and the judge accepts the draft's correct steps and rejects its
+    misreads."""
+    from dreamr_jax.bench.world import audit_judge
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from audit_judge import audit
-
-    out = audit("asset:draft", "asset:target", count=8, group=2, temperature=1.0, split="val")
+    out = audit_judge("asset:draft", "asset:target", count=8, group=2, temperature=1.0, split="val")
     rows = out["by_verdict"]
     assert set(rows) <= {"correct", "off_path", "misread", "slip", "wrong_answer", "repeated", "skipped", "other"}
     assert sum(r["steps"] for r in rows.values()) >= 8 * 2 * 3  # every rollout has at least 3 steps

@@ -58,7 +58,7 @@ def _with_verdicts(engine, accept_share: float, seed: int):
 def _problem(reasoner, budget: int):
     enc = reasoner.processor.encode(reasoner.prompt(QUESTION, 0), [])
     ids = enc["input_ids"]
-    problem = Problem(trace=Trace("dreamr", question=QUESTION, extra={"token_budget": budget}), prompt_ids=ids)
+    problem = Problem(trace=Trace("dreamr", question=QUESTION), prompt_ids=ids, token_budget=budget)
     capacity = max(budget, 0) + reasoner.config.steps.max_step_tokens + 256
     for role in (reasoner.target, reasoner.draft):
         problem.openers[role.name] = lambda role=role: role.prepare(ids, capacity=capacity)

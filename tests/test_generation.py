@@ -9,7 +9,7 @@ import torch
 from jax import monitoring
 
 import dreamr_jax as dr
-from dreamr_jax.generation import Generator, generate_from_ids, length_bucket, prepare_batch, prompt_bucket
+from dreamr_jax.generation import Generator, generate_from_ids, prepare_batch, prompt_bucket
 from dreamr_jax.sampling import SamplingParams
 
 from conftest import IMAGE_TOKEN, image_prompt, random_image_inputs

@@ -1,4 +1,4 @@
-"""GRPO pieces against references written from SPEC.md section 5's formulas."""
+"""GRPO pieces against references written from docs/METHOD.md section 5's formulas."""
 
 from __future__ import annotations
 

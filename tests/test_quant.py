@@ -22,7 +22,7 @@ from dreamr_jax.generation import generate_from_ids
 from dreamr_jax.loading import load_model
 from dreamr_jax.models.qwen_vl.params import CheckpointError
 from dreamr_jax.quant import (Int4Linear, UnsupportedQuantizationError, from_awq, from_compressed, int4_linears,
-                              pack_awq, set_int4_method, state_bytes, unpack_awq, unpack_ct)
+                              pack_awq, set_int4_method, state_bytes, to_awq, unpack_awq, unpack_ct)
 from dreamr_jax.quant.quantize import quantize_checkpoint
 from vl_helpers import jax_logits
 
@@ -598,3 +598,120 @@ def test_awq_checkpoint_beats_round_to_nearest(tiny_checkpoints, tmp_path):
     err_rtn = np.abs(jax_logits(load_model(str(tmp_path / "rtn")), *inputs) - want).mean()
     print(f"int4 mean |logit error|: AWQ {err_awq:.4g}, round to nearest {err_rtn:.4g}")
     assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)
+
+
+def tiny_random_model(seed: int):
+    from conftest import tiny_config_dict
+    from dreamr_jax.models.qwen_vl import QwenVLConfig, QwenVLModel
+
+    return QwenVLModel(QwenVLConfig.from_hf(tiny_config_dict("qwen3_vl")), rngs=nnx.Rngs(seed))
+
+
+def test_awq_capture_leaves_models_alone_and_runs_in_threads():
+    """Recording wraps the projections of a clone: the model and the Linear class are untouched,
+    and two models recorded in two threads at once get what each gets alone."""
+    import threading
+
+    from dreamr_jax.models.qwen_vl.text import Linear
+    from dreamr_jax.quant.awq import capture_activations
+
+    call = Linear.__call__
+    models = [tiny_random_model(seed) for seed in (0, 1)]
+    rows = [[list(np.random.default_rng(s).integers(0, 400, 24)) for _ in range(2)] for s in (0, 1)]
+    alone = [capture_activations(m, r, max_rows=16, seed=4) for m, r in zip(models, rows)]
+    assert len(alone[0]) == 3 * 4 and alone[0]["layers.2.mlp.down_proj"][0].shape == (16, 96)
+    assert all(type(getattr(getattr(layer, b), n)) is Linear for m in models for layer in m.layers
+               for b, n in (p.split(".") for p in PROJECTIONS))
+    assert Linear.__call__ is call
+    together = [None, None]
+
+    def record(i):
+        for _ in range(2):  # overlapping runs
+            together[i] = capture_activations(models[i], rows[i], max_rows=16, seed=4)
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Linear.__call__ is call
+    for got, want in zip(together, alone):
+        assert got.keys() == want.keys()
+        for k in want:
+            for a, b in zip(got[k], want[k]):
+                np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+def test_one_dequantize_for_host_and_device():
+    """`formats.dequantize` serves numpy (Int4Tensors, AWQ, the quantizer) and jax (Int4Linear) alike."""
+    from dreamr_jax.quant.formats import dequantize, quantize_rtn
+
+    rng = np.random.default_rng(3)
+    scales = rng.uniform(0.001, 0.1, (3, 64)).astype(np.float16)
+    t = from_awq(random_words(rng, (96, 8)), random_words(rng, (3, 8)), scales)
+    want = ref_dequant_awq(*to_awq(t).values())
+    np.testing.assert_array_equal(t.dequantize(), want)
+    layer = Int4Linear(96, 64, group_size=32, bias=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    for name in ("qweight", "scales", "zeros"):
+        getattr(layer, name).set_value(jnp.asarray(getattr(t, name)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda: layer.dequantize())()), want)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    q, z, s = quantize_rtn(w, 32)
+    np.testing.assert_array_equal(dequantize(q.T, z.T, s.T), ref_fake_quant(w, 32))
+
+
+def _imports(path: str, module: str) -> set[str]:
+    """dreamr_jax modules `path` imports, at module level or inside functions."""
+    import ast
+
+    base = module.split(".")[:-1] if not path.endswith("__init__.py") else module.split(".")
+    found = set()
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module
+            if node.level:  # relative: up level - 1 packages from this module's package
+                mod = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return {m for m in found if m and m.startswith("dreamr_jax")}
+
+
+def test_quant_layering():
+    """models/ builds on quant.formats / quant.linear (leaves); the conversion code (quant.quantize,
+    quant.awq) builds on the model and the loader: nothing below imports it, and no cycle."""
+    pkg = os.path.join(ROOT, "dreamr_jax")
+    graph = {}
+    for folder, _, files in os.walk(pkg):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                graph[name] = _imports(path, name)
+    graph = {m: {d for d in deps if d in graph and d != m and not m.startswith(d + ".")} for m, deps in graph.items()}
+    conversion = {"dreamr_jax.quant.quantize", "dreamr_jax.quant.awq"}
+    leaves = ("dreamr_jax.quant", "dreamr_jax.quant.formats", "dreamr_jax.quant.linear", "dreamr_jax.quant.pallas_gemv")
+    for m, deps in graph.items():
+        if m.startswith("dreamr_jax.models") or m in leaves:
+            assert not deps & conversion, (m, deps & conversion)
+        if m in leaves:
+            assert not any(d.startswith("dreamr_jax.models") for d in deps), (m, deps)
+    assert graph["dreamr_jax.safetensors_io"] <= {"dreamr_jax"}, graph["dreamr_jax.safetensors_io"]
+
+    def on_a_cycle(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()]:
+                if d == start:
+                    return True
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return False
+
+    cycles = [m for m in graph if m.startswith(("dreamr_jax.quant", "dreamr_jax.models", "dreamr_jax.loading",
+                                                 "dreamr_jax.safetensors_io")) and on_a_cycle(m)]
+    assert not cycles, cycles

@@ -106,7 +106,7 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair, sharding):
     script = textwrap.dedent(f"""
         import hashlib, json, sys
         import jax
-        from dreamr_jax.training.sapo_trainer import initialize_distributed
+        from dreamr_jax.distributed import initialize_distributed
         initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), "gloo")
         jax.config.update("jax_default_matmul_precision", "highest")
         import numpy as np
@@ -114,14 +114,15 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair, sharding):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_sapo_trainer import _cfg, task_reward
         import dreamr_jax.sharding
-        from dreamr_jax.training.sapo_trainer import gather_whole, local_copy, train
+        from dreamr_jax.sharding import gather_whole, local_copy
+        from dreamr_jax.training.sapo_trainer import train
         dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny draft's matrices too
         cfg = _cfg(sys.argv[3], json.loads(sys.argv[4]), steps=2, group_size=4, checkpoint_every=1, warmup_steps=0,
                    draft_sharding=sys.argv[5])
         res = train(cfg, progress=False, extra_reward=task_reward, export=False)
         leaves = jax.tree.leaves(nnx.state(res["policy"]))
         share = sum(x.addressable_shards[0].data.nbytes for x in leaves) / sum(x.nbytes for x in leaves)
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        mesh = dreamr_jax.sharding.role_mesh(jax.devices())
         state = nnx.state(local_copy(gather_whole(res["policy"], mesh)), nnx.Param)
         digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(state))).hexdigest()
         print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(), "devices": jax.device_count(),

@@ -1,7 +1,7 @@
-"""Tensor parallelism of a role's weights (`sharding.tensor_parallel_shardings`, `Role(parallelism=...)`):
-the split rules on their own, then dense and int4 models of both families split over 2 and 4 fake
-CPU devices (a subprocess) against the same model on one device: prefill and extend logits, and
-greedy decode tokens."""
+"""Tensor parallelism of a role's weights (`models.qwen_vl.sharding.tensor_parallel_shardings`,
+`Role(parallelism=...)`): the split rules on their own, then dense and int4 models of both
+families split over 2 and 4 fake CPU devices (a subprocess) against the same model on one device:
+prefill and extend logits, and greedy decode tokens."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dreamr_jax.quant.quantize import quantize_checkpoint
-from dreamr_jax.sharding import TENSOR_AXIS, place_role_state, tensor_parallel_spec
+from dreamr_jax.models.qwen_vl.sharding import place_role_state, tensor_parallel_spec
+from dreamr_jax.sharding import DATA_AXIS, TENSOR_AXIS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M = TENSOR_AXIS
@@ -165,9 +166,9 @@ def test_parallelism_config_errors():
 
 
 @pytest.mark.parametrize("shape,n,want", [
-    ((151936, 2048), 4, P("data")),  # the largest dimension that divides
-    ((2048, 6144), 4, P(None, "data")),
-    ((6, 4096), 4, P(None, "data")),  # largest first, whatever its place
+    ((151936, 2048), 4, P(DATA_AXIS)),  # the largest dimension that divides
+    ((2048, 6144), 4, P(None, DATA_AXIS)),
+    ((6, 4096), 4, P(None, DATA_AXIS)),  # largest first, whatever its place
     ((4099, 3), 4, P()),  # nothing divides
     ((2048,), 4, P()),  # small: whole
     ((), 4, P()),

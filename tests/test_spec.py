@@ -1,5 +1,5 @@
-"""Step-level speculative reasoning (dreamr_jax.speculative): the exactness properties of SPEC.md
-sections 1-4 on tiny random draft/target pairs with the real Qwen vocabulary.
+"""Step-level speculative reasoning (dreamr_jax.speculative): the exactness properties of
+docs/METHOD.md sections 1-4 on tiny random draft/target pairs with the real Qwen vocabulary.
 
 - greedy exactness of dreamr / specreason / lookahead at reject-all and accept-all settings,
   step by step and token by token;
@@ -138,7 +138,7 @@ def sequential_fpsr(reasoner, question, alpha):
     eng = reasoner.engine("dreamr")
     cfg = eng.config
     ids = reasoner.processor.encode(reasoner.prompt(question, 0), [])["input_ids"]
-    problem = Problem(trace=Trace("oracle", extra={"token_budget": cfg.steps.token_budget}), prompt_ids=ids)
+    problem = Problem(trace=Trace("oracle"), prompt_ids=ids, token_budget=cfg.steps.token_budget)
     capacity = cfg.steps.token_budget + cfg.steps.max_step_tokens + 256
     dctx = reasoner.draft.open(ids, capacity=capacity)
     tctx = reasoner.target.open(ids, capacity=capacity)
@@ -449,7 +449,7 @@ def test_check_keeps_the_committed_cache_and_adopts_exact_keys(loaded, reject_al
     unchanged (same slots, bitwise), and the drafts it adopts get the keys a fresh context
     holding those tokens computes (1e-5); rolling back to the committed text restores the
     committed context exactly (length and keys)."""
-    target_model, proc = loaded[1], loaded[2]
+    proc = loaded[2]
     eng = reject_all.engine("dreamr")
     target = reject_all.target
     enc = proc.encode(reject_all.prompt(QUESTION, 1), [image_file])
@@ -828,6 +828,25 @@ def test_trace_json_round_trip():
     assert back == trace
     assert back.acceptance_rate == 0.5 and back.busy_time("draft") == 0.5
     assert Trace("target").acceptance_rate is None
+
+
+def test_every_method_has_a_runner():
+    from dreamr_jax.speculative.config import METHODS, RUNNERS
+    from dreamr_jax.speculative.methods import runner
+
+    assert METHODS == ("target", "draft", "sd", "specreason", "lookahead", "dreamr") == tuple(RUNNERS)
+    assert all(callable(runner(m)) for m in METHODS)
+    with pytest.raises(ValueError, match="unknown method 'tagret'"):
+        runner("tagret")
+
+
+def test_padded_rows():
+    from dreamr_jax.speculative.roles import padded_rows
+
+    ids, lengths = padded_rows([[5, 6, 7], [], [8]], 4)
+    assert ids.dtype == lengths.dtype == np.int32
+    np.testing.assert_array_equal(ids, [[5, 6, 7, 0], [0, 0, 0, 0], [8, 0, 0, 0]])
+    np.testing.assert_array_equal(lengths, [3, 0, 1])
 
 
 def _trace(*spans):

@@ -271,3 +271,15 @@ def test_batches_split_over_processes_index_the_global_batch(world_processor, ti
     for key in whole["vision"]:
         np.testing.assert_array_equal(np.concatenate([h["vision"][key] for h in halves]), whole["vision"][key],
                                       err_msg=key)
+
+
+def test_tokenizer_corpus_holds_the_world_and_package_prompts():
+    """The world tokenizer's training text: each problem's prompt, the judging verdicts, and every
+    configured prompt of the world and of the package (so any of them tokenizes sensibly)."""
+    from dreamr_jax.data.world_tokenizer import training_corpus
+
+    corpus = list(training_corpus(count=2))
+    assert corpus[0].startswith(prompts.WORLD_INSTRUCTION + "\n\n")
+    for text in (prompts.WORLD_JUDGE_INSTRUCTION, prompts.JUDGE_INSTRUCTION, prompts.REASONING_INSTRUCTION,
+                 prompts.LOOKAHEAD_PROMPT):
+        assert text in corpus

@@ -1,4 +1,4 @@
-"""SAPO entry point: `python train/sapo.py --config configs/sapo_synthetic.yaml [key=value ...]`.
+"""`python train/sapo.py --config configs/sapo_synthetic.yaml [key=value ...]`: `dreamr train sapo`.
 
 The same command runs on CPU, GPU and TPU. For several processes (TPU pod slices, several
 GPU hosts) run it on every worker: with DREAMR_MULTIHOST=1 where JAX detects the cluster
@@ -7,7 +7,9 @@ DREAMR_PROCESS_ID (or --coordinator / --num-processes / --process-id); each proc
 trains on its own slice of every prompt batch. scripts/launch_tpu_pod.sh does the TPU case.
 """
 
-from dreamr_jax.training.sapo_trainer import main
+import sys
+
+from dreamr_jax.cli import launch
 
 if __name__ == "__main__":
-    main()
+    sys.exit(launch("train", "sapo"))

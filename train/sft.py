@@ -1,10 +1,13 @@
-"""SFT entry point: `python train/sft.py --config configs/sft_synthetic_target.yaml [key=value ...]`.
+"""`python train/sft.py --config configs/sft_synthetic_target.yaml [key=value ...]`: `dreamr train sft`.
 
-The same command runs on CPU, GPU and TPU; on a multi-host slice set JAX_COORDINATOR_ADDRESS
-(or DREAMR_MULTIHOST=1 where JAX detects the cluster) and run it on every worker.
+The same command runs on CPU, GPU and TPU. On several hosts run it on every worker with
+DREAMR_MULTIHOST=1 (JAX detects the cluster: TPU pods, SLURM), or JAX_COORDINATOR_ADDRESS +
+DREAMR_NUM_PROCESSES + DREAMR_PROCESS_ID (or --coordinator / --num-processes / --process-id).
 """
 
-from dreamr_jax.training.sft import main
+import sys
+
+from dreamr_jax.cli import launch
 
 if __name__ == "__main__":
-    main()
+    sys.exit(launch("train", "sft"))

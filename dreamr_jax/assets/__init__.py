@@ -28,7 +28,9 @@ def qwen3_vl_config(*, hidden_size: int, num_hidden_layers: int, intermediate_si
     """A Qwen3-VL config.json (transformers' layout) for the embedded world's models.
 
     Images are 64x64 (4x4 patches of 16, 2x2 merged tokens), so the vision position table
-    needs only a 4x4 grid. `token_ids` comes from `world_tokenizer.write_tokenizer_files`."""
+    needs only a 4x4 grid. `token_ids` comes from `world_tokenizer.write_tokenizer_files`.
+    The rotary split below is the one every config the package builds uses (the test and
+    benchmark models' `bench.models.qwen3_vl_dict` starts from this function)."""
     head_dim = head_dim or hidden_size // num_attention_heads
     half = head_dim // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]  # t/h/w rotary frequencies (Qwen3-VL: 24/20/20 of 64)

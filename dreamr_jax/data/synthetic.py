@@ -17,7 +17,7 @@ machine's CPU training budget (docs/BENCHMARKS.md, "learnability").
 Everything is a pure function of (seed, split, index): problem `i` of a split is the same on
 every machine and every run. Each split draws from its own random stream, so a train and a
 test problem coincide only by chance (the tests check 5,000 train against 500 test problems).
-`judging_example` builds the target's CPN training data (SPEC.md section 2): a context, a
+`judging_example` builds the target's CPN training data (docs/METHOD.md section 2): a context, a
 candidate next step and whether it is correct, where wrong candidates are realistic mistakes:
 a misread digit, the digit of another colour, an arithmetic slip (off by 1-3, or far off), a
 wrong or swapped operand, a repeated step, a skipped step, a wrong final answer.
@@ -229,7 +229,7 @@ def corrupt_step(problem: WorldProblem, k: int, rng) -> tuple[str, str]:
 
     "skipped" (the step after next) can state a true fact, e.g. "The blue digit is 4." before
     the red one was read; it is labelled wrong because it does not follow the solution's order
-    (SPEC.md's judge asks for logical validity too). The judge therefore also learns the order
+    (the paper's judge asks for logical validity too). The judge therefore also learns the order
     of the reference solution, which the draft, trained on the same solutions, follows."""
     steps = problem.steps
     step = steps[k]

@@ -31,16 +31,16 @@ def training_corpus(seed: int = 0, count: int = 4000):
     from .. import prompts as paper  # the paper's prompts, the package defaults
 
     rng = np.random.default_rng(seed)
-    fixed = [WORLD_INSTRUCTION, WORLD_JUDGE_INSTRUCTION, WORLD_SPECREASON_PROMPT, WORLD_SPECREASON_PREFIX, paper.REASONING_INSTRUCTION,
-             paper.JUDGE_INSTRUCTION, paper.SPECREASON_PROMPT, paper.SPECREASON_PREFIX, paper.LOOKAHEAD_PROMPT,
+    fixed = [WORLD_INSTRUCTION, WORLD_JUDGE_INSTRUCTION, WORLD_SPECREASON_PROMPT, WORLD_SPECREASON_PREFIX,
+             paper.REASONING_INSTRUCTION, paper.JUDGE_INSTRUCTION, paper.SPECREASON_PROMPT, paper.SPECREASON_PREFIX, paper.LOOKAHEAD_PROMPT,
              "positive", " positive", "negative", " negative", "user\n", "assistant\n", "system\n",
              "You are a helpful assistant."]
     for i in range(count):
         p = make_problem(seed, "train", i)
         ex = judging_example(p, rng)
-        yield f"{INSTRUCTION}\n\n{p.question}\n" + "".join(s + "\n\n" for s in p.steps)
+        yield f"{WORLD_INSTRUCTION}\n\n{p.question}\n" + "".join(s + "\n\n" for s in p.steps)
         yield ex.candidate + "\n\n" + ("positive" if ex.label else "negative")
-        yield f"user\nassistant\n{JUDGE_INSTRUCTION}\n{SPECREASON_PROMPT}\n{SPECREASON_PREFIX}"
+        yield f"user\nassistant\n{WORLD_JUDGE_INSTRUCTION}\n{WORLD_SPECREASON_PROMPT}\n{WORLD_SPECREASON_PREFIX}"
         if i < 200:
             yield from fixed
 

@@ -34,9 +34,14 @@ sample of at most `max_rows` token rows per projection for the loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from .formats import dequantize, quantize_rtn
 
 # (op producing the input, projections reading it); names under text.layers.{i}.
 GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -47,11 +52,8 @@ GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_att
 
 def fake_quantize(weight_out_in: np.ndarray, group_size: int) -> np.ndarray:
     """Round-to-nearest int4 per group of input features, dequantized: what the int4 model computes with."""
-    from .quantize import quantize_rtn
-
     q, z, s = quantize_rtn(weight_out_in, group_size)  # (in, out), (groups, out), (groups, out)
-    g = np.arange(q.shape[0]) // group_size
-    return ((q.astype(np.float32) - z[g].astype(np.float32)) * s[g].astype(np.float32)).T
+    return dequantize(q.T, z.T, s.T)
 
 
 @dataclasses.dataclass
@@ -110,32 +112,41 @@ class _Recorder:
         self.rows[name], self.keys[name] = rows[keep], keys[keep]
 
 
+# The projections whose inputs the search reads: the first of each group (a group shares its input).
+RECORDED = tuple(readers[0] for _, readers in GROUPS)
+
+
+class _Recording(nnx.Module):
+    """A projection that hands its input to `record` before computing: `capture_activations` puts
+    it in place of the projection in a private copy of the model."""
+
+    def __init__(self, inner, record):
+        self.inner = inner
+        self.record = record
+
+    def __call__(self, x):
+        self.record(x)
+        return self.inner(x)
+
+
 def capture_activations(model, token_rows: Sequence[Sequence[int]], max_rows: int = 512, seed: int = 0) -> dict:
     """{"layers.{i}.{projection}": (sampled rows (n, in), mean |x| (in,))} for every projection a
     group reads (q_proj for q/k/v, gate_proj for gate/up, o_proj, down_proj), from the dense model."""
-    import jax.numpy as jnp
-
-    from ..models.qwen_vl.text import Linear
-
-    readers = {id(_module(layer, part)): f"layers.{i}.{part}" for i, layer in enumerate(model.layers)
-               for part in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
     recorder = _Recorder(max_rows, seed)
-    original = Linear.__call__
-
-    def recording_call(self, x):
-        name = readers.get(id(self))
-        if name is not None:
-            recorder.add(name, x)
-        return original(self, x)
-
-    Linear.__call__ = recording_call  # eager calls only: the forward below is not jitted
-    try:
-        for row in token_rows:
-            ids = jnp.asarray([list(row)], jnp.int32)
-            positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), (3, 1, ids.shape[1]))
-            model.forward(ids, jnp.ones_like(ids, bool), positions)
-    finally:
-        Linear.__call__ = original
+    # Recording happens in a clone (new module objects over the same weight buffers: nothing is
+    # copied) whose projections are wrapped: `model`, the projection classes and every other model
+    # (another thread's included) are left as they are.
+    recording = nnx.clone(model)
+    for i, layer in enumerate(recording.layers):
+        for part in RECORDED:
+            block, name = part.split(".")
+            owner = getattr(layer, block)
+            record = functools.partial(recorder.add, f"layers.{i}.{part}")
+            setattr(owner, name, _Recording(getattr(owner, name), record))
+    for row in token_rows:  # eager calls: the recorder sees concrete activations
+        ids = jnp.asarray([list(row)], jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), (3, 1, ids.shape[1]))
+        recording.forward(ids, jnp.ones_like(ids, bool), positions)
     return {name: (recorder.rows[name], recorder.abs_sum[name] / recorder.count[name])
             for name in recorder.rows}
 

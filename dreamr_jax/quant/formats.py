@@ -1,4 +1,7 @@
-"""int4 checkpoint formats: `quantization_config` parsing and host-side (numpy) unpacking.
+"""int4 weights: `quantization_config` parsing, (un)packing the checkpoint formats, and the arithmetic
+(`quantize_rtn` rounds a dense weight, `dequantize` expands int4 weights: the package's only copy).
+
+Imports nothing but numpy: the model (`models/qwen_vl`), the loader and the quantizer build on it.
 
 Two on-disk formats hold the same thing, W[o, i] = (q[o, i] - z[o, g(i)]) * s[o, g(i)] with 4-bit
 q and z and groups g of `group_size` consecutive input features:
@@ -200,6 +203,43 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return out.reshape(*packed.shape[:-1], -1)
 
 
+# ---- the arithmetic --------------------------------------------------------------------------------
+
+
+def dequantize(q, zeros, scales):
+    """W (out, in) float32 = (q - z) * s, per group of consecutive input features.
+
+    q: 4-bit values (out, in) or (out, groups, group_size), any integer or float dtype; zeros,
+    scales: (out, groups). Written with array methods only, so it takes numpy arrays (host:
+    `Int4Tensors.dequantize`, AWQ's search, the quantizer's error) and jax arrays or tracers
+    (`Int4Linear` inside a jitted program) alike: the one place int4 weights are expanded."""
+    f32 = np.float32
+    groups = q.reshape(*zeros.shape, -1).astype(f32)
+    w = (groups - zeros.astype(f32)[..., None]) * scales.astype(f32)[..., None]
+    return w.reshape(q.shape[0], -1)
+
+
+def quantize_rtn(weight_out_in: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric 4-bit round to nearest per group of `group_size` input features, as AutoAWQ computes it:
+    s = max(w_max - w_min, 1e-5) / 15 (rounded to float16), z = clamp(round(-w_min / s), 0, 15),
+    q = clamp(round(w / s) + z, 0, 15).
+
+    A dense weight (out, in) -> (q uint8 (in, out), zeros uint8 (groups, out), scales float16 (groups, out)):
+    AutoAWQ's (in, out) orientation, what `pack_awq` takes."""
+    n_out, n_in = weight_out_in.shape
+    if n_in % group_size:
+        raise ValueError(f"{n_in} input features do not split into groups of {group_size}; pick a --group-size "
+                         "that divides every projection's input size")
+    w = weight_out_in.astype(np.float32).reshape(n_out, n_in // group_size, group_size)
+    w_max, w_min = w.max(-1), w.min(-1)
+    scales = (np.maximum(w_max - w_min, 1e-5) / 15).astype(np.float16)
+    s = scales.astype(np.float32)
+    zeros = np.clip(np.round(-w_min / s), 0, 15)
+    q = np.clip(np.round(w / s[..., None]) + zeros[..., None], 0, 15).astype(np.uint8)
+    return (np.ascontiguousarray(q.reshape(n_out, n_in).T), np.ascontiguousarray(zeros.astype(np.uint8).T),
+            np.ascontiguousarray(scales.T))
+
+
 # ---- the device layout ----------------------------------------------------------------------------
 
 
@@ -222,11 +262,7 @@ class Int4Tensors:
 
     def dequantize(self) -> np.ndarray:
         """The dense kernel (in, out) float32: (q - z) * s."""
-        n_in, n_out = self.shape
-        g = self.scales.shape[1]
-        q = unpack_nibbles(self.qweight).reshape(n_out, g, -1).astype(np.float32)
-        w = (q - self.zeros[..., None].astype(np.float32)) * self.scales.astype(np.float32)[..., None]
-        return w.reshape(n_out, n_in).T
+        return dequantize(unpack_nibbles(self.qweight), self.zeros, self.scales).T
 
 
 def _check_groups(n_in: int, n_groups: int, what: str) -> None:

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .formats import dequantize
+
 METHODS = ("auto", "dequant", "reduce", "int4dot", "u4dequant", "u4dot", "pallas")
 SMALL_ROWS = 4
 # The method "auto" uses for decode-sized inputs, per backend. CPU: "dequant" measured fastest
@@ -80,10 +82,8 @@ class Int4Linear(nnx.Module):
 
     def _weight_out_in(self, dtype):
         p = self.qweight[...]
-        q = jnp.stack([p & 0xF, p >> 4], axis=-1).reshape(self.n_out, self.n_groups, self.group_size)
-        w = (q.astype(jnp.float32) - self.zeros[...].astype(jnp.float32)[..., None]) * \
-            self.scales[...].astype(jnp.float32)[..., None]
-        return w.reshape(self.n_out, self.n_in).astype(dtype)
+        q = jnp.stack([p & 0xF, p >> 4], axis=-1).reshape(self.n_out, self.n_in)
+        return dequantize(q, self.zeros[...], self.scales[...]).astype(dtype)
 
     def _combine(self, part_rog, x_rgj):
         """y_ro = sum_g s_og * (part_rog - z_og * sum_j x_rgj), float32."""
@@ -123,9 +123,7 @@ class Int4Linear(nnx.Module):
         return q.reshape(self.n_out, self.n_groups, self.group_size).astype(dtype)
 
     def _u4dequant(self, x2):
-        q = self._nibbles(jnp.float32)
-        w = (q - self.zeros[...].astype(jnp.float32)[..., None]) * self.scales[...].astype(jnp.float32)[..., None]
-        w = w.reshape(self.n_out, self.n_in).astype(x2.dtype)
+        w = dequantize(self._nibbles(jnp.float32), self.zeros[...], self.scales[...]).astype(x2.dtype)
         return jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())))
 
     def _u4dot(self, x2):

@@ -23,17 +23,20 @@ import re
 import shutil
 from typing import Sequence
 
-import ml_dtypes
 import numpy as np
 
-from ..models.qwen_vl.params import SafetensorsFile, canonical_key, checkpoint_files
+# Conversion sits above the model: it reads checkpoints like the loader and (for AWQ) runs the
+# dense model. Nothing under models/, nor quant.formats / quant.linear, imports this module.
+from ..loading import load_model
+from ..models.qwen_vl.params import canonical_key, checkpoint_files
+from ..processing import load_processor
+from ..safetensors_io import SafetensorsFile, write_safetensors
 from .awq import awq_scales, scale_weights
-from .formats import pack_awq
+from .formats import dequantize, pack_awq, quantize_rtn
+
+__all__ = ["awq_config", "quantize_checkpoint", "quantize_rtn", "write_safetensors"]
 
 _PROJECTION = re.compile(r"text\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-_ST_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-              np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-              np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 
 
 def awq_config(group_size: int) -> dict:
@@ -42,27 +45,8 @@ def awq_config(group_size: int) -> dict:
             "modules_to_not_convert": ["visual", "lm_head"]}
 
 
-def quantize_rtn(weight_out_in: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dense weight (out, in) -> (q uint8 (in, out), zeros uint8 (groups, out), scales float16 (groups, out))."""
-    n_out, n_in = weight_out_in.shape
-    if n_in % group_size:
-        raise ValueError(f"{n_in} input features do not split into groups of {group_size}; pick a --group-size "
-                         "that divides every projection's input size")
-    w = weight_out_in.astype(np.float32).reshape(n_out, n_in // group_size, group_size)
-    w_max, w_min = w.max(-1), w.min(-1)
-    scales = (np.maximum(w_max - w_min, 1e-5) / 15).astype(np.float16)
-    s = scales.astype(np.float32)
-    zeros = np.clip(np.round(-w_min / s), 0, 15)
-    q = np.clip(np.round(w / s[..., None]) + zeros[..., None], 0, 15).astype(np.uint8)
-    return (np.ascontiguousarray(q.reshape(n_out, n_in).T), np.ascontiguousarray(zeros.astype(np.uint8).T),
-            np.ascontiguousarray(scales.T))
-
-
 def _awq_plan(src: str, texts: Sequence[str], max_tokens: int, group_size: int, n_grid: int,
               log) -> tuple[dict, list]:
-    from ..loading import load_model
-    from ..processing import load_processor
-
     model = load_model(src, dtype="float32")
     if any(isinstance(t, str) for t in texts):
         tokenizer = load_processor(src).tokenizer
@@ -71,28 +55,6 @@ def _awq_plan(src: str, texts: Sequence[str], max_tokens: int, group_size: int, 
     if not rows:
         raise ValueError("the calibration texts are empty")
     return awq_scales(model, rows, group_size, n_grid=n_grid, log=log)
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    """safetensors writer for every dtype the reader knows (bfloat16 included), via a temporary name."""
-    header, offset = {}, 0
-    arrays = {}
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key])
-        if a.dtype not in _ST_DTYPES:
-            raise ValueError(f"{key}: dtype {a.dtype} cannot be written to safetensors")
-        header[key] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        arrays[key] = a
-        offset += a.nbytes
-    header["__metadata__"] = metadata or {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path + ".tmp", "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for key in sorted(arrays):
-            f.write(arrays[key].tobytes())
-    os.replace(path + ".tmp", path)
 
 
 def quantize_checkpoint(src: str, dst: str, *, group_size: int = 128, calibration: Sequence[str] | None = None,
@@ -128,8 +90,7 @@ def quantize_checkpoint(src: str, dst: str, *, group_size: int = 128, calibratio
                 q, z, s = quantize_rtn(np.asarray(array), group_size)
                 prefix = raw_key[: -len("weight")]
                 out.update({prefix + "qweight": pack_awq(q), prefix + "qzeros": pack_awq(z), prefix + "scales": s})
-                g = np.repeat(np.arange(q.shape[0] // group_size), group_size)
-                err = np.abs((q.astype(np.float32) - z[g]) * s[g].astype(np.float32) - np.asarray(array, np.float32).T)
+                err = np.abs(dequantize(q.T, z.T, s.T) - np.asarray(array, np.float32))
                 stats["max_abs_error"] = max(stats["max_abs_error"], float(err.max()))
                 stats["quantized"] += 1
             else:
@@ -141,15 +102,19 @@ def quantize_checkpoint(src: str, dst: str, *, group_size: int = 128, calibratio
         if log:
             log(f"{name}: {len(out)} tensors written")
     if os.path.exists(os.path.join(src, "model.safetensors.index.json")):
-        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        _write_json(os.path.join(dst, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
     for name in os.listdir(src):
         if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
             continue
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
     config["quantization_config"] = awq_config(group_size)
-    with open(os.path.join(dst, "config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(dst, "config.json.tmp"), os.path.join(dst, "config.json"))
+    _write_json(os.path.join(dst, "config.json"), config)
     return stats
+
+
+def _write_json(path: str, value) -> None:
+    """Via a temporary name and a rename, like the weights: a crash leaves the old file or the new one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)

@@ -1,4 +1,4 @@
-"""Settings of step-level speculative reasoning (all of SPEC.md's knobs, with its defaults)."""
+"""Settings of step-level speculative reasoning (every knob of docs/METHOD.md section 3, with the paper's defaults)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from .steps import StepConfig
 from ..prompts import (JUDGE_CUE, JUDGE_FORMATS, JUDGE_INSTRUCTION, REASONING_INSTRUCTION, SPECREASON_PREFIX,
                        SPECREASON_PROMPT, Keywords)
 
-METHODS = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
+# The methods: each name with the function that runs one problem (`engine, problem -> None`), as
+# "module:function" in this package, imported when the method runs (`methods.runner`). The one
+# list of methods, kept here so that settings are checked without loading the models.
+RUNNERS = {"target": "methods:run_target", "draft": "methods:run_draft", "sd": "methods:run_sd",
+           "specreason": "methods:run_specreason", "lookahead": "methods:run_lookahead", "dreamr": "fpsr:run_dreamr"}
+METHODS = tuple(RUNNERS)
 FALLBACK_MODES = ("auto", "eager", "on_reject")
 KEYWORD_POLICIES = ("single", "first_subtoken")
 # `alpha` is a threshold on rho = sigmoid(z+ - z-), so it lies in [0, 1] (0 accepts every drafted
@@ -32,7 +37,7 @@ class SpeculationConfig:
     seed: int = 0
     instruction: str = REASONING_INSTRUCTION
     judge_instruction: str = JUDGE_INSTRUCTION
-    # "turn": SPEC.md's judging turn after each checked step; "cue": only `judge_cue`, a few
+    # "turn": the paper's judging turn after each checked step; "cue": only `judge_cue`, a few
     # tokens, for a target trained to answer it (the embedded world's is): `tbvm.judge_text`.
     judge_format: str = "turn"
     judge_cue: str = JUDGE_CUE
@@ -43,7 +48,7 @@ class SpeculationConfig:
     sd_tokens: int = 4  # draft tokens proposed per target verification
     fallback_chunk: int = 4  # FPSR decodes the target's fallback step in chunks this long
     # "eager": the target writes its own step for the earliest open position while the check is
-    # pending (SPEC.md 4); "on_reject": only once that position's drafted step is rejected
+    # pending (docs/METHOD.md section 4); "on_reject": only once that position's drafted step is rejected
     # (no wasted target work when acceptance is high, but a rejection's fallback is not hidden).
     # "auto": eager when the target has accelerator devices of its own, on_reject when the roles
     # share a device or share CPU cores (a fallback chunk then delays the checks behind it).
@@ -52,7 +57,7 @@ class SpeculationConfig:
     # it should end sooner than a check takes, so one forward checks them all (False: check at once).
     gather_checks: bool = True
     # FPSR: drafted steps the draft writes per decode call (1: each handed over as it ends, as
-    # SPEC.md; more: fewer calls, the steps handed over together when the call ends)
+    # the paper; more: fewer calls, the steps handed over together when the call ends)
     draft_steps_per_call: int = 1
     # `target` / `draft` alone: tokens one decode call may write (as many steps as fit; the call
     # ends after the answer step). Fewer calls cost less fixed time, but the call's attention

@@ -1,4 +1,4 @@
-"""FPSR, the `dreamr` method (SPEC.md section 4): drafting, checking and the target's own
+"""FPSR, the `dreamr` method (docs/METHOD.md section 4): drafting, checking and the target's own
 fallback step run at the same time, the draft on its devices and the target on its own.
 
 Two host threads, one per role, share a small state under a condition variable:
@@ -91,7 +91,7 @@ def _draft_loop(engine: StepEngine, problem: Problem, shared: _Shared, draft_ope
                 n_before = len(shared.drafts)
                 last = shared.drafts[-1] if shared.drafts else None
             spent = len(drafted)
-            left = problem.trace.extra["token_budget"] - len(base) - spent  # budget after base + drafts
+            left = problem.token_budget - len(base) - spent  # budget after base + drafts
             if left <= 0 or (last is not None and engine.ends_reasoning(last)):
                 with shared.cond:  # nothing useful to draft until the target commits
                     if shared.epoch == epoch and len(shared.drafts) == n_before and not shared.finished:

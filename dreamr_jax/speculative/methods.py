@@ -1,4 +1,4 @@
-"""The six methods of SPEC.md section 3 behind one interface, each producing a `Trace`.
+"""The six methods of docs/METHOD.md section 3 behind one interface, each producing a `Trace`.
 
 A `Problem` holds the two roles' contexts for one question; methods only move token
 sequences between them (set_tokens / write / score), so rollback after a rejected step is a
@@ -8,7 +8,8 @@ cache-length change, and every check reuses the target's cached prefix.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import importlib
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -16,8 +17,8 @@ from ..generation import attend_bucket, fine_bucket
 from ..sampling import SamplingParams
 from ..data.grading import final_answer
 from ..prompts import judge_text, keyword_token_ids, lookahead_suffix, specreason_suffix
-from .config import SpeculationConfig
-from .roles import Context, Role, write_many
+from .config import RUNNERS, SpeculationConfig
+from .roles import Context, Role
 from .tbvm import cpn_rho
 from .trace import Step, Trace
 
@@ -32,6 +33,7 @@ class Problem:
 
     trace: Trace
     prompt_ids: list[int]
+    token_budget: int  # tokens the problem may commit in all (`StepConfig.token_budget`)
     draft_ctx: Context | None = None
     target_ctx: Context | None = None
     committed: list[int] = dataclasses.field(default_factory=list)
@@ -62,7 +64,7 @@ class Problem:
 
     @property
     def tokens_left(self) -> int:
-        return self.trace.extra["token_budget"] - len(self.committed)
+        return self.token_budget - len(self.committed)
 
 
 class StepEngine:
@@ -199,7 +201,7 @@ def resolve_fallback(mode: str, draft: Role | None, target: Role) -> str:
 
 
 def check_same_tokenizer(draft_proc, target_proc) -> None:
-    """Draft and target must tokenize identically (SPEC.md section 6)."""
+    """Draft and target must tokenize identically (docs/METHOD.md section 6)."""
     a, b = draft_proc.tokenizer, target_proc.tokenizer
     if a.get_vocab() != b.get_vocab():
         raise TokenizerMismatchError(
@@ -211,6 +213,17 @@ def check_same_tokenizer(draft_proc, target_proc) -> None:
 
 
 # ---- methods ------------------------------------------------------------------------------
+
+Runner = Callable[[StepEngine, Problem], None]
+
+
+def runner(method: str) -> Runner:
+    """The function that runs one problem with `method`, as `config.RUNNERS` names it."""
+    if method not in RUNNERS:
+        raise ValueError(f"unknown method '{method}'; known: {', '.join(RUNNERS)}")
+    module, name = RUNNERS[method].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
 
 
 def run_single(engine: StepEngine, problem: Problem, role_name: str) -> None:
@@ -241,6 +254,16 @@ def run_single(engine: StepEngine, problem: Problem, role_name: str) -> None:
             engine.commit(problem, step, role_name)
             if problem.done:
                 break
+
+
+def run_target(engine: StepEngine, problem: Problem) -> None:
+    """`target`: the target alone (`run_single`)."""
+    run_single(engine, problem, "target")
+
+
+def run_draft(engine: StepEngine, problem: Problem) -> None:
+    """`draft`: the draft alone (`run_single`)."""
+    run_single(engine, problem, "draft")
 
 
 def run_specreason(engine: StepEngine, problem: Problem) -> None:
@@ -290,8 +313,9 @@ def run_lookahead(engine: StepEngine, problem: Problem) -> None:
                 break
         engine.target.set_tokens(problem.target_ctx, problem.committed)
         prefixes = [sum(drafts[:i], []) for i in range(len(drafts))]
-        targets = write_many(engine.target, problem.target_ctx, prefixes, max_tokens=engine.step_budget(problem),
-                             stop_ids=engine.stop_ids, params=engine.target_params, seed=cfg.seed, kind="fallback")
+        targets = engine.target.write_many(problem.target_ctx, prefixes, max_tokens=engine.step_budget(problem),
+                                           stop_ids=engine.stop_ids, params=engine.target_params, seed=cfg.seed,
+                                           kind="fallback")
         for i, (d, t) in enumerate(zip(drafts, targets)):
             problem.trace.drafted_checked += 1
             same = _normalise(engine.proc.decode(d)) == _normalise(engine.proc.decode(t)) and not engine.hit_cap(d)

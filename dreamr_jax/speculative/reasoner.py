@@ -12,8 +12,8 @@ from .. import compiles
 from ..sharding import split_devices
 from ..prompts import question_text
 from .config import SpeculationConfig
-from .fpsr import run_dreamr
-from .methods import Problem, StepEngine, check_same_tokenizer, run_lookahead, run_sd, run_single, run_specreason
+from .methods import Problem, StepEngine, check_same_tokenizer, runner
+from .results import check_methods, open_results, read_results, result_key
 from .roles import Role
 from .timeline import overlap_time, project
 from .trace import Trace
@@ -110,6 +110,7 @@ class SpeculativeReasoner:
             raise ValueError(f"the question must be a non-empty string, got {question!r}")
         method = method or self.config.method
         engine = self.engine(method)
+        run = runner(method)  # before the clock starts: the first call imports the method's module
         cfg = engine.config
         images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
         enc = self.processor.encode(self.prompt(question, len(images)), images)
@@ -120,6 +121,7 @@ class SpeculativeReasoner:
             raise ContextLengthError(
                 f"the question needs {len(ids)} prompt tokens; with a token budget of {cfg.steps.token_budget} "
                 f"that exceeds the models' context of {limit} positions")
+        # the settings the trace was made under, kept with it in results files
         trace = Trace(method=method, question=question, extra={"token_budget": cfg.steps.token_budget,
                                                                 "alpha": cfg.alpha, "window": cfg.window})
         compiles_before, compile_s_before = compiles.totals()
@@ -128,7 +130,7 @@ class SpeculativeReasoner:
             ([self.draft] if self.draft is not None and method != "target" else [])
         for role in roles:
             role.reset_clock(start)
-        problem = Problem(trace=trace, prompt_ids=ids)
+        problem = Problem(trace=trace, prompt_ids=ids, token_budget=cfg.steps.token_budget)
         capacity = _capacity(cfg)
         for role in roles:
             problem.openers[role.name] = (lambda role=role: role.prepare(
@@ -136,13 +138,7 @@ class SpeculativeReasoner:
         if method != "dreamr":  # dreamr prefills each role in that role's thread
             for name in problem.openers:
                 problem.open(name)
-        runners = {"target": lambda: run_single(engine, problem, "target"),
-                   "draft": lambda: run_single(engine, problem, "draft"),
-                   "specreason": lambda: run_specreason(engine, problem),
-                   "lookahead": lambda: run_lookahead(engine, problem),
-                   "sd": lambda: run_sd(engine, problem),
-                   "dreamr": lambda: run_dreamr(engine, problem)}
-        runners[method]()
+        run(engine, problem)
         trace.wall_time = time.perf_counter() - start
         compiled, compile_s = compiles.totals()
         trace.extra["compiles"] = compiled - compiles_before  # XLA compilations inside this solve
@@ -174,8 +170,6 @@ class SpeculativeReasoner:
         returned as written and the number skipped is printed. A record without an id is known
         by its position. Returns a row per record and method, in order."""
         from tqdm import tqdm
-
-        from ..evaluate import check_methods, open_results, read_results, result_key
 
         methods = list(dict.fromkeys(methods or [self.config.method]))
         check_methods(methods, has_draft=self.draft is not None)  # before any solve, not once per record

@@ -21,9 +21,19 @@ import numpy as np
 
 from ..generation import Generator, attend_bucket, fine_bucket, length_bucket, prepare_batch
 from ..kv_cache import KVCache
-from ..sharding import place_role_state
+from ..models.qwen_vl.sharding import place_role_state
 from ..sampling import SamplingParams
 from .trace import Interval
+
+
+def padded_rows(rows: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows as one rectangle for a batched call: (ids (len(rows), width) int32, zero after
+    each row's end; each row's length, int32). `width` is the caller's bucket (at least the longest
+    row), so that calls of nearby lengths share one compiled program."""
+    ids = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    return ids, np.array([len(r) for r in rows], np.int32)
 
 
 @dataclasses.dataclass
@@ -168,12 +178,11 @@ class Role:
             # and each distinct width is a program to compile (the warm-up cannot foresee which
             # steps get rejected)
             width = fine_bucket(n, step=16)
-            ids = np.zeros((1, width), np.int32)
-            ids[0, :n] = ctx.pending
+            ids, lengths = padded_rows([ctx.pending], width)
             end = ctx.prompt_len + len(ctx.fed) + width
             ctx.cache = self._ensure_room(ctx.cache, end)
-            ctx.logits, ctx.cache = self._timed(kind, self.generator.extend_last, ctx.cache, ids,
-                                                np.array([n], np.int32), attend_bucket(end, ctx.cache.max_len), tokens=n,
+            ctx.logits, ctx.cache = self._timed(kind, self.generator.extend_last, ctx.cache, ids, lengths,
+                                                attend_bucket(end, ctx.cache.max_len), tokens=n,
                                                 cached=ctx.prompt_len + len(ctx.fed))
             ctx.fed = ctx.fed + ctx.pending
             ctx.pending = []
@@ -246,17 +255,15 @@ class Role:
         # host array there would compile a second variant)
         prev = ctx.logits if not ctx.pending else ctx.prompt_logits
         rows = ctx.pending + list(proposal)
-        width = length_bucket(len(ctx.pending) + k, minimum=1)
-        ids = np.zeros((1, width), np.int32)
-        ids[0, : len(rows)] = rows
-        padded = np.zeros(k, np.int32)
-        padded[: len(proposal)] = proposal
+        ids, lengths = padded_rows([rows], length_bucket(len(ctx.pending) + k, minimum=1))
+        width = ids.shape[1]
+        padded = padded_rows([proposal], k)[0][0]
         end = ctx.prompt_len + len(ctx.fed) + width
         ctx.cache = self._ensure_room(ctx.cache, end)
         if draft_logits is None or params.greedy:
             draft_logits = np.zeros((1, k, 1), np.float32)
         n_acc, token, ctx.cache = self._timed(
-            kind, self.generator.extend_verify, ctx.cache, ids, np.array([len(rows)], np.int32), prev,
+            kind, self.generator.extend_verify, ctx.cache, ids, lengths, prev,
             len(ctx.pending), padded, len(proposal), draft_logits, seed, params, draft_params,
             attend_bucket(end, ctx.cache.max_len), tokens=len(rows), cached=ctx.prompt_len + len(ctx.fed))
         n_acc, token = jax.device_get((n_acc, token))
@@ -279,11 +286,8 @@ class Role:
         continuations = list(continuations) + [continuations[0]] * (rows_bucket - wanted)
         k = len(continuations)
         rows = [ctx.pending + list(c) for c in continuations]
-        n = np.array([len(r) for r in rows], np.int32)
-        width = length_bucket(int(n.max()), minimum=1)
-        ids = np.zeros((k, width), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
+        ids, n = padded_rows(rows, length_bucket(max(map(len, rows)), minimum=1))
+        width = ids.shape[1]
         end = ctx.prompt_len + len(ctx.fed) + width
         ctx.cache = self._ensure_room(ctx.cache, end)
         forked = ctx.cache.fork(np.zeros(k, np.int32))
@@ -352,45 +356,43 @@ class Role:
         self._synced(ctx)
         return np.asarray(logits)[0, : len(drafts)]
 
+    def write_many(self, ctx: Context, continuations: Sequence[Sequence[int]], *, max_tokens: int,
+                   stop_ids: Sequence[int], params: SamplingParams, seed: int = 0,
+                   kind: str = "decode") -> list[list[int]]:
+        """For each continuation c, decode from ctx + c (all rows in one batched prefill and one
+        batched decode loop). ctx is not changed. Returns the new tokens of each row."""
+        k = len(continuations)
+        rows = [ctx.pending + list(c) for c in continuations]
+        if ctx.logits is None and not ctx.pending and not any(rows):
+            self._need_logits(ctx)
+            rows = [ctx.pending + list(c) for c in continuations]
+        out_len = length_bucket(max_tokens)
+        ids, n = padded_rows(rows, length_bucket(max(max(map(len, rows)), 1), minimum=1))
+        width = ids.shape[1]
+        base_len = ctx.prompt_len + len(ctx.fed)  # the forked rows' length
+        end = base_len + width + out_len + 1
+        ctx.cache = self._ensure_room(ctx.cache, end)
+        attend = attend_bucket(end, ctx.cache.max_len)
+        cache = ctx.cache.fork(np.zeros(k, np.int32))
+        if (n == 0).any():
+            # rows with nothing new start from the context's own next-token logits
+            base = self.feed(ctx, kind) if ctx.logits is None else ctx.logits
+        logits, cache = self._timed(kind, self.generator.extend_last, cache, ids, np.maximum(n, 0), attend,
+                                    tokens=int(n.sum()), cached=base_len, rows=k)
+        cache = cache.with_lengths(base_len + n)
+        if (n == 0).any():
+            logits = jnp.where(jnp.asarray(n == 0)[:, None], jnp.broadcast_to(base, logits.shape), logits)
+        tokens, _, n_gen, _, _ = self._timed(
+            kind, lambda: self.generator.decode(cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
+                                                params=params, seed=seed, out_len=out_len, attend_len=attend),
+            op="decode", cached=base_len + int(n.mean()), rows=k)
+        tokens, n_gen = np.asarray(tokens), np.asarray(n_gen)
+        with self._lock:  # rows x iterations: the loop computes every row until the longest one stops
+            self.intervals[-1].tokens = k * int(n_gen.max(initial=0))
+        return [tokens[i, : n_gen[i]].tolist() for i in range(k)]
+
     def fork(self, ctx: Context) -> Context:
         """An independent copy of a context (its cache row copied)."""
         return Context(cache=ctx.cache.fork(np.zeros(1, np.int32)), prompt_len=ctx.prompt_len, fed=list(ctx.fed),
                        pending=list(ctx.pending), logits=ctx.logits, prompt_logits=ctx.prompt_logits)
 
-
-def write_many(role: Role, ctx: Context, continuations: Sequence[Sequence[int]], *, max_tokens: int,
-               stop_ids: Sequence[int], params: SamplingParams, seed: int = 0, kind: str = "decode") -> list[list[int]]:
-    """For each continuation c, decode from ctx + c (all rows in one batched prefill and one
-    batched decode loop). ctx is not changed. Returns the new tokens of each row."""
-    k = len(continuations)
-    rows = [ctx.pending + list(c) for c in continuations]
-    if ctx.logits is None and not ctx.pending and not any(rows):
-        role._need_logits(ctx)
-        rows = [ctx.pending + list(c) for c in continuations]
-    n = np.array([len(r) for r in rows], np.int32)
-    out_len = length_bucket(max_tokens)
-    width = length_bucket(max(int(n.max()), 1), minimum=1)
-    ids = np.zeros((k, width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-    base_len = ctx.prompt_len + len(ctx.fed)  # the forked rows' length
-    end = base_len + width + out_len + 1
-    ctx.cache = role._ensure_room(ctx.cache, end)
-    attend = attend_bucket(end, ctx.cache.max_len)
-    cache = ctx.cache.fork(np.zeros(k, np.int32))
-    if (n == 0).any():
-        # rows with nothing new start from the context's own next-token logits
-        base = role.feed(ctx, kind) if ctx.logits is None else ctx.logits
-    logits, cache = role._timed(kind, role.generator.extend_last, cache, ids, np.maximum(n, 0), attend,
-                                tokens=int(n.sum()), cached=base_len, rows=k)
-    cache = cache.with_lengths(base_len + n)
-    if (n == 0).any():
-        logits = jnp.where(jnp.asarray(n == 0)[:, None], jnp.broadcast_to(base, logits.shape), logits)
-    tokens, _, n_gen, _, _ = role._timed(
-        kind, lambda: role.generator.decode(cache, logits, max_new_tokens=max_tokens, stop_ids=stop_ids,
-                                            params=params, seed=seed, out_len=out_len, attend_len=attend),
-        op="decode", cached=base_len + int(n.mean()), rows=k)
-    tokens, n_gen = np.asarray(tokens), np.asarray(n_gen)
-    with role._lock:  # rows x iterations: the loop computes every row until the longest one stops
-        role.intervals[-1].tokens = k * int(n_gen.max(initial=0))
-    return [tokens[i, : n_gen[i]].tolist() for i in range(k)]

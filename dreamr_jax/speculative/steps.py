@@ -1,14 +1,11 @@
 """Reasoning steps: the delimiter tokens, final-answer detection and the step/token budgets
-(SPEC.md section 1)."""
+(docs/METHOD.md section 1)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 
-from ..data.grading import boxed_answer, brace_group, choice_answer, final_answer  # noqa: F401
-from ..validation import SettingError, check_choice, check_flag, check_range, check_text  # noqa: F401
+from ..validation import check_range, check_text
 
 STEP_DELIMITER = "\n\n"
 

@@ -1,4 +1,4 @@
-"""TBVM with the CPN score (SPEC.md section 2): the target judges a drafted step from the
+"""TBVM with the CPN score (docs/METHOD.md section 2): the target judges a drafted step from the
 logits of two keyword tokens after a judging instruction.
 
 rho = s+ / (s+ + s-) with s± the keyword probabilities equals sigmoid(z+ - z-) on the raw

@@ -1,4 +1,4 @@
-"""GRPO pieces of SAPO (SPEC.md section 5), as pure functions of arrays.
+"""GRPO pieces of SAPO (docs/METHOD.md section 5), as pure functions of arrays.
 
 - `group_advantages`: A = (R - group mean) / (group std + eps), groups of G rollouts of one prompt.
 - `grpo_loss`: the clipped surrogate plus beta times the k3 KL to the reference policy,

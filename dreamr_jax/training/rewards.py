@@ -1,4 +1,4 @@
-"""SAPO's reward terms (SPEC.md section 5), on host values of a batch of rollouts.
+"""SAPO's reward terms (docs/METHOD.md section 5), on host values of a batch of rollouts.
 
 R = w1 R_outcome + w2 R_draft + w3 R_length with
   R_outcome = 1 if the extracted final answer is correct else 0,
@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.grading import answers_match, grade
-from ..speculative.tbvm import is_accepted
+from ..speculative import is_accepted
 
 
 def outcome_reward(answers: Sequence[str | None], references: Sequence[str | dict | None]) -> np.ndarray:

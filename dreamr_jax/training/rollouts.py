@@ -1,7 +1,7 @@
 """SAPO rollouts: G sampled solutions per prompt from the draft, cut into steps, and the frozen
 target's CPN score of every step of every rollout.
 
-A rollout's response runs to the end of the step that states the final answer (SPEC.md 1:
+A rollout's response runs to the end of the step that states the final answer (docs/METHOD.md section 1:
 reasoning stops there), or to EOS / the token limit; tokens sampled past that point are not
 part of the response and get no log-prob or loss.
 """

@@ -1,4 +1,5 @@
-"""SAPO: GRPO training of the draft with the composite reward (SPEC.md section 5).
+"""SAPO: GRPO training of the draft with the composite reward; this is its step, the run around
+it is `sapo_trainer` (on the training scaffold).
 
 One training step:
 1. G rollouts per prompt from the current draft (`rollouts.sample_rollouts`);
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..generation import _image_indices, length_bucket
+from ..generation import image_indices, length_bucket
 from ..validation import SettingError, check_choice, check_flag, check_range
 from .grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from .rewards import composite_reward, draft_reward, length_reward, outcome_reward
@@ -105,7 +106,7 @@ def policy_batch(model_cfg, rollouts: Sequence[Rollout], images: Sequence[dict],
     in_response = np.zeros_like(valid)
     in_response[:, 1:] = response > 0
     index_ids[in_response & (ids == model_cfg.image_token_id)] = pad_id
-    positions, _, gather, vision = _image_indices(model_cfg, index_ids, valid, pix, grids)
+    positions, _, gather, vision = image_indices(model_cfg, index_ids, valid, pix, grids)
     if num_patches:
         if pix is None:  # this host has no image but others do: an all-padding vision batch
             pix, grids = np.zeros((0, model_cfg.vision.patch_dim), np.float32), np.zeros((0, 3), np.int64)
@@ -326,7 +327,7 @@ def sapo_step(policy, optimizer, reference, engine, processor, prompts: Sequence
 
     prompts: `Processor.encode` outputs (input_ids, pixel_values, image_grid_thw); references:
     the reference answers (or records); engine: a `StepEngine` whose target is the frozen
-    verifier. One process and device; `rl.trainer` runs the same step data parallel."""
+    verifier. One process and device; `sapo_trainer.train` runs the same step data parallel."""
     import time
 
     got = collect(in_dtype(policy, settings.compute_dtype), engine, processor, prompts, references, settings, seed,

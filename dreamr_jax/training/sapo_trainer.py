@@ -1,4 +1,4 @@
-"""The SAPO trainer (SPEC.md section 5): GRPO training of the draft against a frozen target.
+"""The SAPO trainer: GRPO training of the draft against a frozen target, with the composite reward.
 
 Roles and meshes. The draft being trained holds float master weights replicated over the
 draft mesh (a 1-D "data" mesh over the first `draft_devices` devices of every process); its
@@ -9,16 +9,18 @@ steps of that process's own rollouts. Rollouts are sampled on each process from 
 copy of the replicated policy, so processes never exchange tokens: only the update's
 gradients (inside the jitted step) and a few host statistics cross processes.
 
-One step, on every process for its slice of the prompt batch:
+One step, on every process for its slice of the prompt batch (`training.sapo`):
 1. G rollouts per prompt (temperature / top-p), cut into steps at the delimiter;
 2. R_outcome (graders), R_draft (the target's CPN check of every step, batched), R_length,
    R = w1 R_outcome + w2 R_draft + w3 R_length, advantages within each prompt's group;
 3. old and reference log-probs, then `grpo_iterations` AdamW updates of `grpo_loss`.
 
-Checkpoints (orbax, atomic): policy, optimizer, reference, the grain iterator's position,
-the RNG key and the step; a run stopped anywhere and resumed repeats the next step's
-metrics exactly. Metrics go to `metrics.jsonl` and TensorBoard (`tensorboard/`).
-Entry point: `python train/sapo.py --config configs/sapo_synthetic.yaml [key=value ...]`.
+This module holds SAPO's config, its prompts (`PromptEncoder`, `prompt_dataset`), the global
+batch the processes build together, and that step; the run around it is the training scaffold
+(`training.scaffold`): orbax checkpoints of policy, optimizer, reference, the grain iterator's
+position, the RNG key and the step (a run stopped anywhere and resumed repeats the next step's
+metrics exactly), `metrics.jsonl` and TensorBoard (`tensorboard/`), the export.
+Command line: `dreamr train sapo --config configs/sapo_synthetic.yaml [key=value ...]`.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..checkpoint import TrainCheckpointer, trim_metrics
-from ..config import ConfigError, _build, read_yaml, resolve_input_paths
-from ..sharding import distribute, gather_whole, local_copy
-from ..speculative.config import SpeculationConfig
+from ..config import ConfigError, read_config
+from ..sharding import gather_whole, local_copy
+from ..speculative import SpeculationConfig
 from ..prompts import question_text
 from ..validation import SettingError, check_choice, check_flag, check_range, check_text
+from . import scaffold
 from .sapo import GRPOSettings, collect, in_dtype, means, policy_batch, update
 
 logger = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ class SAPOConfig:
     # rollouts and the export gather a whole copy first).
     draft_sharding: str = "replicate"
     # Resuming from output_dir's checkpoint with settings other than those it was trained with is
-    # refused (each changed key named) unless this is true (`sft.check_resume`).
+    # refused (each changed key named) unless this is true (`scaffold.check_resume`).
     allow_changed_settings: bool = False
 
     def __post_init__(self):
@@ -195,7 +197,7 @@ class SAPOConfig:
 def load_sapo_config(path: str, overrides: list[str] | None = None) -> SAPOConfig:
     """A SAPOConfig from YAML with `a.b=value` overrides; every setting checked (errors name the
     file and the key) before anything loads."""
-    return resolve_input_paths(_build(SAPOConfig, read_yaml(path, overrides), path), path, ("draft", "target"))
+    return read_config(SAPOConfig, path, overrides, ("draft", "target"))
 
 
 # ---- optimizer --------------------------------------------------------------------------------
@@ -220,14 +222,8 @@ def make_schedule(cfg: SAPOConfig):
 def make_optimizer(cfg: SAPOConfig) -> optax.GradientTransformation:
     """AdamW with global-norm clipping. optax counts updates; each training step makes
     `grpo_iterations` of them, all at that step's learning rate."""
-    per_step = make_schedule(cfg)
-    iterations = cfg.grpo_iterations
-
-    def schedule(count):
-        return per_step(count // iterations)
-
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    return scaffold.adamw(make_schedule(cfg), clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay, b1=cfg.b1,
+                          b2=cfg.b2, updates_per_step=cfg.grpo_iterations)
 
 
 # ---- devices ------------------------------------------------------------------------------------
@@ -333,16 +329,6 @@ def prompt_dataset(cfg: SAPOConfig, encoder: PromptEncoder, records: list[dict] 
 # ---- multi-process helpers ------------------------------------------------------------------------
 
 
-def _allgather(values: np.ndarray) -> np.ndarray:
-    """(process_count, ...) stack of every process's `values` (just [values] on one process).
-    Across processes the values travel as 32-bit JAX arrays."""
-    if jax.process_count() == 1:
-        return np.asarray(values)[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
-
-
 def _shift(a: np.ndarray, by: int) -> np.ndarray:
     return np.where(a >= 0, a + by, a).astype(np.int32)
 
@@ -370,13 +356,14 @@ def global_policy_batch(model_cfg, rollouts, prompts, pad_id: int) -> dict:
     patches = sum(int(np.prod(np.asarray(prompts[r.group]["image_grid_thw"]).reshape(-1, 3), -1).sum())
                   for r in rollouts if prompts[r.group].get("pixel_values") is not None)
     longest = max(len(r.prompt_ids) + len(r.response) for r in rollouts)
-    agreed = _allgather(np.array([longest, patches], np.int64)).max(0)
+    agreed = scaffold.allgather(np.array([longest, patches], np.int64)).max(0)
     width = length_bucket(int(agreed[0]))
     num_patches = patch_bucket(int(agreed[1]), model_cfg.vision.merge_unit) if agreed[1] else None
     host = policy_batch(model_cfg, rollouts, prompts, pad_id, width=width, num_patches=num_patches)
     if jax.process_count() > 1 and host["vision"] is not None:
         v = host["vision"]
-        counts = _allgather(np.array([v["segment_ids"].max() + 1, v["window_segment_ids"].max() + 1], np.int64)).max(0)
+        counts = scaffold.allgather(np.array([v["segment_ids"].max() + 1, v["window_segment_ids"].max() + 1],
+                                             np.int64)).max(0)
         host = offset_for_process(host, jax.process_index(), len(v["unit_order"]), int(counts[0]), int(counts[1]))
     return host
 
@@ -395,6 +382,8 @@ def _step_seed(key, process_index: int) -> int:
 # ---- the run ------------------------------------------------------------------------------------
 
 
+
+
 def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = True, export: bool = True,
           extra_reward: Callable | None = None) -> dict:
     """Run (or resume from output_dir's latest checkpoint) SAPO training of cfg.draft.
@@ -403,15 +392,12 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     (no export); `extra_reward(rollouts, records) -> (N,)` is added to R (logged as
     `reward_extra`). Returns {"step", "metrics" (the last row), "history", "policy", "optimizer", ...}."""
     import grain
-    from tqdm import tqdm
 
     from ..hub import resolve_checkpoint
     from ..loading import load_model
     from ..processing import load_processor
-    from .sft import check_shapes, resume_step, settings_of, shard_batch
     from ..sharding import role_mesh
-    from ..speculative.methods import StepEngine, check_same_tokenizer
-    from ..speculative.roles import Role
+    from ..speculative import Role, StepEngine, check_same_tokenizer
 
     settings = cfg.settings()
     n_proc, pid = jax.process_count(), jax.process_index()
@@ -427,22 +413,19 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     if (micro_prompts * cfg.group_size) % len(local_devices):
         raise ConfigError(f"a micro-batch of {micro_prompts} prompts x {cfg.group_size} rollouts per process must "
                           f"divide over its {len(local_devices)} draft devices")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    resume_step(cfg)  # before anything loads: a resume with other settings is refused
+    # before anything loads: a resume with other settings is refused
+    run = scaffold.Run(cfg, "sapo", tensorboard=cfg.tensorboard)
 
     image_overrides = {} if cfg.max_pixels is None else {"max_pixels": cfg.max_pixels}
     processor = load_processor(cfg.draft, **image_overrides)
     check_same_tokenizer(processor, load_processor(cfg.target, **image_overrides))
     fsdp = cfg.draft_sharding == "fsdp"
     policy = load_model(cfg.draft, dtype=cfg.param_dtype)
-    nnx.update(policy, distribute(nnx.state(policy), mesh, fsdp))
+    scaffold.place(policy, mesh, fsdp)
     # The frozen copy of the initial draft. A clone shares the policy's graph, so jitted
     # functions compiled for one serve the other.
     reference = in_dtype(nnx.clone(policy), None if cfg.dtype == cfg.param_dtype else cfg.dtype)
-    optimizer = nnx.Optimizer(policy, make_optimizer(cfg), wrt=nnx.Param)
-    # The optimizer's counters start on the default device; place them like a step's outputs
-    # (its moments, made from the placed weights, are there already).
-    nnx.update(optimizer, distribute(nnx.state(optimizer), mesh, fsdp))
+    optimizer = scaffold.optimizer_on(policy, make_optimizer(cfg), mesh, fsdp)
     target = load_model(cfg.target, dtype=cfg.dtype)
     if target.cfg.text.vocab_size != policy.cfg.text.vocab_size:
         raise ConfigError(f"draft vocabulary {policy.cfg.text.vocab_size} != target vocabulary "
@@ -453,158 +436,63 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
     dataset = prompt_dataset(cfg, encoder, load_records(cfg.data), local_batch, pid, n_proc)
     # A background thread encodes the next batches (images, tokenizer) while this one trains.
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
-
-    ckpt = TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    step, key = 0, jax.random.key(cfg.seed)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        try:
-            check_shapes(ckpt, latest, cfg.output_dir, policy=policy, optimizer=optimizer, reference=reference)
-        except ConfigError:
-            ckpt.close()
-            raise
-        meta = ckpt.restore(latest, policy=policy, optimizer=optimizer, reference=reference, data_iterator=iterator)
-        if meta.get("process_count", 1) != n_proc:
-            raise ConfigError(f"the checkpoint at step {latest} was written by {meta['process_count']} processes; "
-                              f"resume with as many (the data iterator is per process)")
-        step = int(meta["step"])
-        key = jax.random.wrap_key_data(np.asarray(meta["rng_key"], np.uint32))
-    trim_metrics(metrics_path, step if latest is not None else -1)
-
-    writer = None
-    if cfg.tensorboard and pid == 0:
-        try:
-            from tensorboardX import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=step + 1)
-        except ImportError:
-            logger.warning("tensorboardX is not installed; metrics go to metrics.jsonl only")
-
     schedule = make_schedule(cfg)
-    settings_record = settings_of(cfg)  # stored with every checkpoint, compared when a run resumes
-    history, last = [], {}
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or pid != 0, desc="sapo")
-    try:
-        with open(metrics_path, "a") as sink:
-            while step < cfg.steps:
-                prompts = next(iterator)
-                key, step_key = jax.random.split(key)
-                if fsdp:  # one whole compute-dtype copy per device, gathered from the split weights
-                    whole = gather_whole(in_dtype(policy, settings.compute_dtype), mesh)
-                    samplers = [local_copy(whole, d) for d in local_devices]
-                else:
-                    samplers = [in_dtype(local_copy(policy, d), settings.compute_dtype) for d in local_devices]
-                got = collect(samplers, engine, processor, prompts, [p["record"] for p in prompts], settings,
-                              _step_seed(step_key, pid), extra_reward)
-                whole = samplers = None  # the gathered / cast copies are not needed by the update: free them
-                rows = micro_prompts * cfg.group_size  # rollouts come prompt after prompt
-                batches = []
-                for m in range(cfg.micro_batches):
-                    part = slice(m * rows, (m + 1) * rows)
-                    host = global_policy_batch(policy.cfg, got.rollouts[part], prompts, processor.pad_token_id)
-                    host["advantages"] = got.advantages[part].astype(np.float32)
-                    batches.append(shard_batch(host, mesh))
-                t0 = time.perf_counter()
-                device_metrics = update(policy, optimizer, reference, batches, settings)
-                row = _scalars(device_metrics)  # waits for the update
-                t_update = time.perf_counter() - t0
-                step += 1
-                bar.update(1)
+    rng = {"key": jax.random.key(cfg.seed)}  # split every step; checkpointed with it
 
-                sums = got.sums(cfg.alpha)
-                names = sorted(sums)
-                local = np.array([sums[k] for k in names] + [got.rollout_seconds, got.check_seconds], np.float64)
-                gathered = _allgather(local)
-                totals = {k: float(v) for k, v in zip(names, gathered[:, : len(names)].sum(0).tolist())}
-                t_rollout, t_check = float(gathered[:, len(names)].max()), float(gathered[:, len(names) + 1].max())
-                tokens = totals["response_tokens"]
-                row = dict(step=step, **row, **means(totals), learning_rate=float(schedule(step - 1)),
-                           rollout_tokens_per_s=tokens / max(t_rollout, 1e-9),
-                           check_tokens_per_s=tokens / max(t_check, 1e-9),
-                           update_tokens_per_s=settings.grpo_iterations * tokens / max(t_update, 1e-9),
-                           rollout_seconds=float(t_rollout), check_seconds=float(t_check),
-                           update_seconds=float(t_update))
-                history.append(row)
-                last = row
-                if pid == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k != "step":
-                                writer.add_scalar(f"sapo/{k}", v, step)
-                        writer.flush()
-                bar.set_postfix(reward=f"{row['reward']:.3f}", accept=f"{row['acceptance_rate']:.2f}",
-                                kl=f"{row['kl']:.4f}")
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    ckpt.save(step, policy=policy, optimizer=optimizer, reference=reference, data_iterator=iterator,
-                              meta={"seed": cfg.seed, "process_count": n_proc, "settings": settings_record,
-                                    "rng_key": np.asarray(jax.random.key_data(key)).tolist()})
-                if stop_after is not None and step >= stop_after:
-                    return {"step": step, "metrics": last, "history": history, "policy": policy, "optimizer": optimizer}
-    finally:
-        bar.close()
-        ckpt.close()
-        if writer is not None:
-            writer.close()
+    def step(number: int) -> dict:
+        prompts = next(iterator)
+        rng["key"], step_key = jax.random.split(rng["key"])
+        if fsdp:  # one whole compute-dtype copy per device, gathered from the split weights
+            whole = gather_whole(in_dtype(policy, settings.compute_dtype), mesh)
+            samplers = [local_copy(whole, d) for d in local_devices]
+        else:
+            samplers = [in_dtype(local_copy(policy, d), settings.compute_dtype) for d in local_devices]
+        got = collect(samplers, engine, processor, prompts, [p["record"] for p in prompts], settings,
+                      _step_seed(step_key, pid), extra_reward)
+        whole = samplers = None  # the gathered / cast copies are not needed by the update: free them
+        rows = micro_prompts * cfg.group_size  # rollouts come prompt after prompt
+        batches = []
+        for m in range(cfg.micro_batches):
+            part = slice(m * rows, (m + 1) * rows)
+            host = global_policy_batch(policy.cfg, got.rollouts[part], prompts, processor.pad_token_id)
+            host["advantages"] = got.advantages[part].astype(np.float32)
+            batches.append(scaffold.shard_batch(host, mesh))
+        t0 = time.perf_counter()
+        device_metrics = update(policy, optimizer, reference, batches, settings)
+        row = _scalars(device_metrics)  # waits for the update
+        t_update = time.perf_counter() - t0
 
-    export_dir = os.path.join(cfg.output_dir, "hf")
-    whole = gather_whole(policy, mesh) if export and fsdp else policy  # every process joins the gather
-    if export and pid == 0:
-        from ..models.qwen_vl.params import save_state
-        from .sft import _copy_processor_files
+        # Every process's rollout statistics, summed (and its timings, the slowest), every step:
+        # the gather is a collective all processes take part in.
+        sums = got.sums(cfg.alpha)
+        names = sorted(sums)
+        local = np.array([sums[k] for k in names] + [got.rollout_seconds, got.check_seconds], np.float64)
+        gathered = scaffold.allgather(local)
+        totals = {k: float(v) for k, v in zip(names, gathered[:, : len(names)].sum(0).tolist())}
+        t_rollout, t_check = float(gathered[:, len(names)].max()), float(gathered[:, len(names) + 1].max())
+        tokens = totals["response_tokens"]
+        return dict(step=number, **row, **means(totals), learning_rate=float(schedule(number - 1)),
+                    rollout_tokens_per_s=tokens / max(t_rollout, 1e-9),
+                    check_tokens_per_s=tokens / max(t_check, 1e-9),
+                    update_tokens_per_s=settings.grpo_iterations * tokens / max(t_update, 1e-9),
+                    rollout_seconds=float(t_rollout), check_seconds=float(t_check),
+                    update_seconds=float(t_update))
 
+    with run:
+        meta = run.resume(iterator, policy=policy, optimizer=optimizer, reference=reference)
+        if meta:
+            rng["key"] = jax.random.wrap_key_data(np.asarray(meta["rng_key"], np.uint32))
+        end = run.loop(step, stop_after=stop_after, progress=progress,
+                       extra_meta=lambda: {"rng_key": np.asarray(jax.random.key_data(rng["key"])).tolist()},
+                       postfix=lambda row: dict(reward=f"{row['reward']:.3f}", accept=f"{row['acceptance_rate']:.2f}",
+                                                kl=f"{row['kl']:.4f}"))
+    result = {"step": end.step, "metrics": end.last, "history": end.history, "policy": policy,
+              "optimizer": optimizer}
+    if end.stopped:
+        return result
+    if export:
         source = resolve_checkpoint(cfg.draft)
         with open(os.path.join(source, "config.json")) as f:
             model_config = json.load(f)
-        save_state(local_copy(whole), export_dir, model_config, dtype=np.dtype(cfg.export_dtype))
-        _copy_processor_files(source, export_dir)
-    return {"step": step, "metrics": last, "history": history, "policy": policy, "optimizer": optimizer,
-            "export_dir": export_dir}
-
-
-# ---- command line ---------------------------------------------------------------------------------
-
-
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, cpu_collectives: str | None = None) -> bool:
-    """`jax.distributed.initialize()` when this is one process of several: explicit arguments,
-    JAX_COORDINATOR_ADDRESS (+ DREAMR_NUM_PROCESSES / DREAMR_PROCESS_ID), or DREAMR_MULTIHOST=1
-    where JAX detects the cluster itself (TPU pod slices, SLURM, ...). Returns whether it did."""
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and os.environ.get("DREAMR_NUM_PROCESSES"):
-        num_processes = int(os.environ["DREAMR_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("DREAMR_PROCESS_ID"):
-        process_id = int(os.environ["DREAMR_PROCESS_ID"])
-    if not (coordinator or num_processes or os.environ.get("DREAMR_MULTIHOST")):
-        return False
-    if cpu_collectives:  # CPU-only runs (tests): cross-process collectives over gloo
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-    return True
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="SAPO: GRPO training of a DREAM-R draft against a frozen target")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 group_size=4 data.limit=500")
-    parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs without cluster detection)")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    parser.add_argument("--cpu-collectives", choices=("gloo", "mpi"), help="CPU collectives for multi-process CPU runs")
-    parser.add_argument("--stop-after", type=int, help="stop after this global step (no export), as if killed")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
-    try:
-        cfg = load_sapo_config(args.config, args.overrides)
-        t0 = time.perf_counter()
-        out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
-    except ConfigError as e:  # a setting that does not fit: its message, not a traceback
-        raise SystemExit(f"error: {e}") from None
-    if jax.process_index() == 0:
-        print(json.dumps({"steps": out["step"], "final": out["metrics"], "seconds": round(time.perf_counter() - t0, 1),
-                          "export_dir": out.get("export_dir")}, indent=2))
+        run.export(policy, mesh, fsdp=fsdp, model_config=model_config, processor_files=source)
+    return dict(result, export_dir=run.export_dir)

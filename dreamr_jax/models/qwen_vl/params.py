@@ -23,62 +23,17 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from ...quant.formats import Int4Tensors, QuantFormat, from_awq, from_compressed, to_awq
-from ...quant.linear import Int4Weight
+from ...quant.linear import Int4Weight, int4_linears
+from ...safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from .config import QwenVLConfig
 from .model import QwenVLModel
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names every offending file, key and shape."""
-
-
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-
-
-class SafetensorsFile:
-    """Memory-mapped reader. We parse the (documented, tiny) header ourselves because
-    safetensors' numpy backend cannot return bfloat16, the dtype of every Qwen release."""
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-        header.pop("__metadata__", None)
-        self.entries = header
-        self.data_start = 8 + n
-        self._map = None
-
-    def keys(self):
-        return list(self.entries)
-
-    def shape(self, key) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def dtype_name(self, key) -> str:
-        return self.entries[key]["dtype"]
-
-    def read(self, key) -> np.ndarray:
-        e = self.entries[key]
-        if e["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{self.path}: tensor '{key}' has unsupported dtype {e['dtype']}")
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        start, end = e["data_offsets"]
-        raw = self._map[self.data_start + start : self.data_start + end]
-        return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+__all__ = ["CheckpointError", "SafetensorsFile", "canonical_key", "checkpoint_files", "checkpoint_key", "int4_plan",
+           "load_state", "save_state"]
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -339,8 +294,6 @@ def save_state(model: QwenVLModel, folder: str, config_dict: dict, *, dtype=None
 
     Files are written to temporary names and renamed, so a crash never leaves a half checkpoint.
     """
-    from safetensors.numpy import save_file
-
     cfg: QwenVLConfig = model.cfg
     v = cfg.vision
     conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
@@ -353,8 +306,6 @@ def save_state(model: QwenVLModel, folder: str, config_dict: dict, *, dtype=None
             array = array.astype(dtype)
         tensors[hf_key] = np.ascontiguousarray(_untransform(array, how, conv_shape))
     # Int4Linear layers are written in AutoAWQ gemm format (the config must say so).
-    from ...quant.linear import int4_linears
-
     group_sizes = set()
     for path, layer in int4_linears(model):
         module = checkpoint_key(_hf_key_for(tuple(path) + ("kernel",))[0])[: -len(".weight")]
@@ -367,9 +318,7 @@ def save_state(model: QwenVLModel, folder: str, config_dict: dict, *, dtype=None
             raise ValueError(f"the model holds int4 layers (group sizes {sorted(group_sizes)}): config_dict needs an AWQ "
                              "quantization_config with that one group_size (see dreamr_jax.quant.quantize.awq_config)")
     os.makedirs(folder, exist_ok=True)
-    weights = os.path.join(folder, "model.safetensors")
-    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-    os.replace(weights + ".tmp", weights)
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "pt"})
     config_path = os.path.join(folder, "config.json")
     with open(config_path + ".tmp", "w") as f:
         json.dump(config_dict, f, indent=2)

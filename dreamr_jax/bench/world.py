@@ -1,0 +1,187 @@
+"""Measurements of the embedded world's models: how well a model reads the images, solves the
+problems and judges steps, how right the target's judge is on what a draft really writes, and
+how far an int4 checkpoint's logits are from its dense original's.
+
+Each takes HF checkpoint folders (or "asset:target" / "asset:draft") and uses the world's
+settings of `configs/synthetic.yaml`.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+
+def _world_spec():
+    """The speculative settings the world's models are run with (configs/synthetic.yaml)."""
+    from ..config import load_config
+    from ..demo import DEFAULT_CONFIG
+
+    return load_config(DEFAULT_CONFIG).spec
+
+
+def reading_accuracy(model, processor, count: int = 64) -> dict:
+    """On `count` validation solutions, teacher-forced: the accuracy of every digit read from the
+    image (the token after a colour word: "read") and of the first digit after each "=" (the
+    arithmetic: "result"). Chance for a read is about 10%."""
+    import jax
+    import jax.numpy as jnp
+
+    from ..data.pipeline import DataConfig, WorldEncoder, collate
+    from ..data.synthetic import COLOUR_NAMES
+
+    enc = WorldEncoder(processor, DataConfig(judging_fraction=0.0, seq_len=128, split="val"))
+    tok = processor.tokenizer
+    examples = [enc.example(i) for i in range(count)]
+    b = collate({k: np.stack([e[k] for e in examples]) for k in examples[0]}, model.cfg)
+    tokens, deepstack = model.encode_images(jax.tree.map(jnp.asarray, b["vision"]))
+    logits = np.asarray(model.forward(jnp.asarray(b["input_ids"]), jnp.asarray(b["valid"]), jnp.asarray(b["positions"]),
+                                      tokens, deepstack, jnp.asarray(b["image_gather"])))
+    hits = {"read": [0, 0], "result": [0, 0]}
+    for j, e in enumerate(examples):
+        ids = e["input_ids"][: e["length"]]
+        for t in range(1, len(ids)):
+            if e["weights"][t] == 0:
+                continue
+            before = tok.decode(ids[t - 1:t]).strip()
+            is_digit = tok.decode(ids[t:t + 1]).strip().isdigit()
+            # a read digit follows its colour word ("red7"); a result's first digit follows "= "
+            kind = ("read" if before in COLOUR_NAMES else
+                    "result" if tok.decode(ids[max(0, t - 2):t]).strip() == "=" else None) if is_digit else None
+            if kind:
+                hits[kind][0] += int(logits[j, t - 1].argmax() == ids[t])
+                hits[kind][1] += 1
+    return {k: round(a / max(n, 1), 4) for k, (a, n) in hits.items()}
+
+
+def judging_agreement(reasoner, count: int, alpha: float) -> dict:
+    """How often the target's CPN verdict (rho >= alpha) agrees with the label of `count`
+    validation judging examples, overall and per kind of mistake, with the mean rho of correct
+    and of wrong steps."""
+    from ..data import synthetic
+
+    engine = reasoner.engine("dreamr")
+    tok = reasoner.processor.tokenizer
+    rng = np.random.default_rng(1)
+    rhos = {True: [], False: []}
+    agree = 0
+    by_mistake = {}  # mistake kind ("correct" for correct steps) -> [examples, verdicts that agree]
+    for i in range(count):
+        ex = synthetic.judging_example(synthetic.make_problem(0, "val", i), rng)
+        prompt = reasoner.processor.encode(reasoner.prompt(ex.problem.question, 1), [ex.problem.image()])
+        ctx = reasoner.target.open(prompt["input_ids"], prompt["pixel_values"], prompt["image_grid_thw"], capacity=256)
+        reasoner.target.set_tokens(ctx, [t for s in ex.context_steps for t in tok.encode(s + "\n\n")])
+        rho = float(engine.cpn_scores(ctx, [tok.encode(ex.candidate + "\n\n")])[0])
+        rhos[bool(ex.label)].append(rho)
+        agree += (rho >= alpha) == bool(ex.label)
+        tally = by_mistake.setdefault(ex.mistake or "correct", [0, 0])
+        tally[0] += 1
+        tally[1] += (rho >= alpha) == bool(ex.label)
+    return {"judge": round(agree / count, 4), "rho_correct": round(float(np.mean(rhos[True])), 4),
+            "rho_wrong": round(float(np.mean(rhos[False])), 4),
+            "judge_by_mistake": {k: round(a / n, 3) for k, (n, a) in sorted(by_mistake.items())}}
+
+
+def assess_target(folder: str, count: int) -> dict:
+    """Is a world model a competent target? Greedy target-alone accuracy on `count` validation
+    problems ("solve"), `reading_accuracy` and `judging_agreement`, measured separately."""
+    import dreamr_jax as dr
+
+    from ..data import synthetic
+    from ..data.grading import answers_match
+    from ..speculative import SpeculativeReasoner
+
+    spec = _world_spec()
+    model = dr.load_model(folder)
+    processor = dr.load_processor(folder)
+    reasoner = SpeculativeReasoner(draft=model, target=model, processor=processor, config=spec)
+    solved = sum(answers_match(reasoner.solve(p.question, p.image(), method="target").answer, p.answer)
+                 for p in synthetic.problems(0, "val", count))
+    return {"folder": folder, "solve": solved / count, **reading_accuracy(model, processor),
+            **judging_agreement(reasoner, count, spec.alpha)}
+
+
+def audit_judge(draft: str, target: str, count: int, group: int, temperature: float, split: str, seed: int = 0,
+                examples: int = 5) -> dict:
+    """The target's CPN judge on the steps a draft actually writes: `group` sampled rollouts per
+    problem (as SAPO samples them), every step scored (`rollouts.step_rhos`, SAPO's check) and
+    counted under its true verdict (`synthetic.step_verdict`) with how many the judge accepts
+    (rho >= alpha); up to `examples` wrong steps it accepted, for reading."""
+    import dreamr_jax as dr
+
+    from ..data import synthetic
+    from ..speculative import SpeculativeReasoner
+    from ..training.rollouts import sample_rollouts, step_rhos
+
+    spec = _world_spec()
+    processor = dr.load_processor(target)
+    reasoner = SpeculativeReasoner(draft=dr.load_model(draft), target=dr.load_model(target), processor=processor,
+                                   config=spec)
+    engine = reasoner.engine("dreamr")
+    delimiters = processor.tokens_containing(spec.steps.delimiter)
+    counts = collections.defaultdict(lambda: [0, 0])  # verdict -> [steps, accepted]
+    wrong_accepted = []
+    problems = list(synthetic.problems(0, split, count))
+    for i in range(0, count, 8):
+        batch = problems[i:i + 8]
+        prompts = [processor.encode(reasoner.prompt(p.question, 1), [p.image()]) for p in batch]
+        rollouts = sample_rollouts(reasoner.draft.model, processor, prompts, group, max_new_tokens=64,
+                                   delimiter_ids=delimiters, temperature=temperature, seed=seed + i)
+        for g, (problem, prompt) in enumerate(zip(batch, prompts)):
+            mine = [r for r in rollouts if r.group == g]
+            for rollout, rhos in zip(mine, step_rhos(engine, prompt, mine)):
+                texts = [processor.decode(s) for s in rollout.steps]
+                for k, rho in enumerate(rhos):
+                    verdict = synthetic.step_verdict(problem, texts[: k + 1])
+                    counts[verdict][0] += 1
+                    counts[verdict][1] += rho >= spec.alpha
+                    if verdict not in ("correct", "off_path") and rho >= spec.alpha and len(wrong_accepted) < examples:
+                        wrong_accepted.append({"problem": problem.id, "expected": problem.steps[k],
+                                               "written": texts[k].strip(), "rho": round(rho, 4)})
+    rows = {v: {"steps": n, "accepted": a, "accept_rate": round(a / n, 4)} for v, (n, a) in sorted(counts.items())}
+    on_path_wrong = [(n, a) for v, (n, a) in counts.items() if v not in ("correct", "off_path")]
+    n_wrong, a_wrong = (sum(x) for x in zip(*on_path_wrong)) if on_path_wrong else (0, 0)
+    return {"draft": draft, "target": target, "split": split, "problems": count, "group": group,
+            "temperature": temperature, "by_verdict": rows,
+            "false_accept_rate": round(a_wrong / max(n_wrong, 1), 4), "wrong_steps": n_wrong,
+            "examples_wrongly_accepted": wrong_accepted}
+
+
+def solution_logits(model, processor, problems) -> list[np.ndarray]:
+    """Per problem, float32 logits (solution tokens, vocab) of the prompt + reference solution."""
+    import jax.numpy as jnp
+
+    import dreamr_jax as dr
+
+    from ..speculative import SpeculativeReasoner
+
+    reasoner = SpeculativeReasoner(draft=model, target=model, processor=processor, config=_world_spec())
+    out = []
+    for p in problems:
+        prompt = processor.encode(reasoner.prompt(p.question, 1), [p.image()])
+        solution = processor.tokenizer.encode("".join(s + "\n\n" for s in p.steps))
+        ids = np.asarray([list(prompt["input_ids"]) + solution])
+        logits = dr.forward(model, jnp.asarray(ids), pixel_values=prompt["pixel_values"],
+                            image_grid_thw=prompt["image_grid_thw"])
+        out.append(np.asarray(logits[0, -len(solution) - 1:-1], np.float32))
+    return out
+
+
+def compare_checkpoints(dense: str, others, count: int):
+    """For each checkpoint of `others` (yielded as it is done): its logits against the `dense`
+    one's at the reference solutions of `count` validation problems, teacher-forced: mean and max
+    |difference| and how often the argmax token agrees."""
+    import dreamr_jax as dr
+
+    from ..data import synthetic
+
+    problems = list(synthetic.problems(0, "val", count))
+    processor = dr.load_processor(dense)
+    want = solution_logits(dr.load_model(dense), processor, problems)
+    for folder in others:
+        got = solution_logits(dr.load_model(folder), processor, problems)
+        diff = np.concatenate([np.abs(g - w).ravel() for g, w in zip(got, want)])
+        agree = np.mean(np.concatenate([g.argmax(-1) == w.argmax(-1) for g, w in zip(got, want)]))
+        yield {"checkpoint": folder, "mean_abs_logit_error": float(diff.mean()),
+               "max_abs_logit_error": float(diff.max()), "argmax_agreement": float(agree)}
