@@ -18,8 +18,10 @@ $(STAMP): $(PY) pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/dreamr demo
 
-# pytest exits 5 when it collects no test: that is a failure of the suite, not a pass.
+# Lint first (pyproject.toml [tool.ruff]), then the suite. pytest exits 5 when it collects no
+# test: that is a failure of the suite, not a pass.
 test: $(STAMP)
+	$(VENV)/bin/ruff check dreamr_jax tests scripts train infer
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests were collected"; fi; exit $$rc
 
 bench: $(STAMP)

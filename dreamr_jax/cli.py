@@ -153,7 +153,8 @@ def _project(args):
     print(format_table(summaries))
     print(projection.assumptions())
     if args.json:
-        write_text(args.json, json.dumps(to_json(summaries, projection, args.results), indent=2, allow_nan=False) + "\n")
+        write_text(args.json,
+                   json.dumps(to_json(summaries, projection, args.results), indent=2, allow_nan=False) + "\n")
         print(f"json: {args.json}")
     draft = f", draft {args.draft} x{args.draft_devices}" if args.draft else ""
     plot_projected_speedup(summaries, plot, title=f"projected on {projection.label}: target {args.target} "

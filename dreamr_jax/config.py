@@ -34,8 +34,8 @@ class PairConfig:
     dtype: str = "float32"
     draft_devices: int = 1
     target_devices: int = 1
-    # How a role with several devices holds its weights: "tensor" (split, `models.qwen_vl.sharding.tensor_parallel_shardings`)
-    # or "replicate" (a whole copy on each).
+    # How a role with several devices holds its weights: "tensor" (split,
+    # `models.qwen_vl.sharding.tensor_parallel_shardings`) or "replicate" (a whole copy on each).
     draft_parallelism: str = "tensor"
     target_parallelism: str = "tensor"
     spec: SpeculationConfig = SpeculationConfig()
@@ -73,9 +73,10 @@ def _bool_hint(value) -> str:
             if isinstance(value, bool) else "")
 
 
-def _check_type(hint, value, where: str, key: str):
-    """`value` as the setting of type `hint` (a nested dataclass built from its mapping); a
-    ConfigError naming `key` (the full path) when it is not of that type."""
+def _check_type(hint, value, where: str, key: str, default=None):
+    """`value` as the setting of type `hint` (a nested dataclass built from its mapping, over
+    `default`, the field's default instance, when there is one); a ConfigError naming `key` (the
+    full path) when it is not of that type."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
         else (hint,)
     if value is None and type(None) in options:
@@ -87,7 +88,7 @@ def _check_type(hint, value, where: str, key: str):
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping of its settings, got {_describe(value)}")
-        return build_config(kind, value, where, prefix=key + ".")
+        return build_config(kind, value, where, prefix=key + ".", base=default if isinstance(default, kind) else None)
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be true or false, got {_describe(value)}")
@@ -116,21 +117,35 @@ def _check_type(hint, value, where: str, key: str):
     return value
 
 
-def build_config(cls, data: dict, where: str, prefix: str = ""):
+def build_config(cls, data: dict, where: str, prefix: str = "", base=None):
     """cls(**data) with every value checked against its field's type (`_check_type`) and nested
     mappings built as the dataclasses their fields name; errors name `where` (the file) and the
-    key's full path (`prefix` + key)."""
+    key's full path (`prefix` + key).
+
+    A nested mapping changes its field's default key by key: the keys it leaves out keep the
+    values of the parent's default instance (`base`), so a trainer whose default engine settings
+    differ from the engine's own keeps them under a partial `spec:` section. A key the class
+    lists in `MOVED_KEYS` ({old key: where the setting lives now}) is refused with its new place."""
     if not isinstance(data, dict):
         what = f"{prefix[:-1]} must be" if prefix else "the file must hold"
         raise ConfigError(f"{where}: {what} a mapping of settings, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    moved = {k: v for k, v in getattr(cls, "MOVED_KEYS", {}).items() if k in data}
+    if moved:
+        raise ConfigError(f"{where}: " + "; ".join(f"{prefix}{k} is no longer a setting here: it is {prefix}{v}"
+                                                   for k, v in moved.items()))
     unknown = [k for k in data if k not in fields]
     if unknown:
         names = ", ".join(f"{prefix}{k}" for k in unknown)
         known = f"known keys{' of ' + prefix[:-1] if prefix else ''}: {', '.join(sorted(fields))}"
         raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {names} ({known})")
     hints = typing.get_type_hints(cls)
-    kwargs = {key: _check_type(hints[key], value, where, prefix + key) for key, value in data.items()}
+    defaults = ({name: getattr(base, name) for name in fields} if base is not None else
+                {name: f.default for name, f in fields.items() if f.default is not dataclasses.MISSING})
+    kwargs = {key: _check_type(hints[key], value, where, prefix + key, defaults.get(key))
+              for key, value in data.items()}
+    if base is not None:
+        kwargs = {**{name: getattr(base, name) for name in fields}, **kwargs}
     missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -157,7 +157,8 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
     problems), projected speedup from the timeline replay."""
     rows = []
     by_method = {m: [r for r in results if r["method"] == m] for m in methods}
-    ok_ids = set.intersection(*[{r["id"] for r in rs if r["status"] == "ok"} for rs in by_method.values()]) if by_method else set()
+    ok_ids = (set.intersection(*[{r["id"] for r in rs if r["status"] == "ok"} for rs in by_method.values()])
+              if by_method else set())
 
     def mean_of(method, key, stat=np.mean):
         vals = [r["trace"][key] if key in r["trace"] else r["trace"]["extra"][key]
@@ -178,7 +179,8 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
     for m, rs in by_method.items():
         ok = [r for r in rs if r["status"] == "ok"]
         graded = [r for r in ok if r.get("reference") is not None]
-        accuracy = float(np.mean([answers_match(r["trace"]["answer"], r["reference"]) for r in graded])) if graded else float("nan")
+        accuracy = (float(np.mean([answers_match(r["trace"]["answer"], r["reference"]) for r in graded]))
+                    if graded else float("nan"))
         checked = sum(r["trace"]["drafted_checked"] for r in ok)
         accepted = sum(r["trace"]["drafted_accepted"] for r in ok)
         latency = mean_of(m, "wall_time")
@@ -322,7 +324,8 @@ def plot_timeline(trace: dict, path: str) -> None:
     steps = trace["steps"]
     n_draft = sum(s["author"] == "draft" for s in steps)
     ax.set_title(f"FPSR timeline: {len(steps)} steps ({n_draft} drafted and accepted), "
-                 f"{1000 * trace['wall_time']:.1f} ms, projected {1000 * trace['extra'].get('projected_time', float('nan')):.1f} ms",
+                 f"{1000 * trace['wall_time']:.1f} ms, "
+                 f"projected {1000 * trace['extra'].get('projected_time', float('nan')):.1f} ms",
                  fontsize=10)
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

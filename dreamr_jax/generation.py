@@ -66,7 +66,8 @@ def image_indices(cfg, ids: np.ndarray, valid: np.ndarray, pixel_values, image_g
     """3-D positions, rope deltas, the image-feature gather index and the bucketed vision
     inputs for a padded batch (`valid` marks real tokens)."""
     is_image = (ids == cfg.image_token_id) & valid
-    grids = None if image_grid_thw is None or len(image_grid_thw) == 0 else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    grids = (None if image_grid_thw is None or len(image_grid_thw) == 0
+             else np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
     n_image_tokens = int(is_image.sum())
     n_expected = int(image_token_counts(grids, cfg.vision.spatial_merge_size).sum()) if grids is not None else 0
     if n_image_tokens != n_expected:
@@ -233,7 +234,8 @@ def _extend_verify(structure, leaves, cache, input_ids, num_new, prev_logits, n_
     return n_acc, token, cache
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "params", "out_len", "feed_first", "attend_len", "keep_logits"),
+@functools.partial(jax.jit,
+                   static_argnames=("structure", "params", "out_len", "feed_first", "attend_len", "keep_logits"),
                    donate_argnames=("cache",))
 def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, first_tokens, max_steps, max_step_len,
             in_step0, answered0,
@@ -249,8 +251,8 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     (the first step already holds `in_step0[b]` tokens when a call continues a cut step, and
     `answered0[b]` says whether those tokens hold an answer marker).
     The last iteration's forward is skipped once no row runs (its logits would never be read).
-    The cache ends holding every fed token: all generated tokens but each row's last (sampled, never fed), so a continuation starts by
-    feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
+    The cache ends holding every fed token: all generated tokens but each row's last (sampled, never fed),
+    so a continuation starts by feeding that last token. With `feed_first`, `first_tokens` (B,) are fed before the loop
     (in the same program) and their logits start it: continuing from a pending token costs
     no separate dispatch. `attend_len` must cover every slot the loop writes. With `keep_logits`
     the last output is (B, out_len, V): the logits each token was sampled from (a speculative
@@ -449,7 +451,8 @@ class Generator:
 
 def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (),
-             seed: int = 0, chat: bool = True, system: str | None = None, return_cache: bool = False) -> GenerationResult:
+             seed: int = 0, chat: bool = True, system: str | None = None,
+             return_cache: bool = False) -> GenerationResult:
     """Generate for a batch of prompts.
 
     prompts: a string or a list; with `chat=True` each is a user message (its images placed
@@ -475,7 +478,8 @@ def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tok
         if enc["pixel_values"] is not None:
             pix.append(enc["pixel_values"])
             grids.append(enc["image_grid_thw"])
-    return generate_from_ids(model, rows, np.concatenate(pix) if pix else None, np.concatenate(grids) if grids else None,
+    return generate_from_ids(model, rows, np.concatenate(pix) if pix else None,
+                             np.concatenate(grids) if grids else None,
                              processor=processor, max_new_tokens=max_new_tokens,
                              params=SamplingParams(temperature, top_k, top_p), stop=stop, seed=seed,
                              return_cache=return_cache)

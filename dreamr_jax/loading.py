@@ -56,7 +56,8 @@ def weight_files(path: str) -> list[str]:
     if not files:
         others = [f for f in names if f.endswith(".safetensors")]
         raise CheckpointError(f"{path}: no model*.safetensors weights (and no model.safetensors.index.json)"
-                              + (f"; the folder holds only {others}, which are not a model's weights" if others else ""))
+                              + (f"; the folder holds only {others}, which are not a model's weights"
+                                 if others else ""))
     return [os.path.join(path, f) for f in files]
 
 
@@ -121,7 +122,8 @@ def load_model(path_or_hub_id, dtype="auto", *, sharding_for=None, int4_method: 
     stored = check_weight_files(files, quant)
     dtype = as_dtype(auto_dtype(stored) if dtype is None or (isinstance(dtype, str) and dtype == "auto") else dtype)
     plan = int4_plan(files, quant) if quant is not None else None
-    abstract = nnx.eval_shape(lambda: QwenVLModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), int4=plan, int4_method=int4_method))
+    abstract = nnx.eval_shape(lambda: QwenVLModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), int4=plan,
+                                                  int4_method=int4_method))
     model = load_state(abstract, files, dtype=dtype, sharding_for=sharding_for, quant=quant)
     model.checkpoint_path = path
     return model

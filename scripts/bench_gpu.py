@@ -44,7 +44,7 @@ import argparse
 import json
 import sys
 
-from dreamr_jax.bench.gpu import SHAPES, WORKERS, projection, run  # noqa: F401 - projection: tests import it here
+from dreamr_jax.bench.gpu import SHAPES, WORKERS, run
 from dreamr_jax.bench.runner import RESULT, resolve
 
 

@@ -104,7 +104,8 @@ def main() -> None:
 
     def sft(stage: str, overrides: list[str]):
         cfg = load_sft_config(os.path.join(ROOT, "configs", f"sft_synthetic_{stage}.yaml"),
-                              [f"output_dir={os.path.join(args.work, stage)}", f"tokenizer={tokenizer_dir}"] + overrides)
+                              [f"output_dir={os.path.join(args.work, stage)}", f"tokenizer={tokenizer_dir}"]
+                              + overrides)
         t = time.perf_counter()
         if not args.skip_training:
             train(cfg)
@@ -113,7 +114,8 @@ def main() -> None:
             return cfg, json.loads(f.readlines()[-1])
 
     for role, steps in (("target", args.target_steps), ("draft", args.draft_steps)):
-        extra = ([f"steps={steps}"] if steps else []) + (args.target_override if role == "target" else args.draft_override)
+        extra = (([f"steps={steps}"] if steps else [])
+                 + (args.target_override if role == "target" else args.draft_override))
         cfg, final = sft(role, extra)
         base_steps, base_final = final["step"], final  # step below cfg.steps where a time limit ended the run
         if role == "target":
@@ -125,7 +127,8 @@ def main() -> None:
             stages = []
             for k, overrides in enumerate(CUE_STAGES):
                 cfg, final = sft("target_cue", [f"init={os.path.join(cfg.output_dir, 'hf')}",
-                                                f"output_dir={os.path.join(args.work, f'target_cue{k + 1}')}"] + overrides)
+                                                f"output_dir={os.path.join(args.work, f'target_cue{k + 1}')}"]
+                                               + overrides)
                 stages.append({"overrides": overrides, "steps": final["step"], "final_metrics": final})
             info["target_cue_finetune"] = {"batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
                                            "stages": stages}

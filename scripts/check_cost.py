@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from dreamr_jax.bench.report import write_json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,9 +40,7 @@ def main() -> None:
 
     result = check_cost(args.config, args.problem, args.repeats)
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result, indent=2)
 
 
 if __name__ == "__main__":

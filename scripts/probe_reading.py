@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from dreamr_jax.bench.report import write_json
 import tempfile
 import time
 
@@ -34,12 +36,11 @@ def main() -> None:
         run = train(cfg, progress=False, export=False)
         seconds = time.perf_counter() - t0
     acc = reading_accuracy(run["model"], dr.load_processor(tokenizer_path=cfg.tokenizer))
-    result = {"config": args.config, "steps": args.steps, "seconds": round(seconds, 1), "digit_read_accuracy": acc["read"],
+    result = {"config": args.config, "steps": args.steps, "seconds": round(seconds, 1),
+              "digit_read_accuracy": acc["read"],
               "first_result_digit_accuracy": acc["result"], "final_loss": run["metrics"].get("loss")}
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def test_shipped_target_matches_transformers(world_pair):
     enc = proc([proc.user_prompt(f"{prompts.WORLD_INSTRUCTION}\n\n{p.question}", 1) + p.steps[0]], [[p.image()]])
     ours = np.asarray(dr.forward(target, enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
                                  enc["image_grid_thw"]))
-    ref = transformers.Qwen3VLForConditionalGeneration.from_pretrained(assets.path("target"), dtype=torch.float32).eval()
+    ref = transformers.Qwen3VLForConditionalGeneration.from_pretrained(assets.path("target"),
+                                                                       dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]),
                      pixel_values=torch.tensor(enc["pixel_values"]),

@@ -286,7 +286,7 @@ def test_model_spec_of_the_shipped_asset():
 def test_config_parsing_matches_the_loader(family):
     """The cost model reads config.json itself (no jax, no transformers); its dims must be the ones
     the loader's QwenVLConfig.from_hf (through transformers) gets, nested or flat."""
-    from conftest import tiny_config_dict
+    from helpers.models import tiny_config_dict
     from dreamr_jax.models.qwen_vl.config import QwenVLConfig
 
     d = tiny_config_dict(family.replace("_flat", ""))
@@ -309,7 +309,7 @@ def test_config_parsing_matches_the_loader(family):
 
 
 def test_int4_checkpoint_configs(tmp_path):
-    from conftest import tiny_config_dict
+    from helpers.models import tiny_config_dict
 
     awq = {**tiny_config_dict("qwen3_vl"), "quantization_config": {"quant_method": "awq", "bits": 4,
                                                                     "group_size": 64, "version": "gemm"}}

@@ -12,7 +12,7 @@ import dreamr_jax as dr
 from dreamr_jax.generation import Generator, generate_from_ids, prepare_batch, prompt_bucket
 from dreamr_jax.sampling import SamplingParams
 
-from conftest import IMAGE_TOKEN, image_prompt, random_image_inputs
+from helpers.models import IMAGE_TOKEN, image_prompt, random_image_inputs
 
 GRIDS = [[(1, 4, 6)], [(1, 8, 4)]]
 

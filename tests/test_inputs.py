@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import dreamr_jax as dr
-from conftest import TINY_WORLD_ARCH
+from helpers.training import TINY_WORLD_ARCH
 from dreamr_jax import assets
 from dreamr_jax.loading import load_model
 from dreamr_jax.models.qwen_vl.params import CheckpointError
@@ -76,7 +76,8 @@ def test_integer_tensor_where_floats_belong_is_named(tiny_checkpoints, tmp_path)
 
 def test_adapter_file_beside_the_weights_is_not_read(tiny_checkpoints, tmp_path):
     folder = copy_checkpoint(tiny_checkpoints, tmp_path / "ckpt")
-    lora = {"base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 64), np.float32)}
+    lora = {"base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight":
+            np.zeros((8, 64), np.float32)}
     save_file(lora, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": 8}, f)

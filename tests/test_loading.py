@@ -15,12 +15,12 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import image_prompt, random_image_inputs, tiny_config_dict
 from dreamr_jax.hub import NotACheckpointError
 from dreamr_jax.loading import load_model
 from dreamr_jax.models.qwen_vl.config import UnsupportedModelError
 from dreamr_jax.models.qwen_vl.params import CheckpointError
-from vl_helpers import jax_logits, torch_logits
+
+from helpers.models import image_prompt, jax_logits, random_image_inputs, tiny_config_dict, torch_logits
 
 LOGITS_TOL = 1e-4  # dreamr_jax vs transformers, float32
 BF16_LOGITS_TOL = 1e-5  # bf16 checkpoint loaded as float32 vs transformers on the same bf16-rounded weights
@@ -128,7 +128,8 @@ def test_key_layouts(tiny_checkpoints, tmp_path, family, layout):
     folder, tm = tiny_checkpoints[family]
     moved = rewrite_checkpoint(folder, str(tmp_path / layout), lambda t: to_layout(t, layout))
     keys = load_file(os.path.join(moved, "model.safetensors")).keys()
-    text_prefix, vision_prefix = ("model.", "visual.") if layout == "old" else ("model.language_model.", "model.visual.")
+    text_prefix, vision_prefix = (("model.", "visual.") if layout == "old"
+                                  else ("model.language_model.", "model.visual."))
     assert any(k.startswith(text_prefix + "layers.") for k in keys)
     assert any(k.startswith(vision_prefix + "blocks.") for k in keys)
     assert "lm_head.weight" in keys

@@ -17,7 +17,7 @@ from dreamr_jax.training.sft import SFTConfig, load_sft_config, train
 from dreamr_jax.speculative.config import REJECT_ALL, SpeculationConfig
 from dreamr_jax.speculative.steps import StepConfig
 
-from conftest import TINY_WORLD_ARCH, tiny_sft_config
+from helpers.training import TINY_WORLD_ARCH, tiny_sft_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PAIR = os.path.join(ROOT, "configs", "synthetic.yaml")
@@ -112,15 +112,37 @@ def test_sft_command_line_reports_a_bad_setting_without_a_traceback(capsys):
         assert err.startswith("dreamr: error: ") and "steps" in err and "Traceback" not in err
 
 
-def test_sapo_checks_its_own_sampling_settings_and_its_spec():
-    """SAPOConfig carries alpha / temperature / top_p itself and in `spec`: both are checked."""
-    for overrides, key in ((["alpha=1.5"], "alpha"), (["spec.alpha=1.5"], "spec.alpha"), (["top_p=2"], "top_p"),
-                           (["spec.top_p=2"], "spec.top_p"), (["temperature=-1"], "temperature"),
+def test_sapo_checks_its_settings_and_its_spec():
+    """SAPO's check threshold and sampling live in `spec` only, and are checked there."""
+    for overrides, key in ((["spec.alpha=1.5"], "spec.alpha"), (["spec.top_p=2"], "spec.top_p"),
+                           (["spec.draft_temperature=-1"], "spec.draft_temperature"),
                            (["spec.target_temperature=-1"], "spec.target_temperature"),
                            (["reward_weights=[1, 1]"], "reward_weights"), (["epsilon=0"], "epsilon"),
                            (["steps=abc"], "steps"), (["allow_changed_settings=maybe"], "allow_changed_settings")):
         with pytest.raises(ConfigError, match=f": {key} "):
             load_sapo_config(SAPO, overrides)
+
+
+def test_sapo_settings_have_one_place(tmp_path):
+    """A SAPO config that still sets the old top-level copies of the check threshold or the
+    draft's sampling is refused, each key named with the place it lives now; a partial `spec:`
+    keeps SAPO's sampled default; greedy rollouts are refused (GRPO needs different rollouts)."""
+    for key, place in (("alpha", "spec.alpha"), ("temperature", "spec.draft_temperature"), ("top_p", "spec.top_p")):
+        with pytest.raises(ConfigError, match=f"{key} is no longer a setting here: it is {place} "):
+            load_sapo_config(SAPO, [f"{key}=0.5"])
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"output_dir: out\ndraft: asset:draft\ntarget: asset:target\n{key}: 0.5\n")
+        with pytest.raises(ConfigError, match=f"{path}: {key} is no longer a setting here: it is {place}"):
+            load_sapo_config(str(path))
+    path = tmp_path / "partial.yaml"
+    path.write_text("output_dir: out\ndraft: asset:draft\ntarget: asset:target\nspec: {alpha: 0.5}\n")
+    cfg = load_sapo_config(str(path))
+    assert (cfg.spec.alpha, cfg.spec.draft_temperature, cfg.settings().alpha, cfg.settings().temperature) == \
+        (0.5, 1.0, 0.5, 1.0)
+    with pytest.raises(ConfigError, match="spec.draft_temperature must be > 0 for SAPO"):
+        load_sapo_config(str(path), ["spec.draft_temperature=0"])
+    # the engine's own config keeps its greedy default when built on its own
+    assert load_config(PAIR).spec.draft_temperature == 0.0
 
 
 def test_python_api_checks_the_same_ranges():
@@ -131,7 +153,7 @@ def test_python_api_checks_the_same_ranges():
     with pytest.raises(ValueError, match="steps must be >= 1"):
         SFTConfig(output_dir="x", tokenizer="x", steps=-3)
     with pytest.raises(ValueError, match="alpha"):
-        SAPOConfig(output_dir="x", draft="x", target="x", alpha=-0.1)
+        SAPOConfig(output_dir="x", draft="x", target="x", spec=SpeculationConfig(alpha=-0.1))
     # the documented way to reject every drafted step (tests of target equivalence)
     assert SpeculationConfig(alpha=REJECT_ALL).alpha == math.inf
     assert load_config(PAIR, ["spec.alpha=.inf"]).spec.alpha == math.inf
@@ -145,7 +167,7 @@ def test_python_api_checks_the_same_ranges():
 def test_changed_settings_are_listed_by_key():
     base = SAPOConfig(output_dir="a", draft="d", target="t")
     other = SAPOConfig(output_dir="b", draft="d", target="t", batch_size=8, steps=5,
-                       spec=SpeculationConfig(alpha=0.5, steps=StepConfig(token_budget=99)))
+                       spec=SpeculationConfig(alpha=0.5, draft_temperature=1.0, steps=StepConfig(token_budget=99)))
     changes = changed_settings(settings_of(base), settings_of(other))
     # output_dir and steps may change on resume; the rest is named with old and new values
     assert changes == ["batch_size: 64 -> 8", "spec.alpha: 0.7 -> 0.5", "spec.steps.token_budget: 2048 -> 99"]

@@ -58,7 +58,7 @@ TP_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     sys.path.insert(0, sys.argv[1])
-    from conftest import image_prompt, random_image_inputs
+    from helpers.models import image_prompt, random_image_inputs
     from dreamr_jax.generation import _extend
     from dreamr_jax.loading import load_model
     from dreamr_jax.speculative.roles import Role
@@ -97,7 +97,8 @@ TP_SCRIPT = textwrap.dedent("""
                 again = jax.tree_util.tree_leaves(role.generator.state["layers"])
                 assert sum(x.addressable_shards[0].data.nbytes for x in again) == sum(
                     x.addressable_shards[0].data.nbytes for x in layer), name
-            results[n] = dict(first=first, after=after, tokens=np.asarray(tokens)[0, : int(np.asarray(n_gen)[0])].tolist(),
+            results[n] = dict(first=first, after=after,
+                              tokens=np.asarray(tokens)[0, : int(np.asarray(n_gen)[0])].tolist(),
                               share=share, devices=sorted({str(d) for x in leaves for d in x.devices()}),
                               cache_spec=list(ctx.cache.keys[0].sharding.spec) if n > 1 else None,
                               collectives=collectives(role, ctx.cache) if n > 1 else None)
@@ -127,7 +128,8 @@ def test_tensor_parallel_roles_match_one_device(tiny_checkpoints, tmp_path):
     res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
     for name, by_n in res.items():
         print(f"\n{name}: " + "; ".join(f"{n} devices: logits err {r['first_err']:.1e} / {r['after_err']:.1e} "
-                                         f"(max |logit| {r['scale']:.1f}), per device {r['share']['layers']:.2f} of the "
+                                         f"(max |logit| {r['scale']:.1f}), per device "
+                                         f"{r['share']['layers']:.2f} of the "
                                          f"decoder layers, {r['share']['model']:.2f} of all weights, "
                                          f"collectives per token {r['collectives']}"
                                          for n, r in by_n.items()))
@@ -157,10 +159,11 @@ def test_parallelism_config_errors():
     from dreamr_jax.config import ConfigError, load_config
     from dreamr_jax.training.sapo_trainer import SAPOConfig
 
-    with pytest.raises(ConfigError, match="synthetic.yaml: target_parallelism must be tensor or replicate, got 'pipeline'"):
+    with pytest.raises(ConfigError,
+                       match="synthetic.yaml: target_parallelism must be tensor or replicate, got 'pipeline'"):
         load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), ["target_parallelism=pipeline"])
-    assert load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), ["draft_parallelism=replicate"]).draft_parallelism \
-        == "replicate"
+    assert load_config(os.path.join(ROOT, "configs", "synthetic.yaml"),
+                       ["draft_parallelism=replicate"]).draft_parallelism == "replicate"
     with pytest.raises(ValueError, match="target_parallelism must be tensor or replicate"):
         SAPOConfig(output_dir="x", draft="x", target="x", target_parallelism="fsdp")
 

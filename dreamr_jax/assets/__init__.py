@@ -24,7 +24,8 @@ def path(name: str = "target") -> str:
 
 def qwen3_vl_config(*, hidden_size: int, num_hidden_layers: int, intermediate_size: int, num_attention_heads: int,
                     num_key_value_heads: int, vision_hidden_size: int, vision_depth: int, token_ids: dict,
-                    head_dim: int | None = None, deepstack_visual_indexes=(0,), tie_word_embeddings: bool = True) -> dict:
+                    head_dim: int | None = None, deepstack_visual_indexes=(0,),
+                    tie_word_embeddings: bool = True) -> dict:
     """A Qwen3-VL config.json (transformers' layout) for the embedded world's models.
 
     Images are 64x64 (4x4 patches of 16, 2x2 merged tokens), so the vision position table

@@ -498,7 +498,8 @@ def run(a) -> int:
             f"(valid KV only {fl['floor_ms_valid_kv']:.2f}; at read bandwidth {fl['floor_ms_read_bw']:.2f}; "
             f"compute {fl['flops_per_step'] / 1e9:.2f} GFLOP at {peak['gflops']:.0f} GFLOP/s = "
             f"{fl['compute_floor_ms']:.2f} ms)")
-        log(f"dreamr-jax step/floor {r['step_over_floor']:.2f} (vs read-bandwidth floor {r['step_over_floor_read_bw']:.2f})"
+        log(f"dreamr-jax step/floor {r['step_over_floor']:.2f} "
+            f"(vs read-bandwidth floor {r['step_over_floor_read_bw']:.2f})"
             + (f"; transformers step/floor {r['torch']['ms_per_step'] / fl['floor_ms']:.2f}" if "torch" in r else ""))
         results.append(r)
 
@@ -516,7 +517,8 @@ def run(a) -> int:
     bw_start, peak_start = bw, peak
     bw = {k: max(v, bw_end[k]) if isinstance(v, float) else v for k, v in bw_start.items()}
     peak = {k: max(v, peak_end[k]) if isinstance(v, float) else v for k, v in peak_start.items()}
-    log(f"\n## bandwidth / peak again at the end: copy {bw_end['copy_gbs']:.1f} GB/s, read {bw_end['read_gbs']:.1f} GB/s, "
+    log(f"\n## bandwidth / peak again at the end: copy {bw_end['copy_gbs']:.1f} GB/s, "
+        f"read {bw_end['read_gbs']:.1f} GB/s, "
         f"matmul {peak_end['gflops']:.0f} GFLOP/s (other processes {_pct(other)}); the summary's floors use the "
         f"best of start and end: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s, "
         f"matmul {peak['gflops']:.0f} GFLOP/s")
@@ -609,9 +611,10 @@ def _summary(results, jit_cache) -> dict:
         if "torch" in r:
             rows_out.append(("transformers", r["torch"], "-"))
         for name, x, comp in rows_out:
-            log(fmt_row([name, r["batch"], f"{x['ms_per_step']:.2f}", f"{x['decode_tok_s']:.1f}", f"{x['e2e_tok_s']:.1f}",
-                         f"{x['prefill_s'] * 1e3:.1f}", f"{fl['floor_ms']:.2f}", f"{x['ms_per_step'] / fl['floor_ms']:.2f}",
-                         f"{fl['floor_ms_read_bw']:.2f}", f"{x['ms_per_step'] / fl['floor_ms_read_bw']:.2f}", comp], widths))
+            log(fmt_row([name, r["batch"], f"{x['ms_per_step']:.2f}", f"{x['decode_tok_s']:.1f}",
+                         f"{x['e2e_tok_s']:.1f}", f"{x['prefill_s'] * 1e3:.1f}", f"{fl['floor_ms']:.2f}",
+                         f"{x['ms_per_step'] / fl['floor_ms']:.2f}", f"{fl['floor_ms_read_bw']:.2f}",
+                         f"{x['ms_per_step'] / fl['floor_ms_read_bw']:.2f}", comp], widths))
     log("floor ms = (weights + whole allocated KV cache) / copy bandwidth (the goal's floor); read floor = the same "
         "bytes / read bandwidth")
     for r in results:

@@ -26,7 +26,8 @@ from .timing import best_of, time_calls
 SHAPES = {
     "2b": dict(hidden=2048, intermediate=6144, layers=28, heads=16, kv_heads=8, head_dim=128, vocab=151936, tie=True),
     "8b": dict(hidden=4096, intermediate=12288, layers=36, heads=32, kv_heads=8, head_dim=128, vocab=151936, tie=False),
-    "32b": dict(hidden=5120, intermediate=25600, layers=64, heads=64, kv_heads=8, head_dim=128, vocab=151936, tie=False),
+    "32b": dict(hidden=5120, intermediate=25600, layers=64, heads=64, kv_heads=8, head_dim=128, vocab=151936,
+                tie=False),
     "cpu": dict(hidden=1024, intermediate=3072, layers=8, heads=16, kv_heads=8, head_dim=64, vocab=32000, tie=False),
     "tiny": dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, head_dim=16, vocab=512, tie=False),
     "tiny-draft": dict(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, head_dim=16, vocab=512, tie=True),
@@ -189,7 +190,8 @@ def _jax_point(shape_name, kind, layers, steps, prompt_len, repeats, group_size,
             logits, cache = gen.prefill(batch, cache_len)
             jax.block_until_ready(logits)
             t1 = time.perf_counter()
-            tokens, _, n_gen, cache, last = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=out_len)
+            tokens, _, n_gen, cache, last = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(),
+                                                       out_len=out_len)
             jax.block_until_ready((tokens, cache, last))
             t2 = time.perf_counter()
             assert int(np.asarray(n_gen)[0]) == steps
@@ -430,7 +432,8 @@ def run(a) -> int:
                 e["over_floor"] = ms / e["floor_ms"]
                 e["tok_s"] = 1e3 / ms
                 if pts and all("check" in p for p in pts):
-                    e["check_ms"] = extrapolate([dict(layers=p["layers"], ms=p["check"]["ms"]) for p in pts], full, "ms")
+                    e["check_ms"] = extrapolate([dict(layers=p["layers"], ms=p["check"]["ms"]) for p in pts],
+                                                full, "ms")
                 log(f"dreamr-jax {label:14s} {ms:8.2f} ms/step = {1e3 / ms:7.1f} tok/s; floor {e['floor_ms']:.2f} ms "
                     f"({e['bytes_per_step'] / 1e9:.2f} GB / {bw_gbs:.0f} GB/s), step/floor {e['over_floor']:.2f}; "
                     f"compile {pts[0]['compile_s']:.1f} s, build {pts[0]['build_s']:.1f} s"

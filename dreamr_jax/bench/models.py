@@ -18,7 +18,7 @@ BENCH_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, 
 
 # Keys `qwen3_vl_config` writes (a shipped config.json's full layout) that these configs leave
 # out: transformers fills each in with the same value (no Qwen3-VL text config reads a bos id),
-# and the tests' configs have always been written without them.
+# and the tests' speculative pairs are built from these configs too.
 _LEFT_OUT = {None: ("architectures",), "text_config": ("model_type", "bos_token_id", "hidden_act", "attention_bias"),
              "vision_config": ("model_type", "in_channels")}
 

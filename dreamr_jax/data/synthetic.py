@@ -118,7 +118,8 @@ def _grid(rng):
     digits = rng.integers(0, 10, size=(GRID, GRID))
     order = rng.permutation(len(COLOUR_NAMES))[: GRID * GRID]  # every cell its own colour
     names = [[COLOUR_NAMES[order[r * GRID + c]] for c in range(GRID)] for r in range(GRID)]
-    jitter = [(int(rng.integers(0, 3)), int(rng.integers(-2, 3)), int(rng.integers(-20, 21))) for _ in range(GRID * GRID)]
+    jitter = [(int(rng.integers(0, 3)), int(rng.integers(-2, 3)), int(rng.integers(-20, 21)))
+              for _ in range(GRID * GRID)]
     return digits, names, jitter
 
 
@@ -152,15 +153,18 @@ def make_problem(seed: int, split: str, index: int) -> WorldProblem:
     elif kind == "three_sum":
         question = f"What is the {a} digit plus the {b} digit plus the {c} digit?"
         answer = x + y + z
-        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} + {y} = {x + y}.", f"{x + y} + {z} = {answer}."]
+        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} + {y} = {x + y}.",
+                 f"{x + y} + {z} = {answer}."]
     elif kind == "product_minus":
         question = f"What is the {a} digit times the {b} digit minus the {c} digit?"
         answer = x * y - z
-        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} * {y} = {x * y}.", f"{x * y} - {z} = {answer}."]
+        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} * {y} = {x * y}.",
+                 f"{x * y} - {z} = {answer}."]
     else:  # sum_times
         question = f"What is the sum of the {a} and {b} digits times the {c} digit?"
         answer = (x + y) * z
-        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} + {y} = {x + y}.", f"{x + y} * {z} = {answer}."]
+        steps = [read_step(a, x), read_step(b, y), read_step(c, z), f"{x} + {y} = {x + y}.",
+                 f"{x + y} * {z} = {answer}."]
     steps.append(f"The answer is \\boxed{{{answer}}}.")
     return WorldProblem(
         id=f"synthetic-{split}-{index}", digits=tuple(tuple(int(v) for v in row) for row in digits),

@@ -32,7 +32,8 @@ def training_corpus(seed: int = 0, count: int = 4000):
 
     rng = np.random.default_rng(seed)
     fixed = [WORLD_INSTRUCTION, WORLD_JUDGE_INSTRUCTION, WORLD_SPECREASON_PROMPT, WORLD_SPECREASON_PREFIX,
-             paper.REASONING_INSTRUCTION, paper.JUDGE_INSTRUCTION, paper.SPECREASON_PROMPT, paper.SPECREASON_PREFIX, paper.LOOKAHEAD_PROMPT,
+             paper.REASONING_INSTRUCTION, paper.JUDGE_INSTRUCTION, paper.SPECREASON_PROMPT, paper.SPECREASON_PREFIX,
+             paper.LOOKAHEAD_PROMPT,
              "positive", " positive", "negative", " negative", "user\n", "assistant\n", "system\n",
              "You are a helpful assistant."]
     for i in range(count):

@@ -107,7 +107,8 @@ class _Recorder:
         self.abs_sum[name] = self.abs_sum.get(name, 0.0) + np.abs(x).sum(0)
         self.count[name] = self.count.get(name, 0) + len(x)
         rows = np.concatenate([self.rows[name], x]) if name in self.rows else x
-        keys = np.concatenate([self.keys[name], self.rng.random(len(x))]) if name in self.keys else self.rng.random(len(x))
+        keys = (np.concatenate([self.keys[name], self.rng.random(len(x))]) if name in self.keys
+                else self.rng.random(len(x)))
         keep = np.argsort(keys, kind="stable")[: self.max_rows]
         self.rows[name], self.keys[name] = rows[keep], keys[keep]
 

@@ -74,7 +74,8 @@ def parse_quantization_config(qc, *, source: str = "config.json") -> QuantFormat
     if method == "compressed-tensors":
         return _parse_compressed_tensors(qc, source)
     raise UnsupportedQuantizationError(
-        f"{source}: quantization_config quant_method '{qc.get('quant_method')}' is not supported; dreamr-jax loads {SUPPORTED}"
+        f"{source}: quantization_config quant_method '{qc.get('quant_method')}' is not supported; "
+        f"dreamr-jax loads {SUPPORTED}"
     )
 
 
@@ -87,9 +88,11 @@ def _parse_awq(qc: dict, source: str) -> QuantFormat:
         )
     bits = qc.get("bits", qc.get("w_bit", 4))
     if bits != 4:
-        raise UnsupportedQuantizationError(f"{source}: AWQ with bits={bits} is not supported; only 4-bit AWQ ('gemm') loads")
+        raise UnsupportedQuantizationError(f"{source}: AWQ with bits={bits} is not supported; "
+                                           "only 4-bit AWQ ('gemm') loads")
     if qc.get("zero_point", True) is False:
-        raise UnsupportedQuantizationError(f"{source}: AWQ with zero_point=false is not supported (AutoAWQ 'gemm' stores zeros)")
+        raise UnsupportedQuantizationError(f"{source}: AWQ with zero_point=false is not supported "
+                                           "(AutoAWQ 'gemm' stores zeros)")
     group = qc.get("group_size", qc.get("q_group_size", 128))
     if not isinstance(group, int) or (group <= 0 and group != -1):
         raise UnsupportedQuantizationError(f"{source}: AWQ group_size {group!r} is not a positive integer (or -1)")
@@ -104,25 +107,28 @@ def _parse_compressed_tensors(qc: dict, source: str) -> QuantFormat:
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
         raise UnsupportedQuantizationError(
-            f"{source}: compressed-tensors quantization_status '{status}' is not supported (only 'compressed' checkpoints)")
+            f"{source}: compressed-tensors quantization_status '{status}' is not supported "
+            "(only 'compressed' checkpoints)")
     if qc.get("kv_cache_scheme"):
-        raise UnsupportedQuantizationError(f"{source}: compressed-tensors kv_cache_scheme (quantized KV cache) is not supported")
+        raise UnsupportedQuantizationError(f"{source}: compressed-tensors kv_cache_scheme (quantized KV cache) "
+                                           "is not supported")
     group_sizes = set()
     for name, g in groups.items():
         fmt = g.get("format") or top_format
         if fmt != "pack-quantized":
             raise UnsupportedQuantizationError(
-                f"{source}: compressed-tensors format '{fmt}' (config group '{name}') is not supported; dreamr-jax loads {SUPPORTED}")
+                f"{source}: compressed-tensors format '{fmt}' (config group '{name}') is not supported; "
+                f"dreamr-jax loads {SUPPORTED}")
         for act in ("input_activations", "output_activations"):
             if g.get(act):
                 raise UnsupportedQuantizationError(
-                    f"{source}: compressed-tensors config group '{name}' quantizes {act} (e.g. W4A8); only weight-only int4 "
-                    "is supported")
+                    f"{source}: compressed-tensors config group '{name}' quantizes {act} (e.g. W4A8); "
+                    "only weight-only int4 is supported")
         w = g.get("weights") or {}
         if w.get("num_bits") != 4 or w.get("type", "int") != "int":
             raise UnsupportedQuantizationError(
-                f"{source}: compressed-tensors config group '{name}' has {w.get('num_bits')}-bit {w.get('type', 'int')} weights; "
-                "only 4-bit int weights are supported")
+                f"{source}: compressed-tensors config group '{name}' has {w.get('num_bits')}-bit "
+                f"{w.get('type', 'int')} weights; only 4-bit int weights are supported")
         strategy = w.get("strategy")
         if strategy not in ("group", "channel"):
             raise UnsupportedQuantizationError(
@@ -130,9 +136,11 @@ def _parse_compressed_tensors(qc: dict, source: str) -> QuantFormat:
                 "(only 'group' and 'channel')")
         if w.get("actorder") == "group":
             raise UnsupportedQuantizationError(
-                f"{source}: compressed-tensors actorder 'group' (activation reordering with weight_g_idx) is not supported")
+                f"{source}: compressed-tensors actorder 'group' (activation reordering with weight_g_idx) "
+                "is not supported")
         if w.get("dynamic"):
-            raise UnsupportedQuantizationError(f"{source}: compressed-tensors dynamic weight quantization is not supported")
+            raise UnsupportedQuantizationError(f"{source}: compressed-tensors dynamic weight quantization "
+                                               "is not supported")
         group_sizes.add(w.get("group_size") if strategy == "group" else None)
     group = group_sizes.pop() if len(group_sizes) == 1 else None  # per-module sizes are read from the scales
     return QuantFormat("compressed-tensors", group, tuple(qc.get("ignore") or ()))
@@ -282,7 +290,8 @@ def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, *, wha
     _check_groups(n_in, g, what)
     q = unpack_awq(qweight)  # (in, out)
     z = unpack_awq(qzeros)  # (groups, out)
-    return Int4Tensors(pack_nibbles(np.ascontiguousarray(q.T)), np.ascontiguousarray(scales.T), np.ascontiguousarray(z.T))
+    return Int4Tensors(pack_nibbles(np.ascontiguousarray(q.T)), np.ascontiguousarray(scales.T),
+                       np.ascontiguousarray(z.T))
 
 
 def from_compressed(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_zero_point: np.ndarray | None,

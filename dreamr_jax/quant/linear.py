@@ -64,7 +64,8 @@ class Int4Linear(nnx.Module):
         groups = n_in // group_size
         # Random init (benchmarks, eval_shape); a checkpoint replaces all three. q uniform in 0..15 around
         # z = 8 has std ~4.6, so this scale gives weights of std ~0.02 like the dense init.
-        self.qweight = Int4Weight(jax.random.randint(rngs.params(), (n_out, n_in // 2), 0, 256, jnp.int32).astype(jnp.uint8))
+        self.qweight = Int4Weight(jax.random.randint(rngs.params(), (n_out, n_in // 2), 0, 256,
+                                                     jnp.int32).astype(jnp.uint8))
         self.scales = Int4Weight(jnp.full((n_out, groups), 0.02 / 4.6, scale_dtype))
         self.zeros = Int4Weight(jnp.full((n_out, groups), 8, jnp.uint8))
         self.bias = nnx.Param(jnp.zeros((n_out,), dtype)) if bias else None

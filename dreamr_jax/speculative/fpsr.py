@@ -189,7 +189,8 @@ def _target_loop(engine: StepEngine, problem: Problem, shared: _Shared) -> None:
 
         # 3. eager: meanwhile the target's own step for the commit point, a short chunk at a time,
         #    in a context of its own (so the checks' context stays as it is)
-        if eager and not (fallback is not None and fallback.key == key and _step_done(engine, problem, fallback.tokens)):
+        if eager and not (fallback is not None and fallback.key == key
+                          and _step_done(engine, problem, fallback.tokens)):
             if fallback is None or fallback.key != key:
                 fallback = _Fallback(key, target.fork(ctx), [])
                 target.set_tokens(fallback.ctx, problem.committed)
@@ -233,7 +234,8 @@ class _Fallback:
 def _write_fallback(engine: StepEngine, problem: Problem, fallback: _Fallback, max_tokens: int) -> None:
     new, _ = engine.target.write(fallback.ctx, max_tokens=max_tokens, stop_ids=engine.stop_ids,
                                  params=engine.target_params,
-                                 seed=engine.config.seed + len(problem.committed) + len(fallback.tokens), kind="fallback")
+                                 seed=engine.config.seed + len(problem.committed) + len(fallback.tokens),
+                                 kind="fallback")
     fallback.tokens = fallback.tokens + new
 
 

@@ -86,8 +86,10 @@ class StepEngine:
                                          add_special_tokens=False)
         self.digit_ids = [tok.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
         self.fallback_mode = resolve_fallback(config.fallback, draft, target)
-        self.draft_params = SamplingParams(config.draft_temperature, 0, config.top_p if config.draft_temperature else 1.0)
-        self.target_params = SamplingParams(config.target_temperature, 0, config.top_p if config.target_temperature else 1.0)
+        self.draft_params = SamplingParams(config.draft_temperature, 0,
+                                           config.top_p if config.draft_temperature else 1.0)
+        self.target_params = SamplingParams(config.target_temperature, 0,
+                                            config.top_p if config.target_temperature else 1.0)
 
     # ---- steps --------------------------------------------------------------------------
 
@@ -123,7 +125,8 @@ class StepEngine:
         """Append a whole step and decide whether reasoning stops."""
         trace = problem.trace
         text = self.proc.decode(tokens)
-        trace.steps.append(Step(text=text, token_ids=list(tokens), author=author, rho=rho, hit_cap=self.hit_cap(tokens)))
+        trace.steps.append(Step(text=text, token_ids=list(tokens), author=author, rho=rho,
+                                hit_cap=self.hit_cap(tokens)))
         problem.committed.extend(tokens)
         answer = final_answer(text)
         if answer is not None:
@@ -237,7 +240,8 @@ def run_single(engine: StepEngine, problem: Problem, role_name: str) -> None:
     cfg = engine.config
     partial: list[int] = []  # the start of a step cut by the last call's token limit
     while not problem.done:
-        tokens, _ = role.write(ctx, max_tokens=max(1, min(cfg.solo_tokens_per_call, problem.tokens_left - len(partial))),
+        tokens, _ = role.write(ctx,
+                               max_tokens=max(1, min(cfg.solo_tokens_per_call, problem.tokens_left - len(partial))),
                                stop_ids=engine.delimiter_ids, end_ids=engine.eos_ids, answer_ids=engine.answer_ids,
                                max_steps=cfg.steps.max_steps - len(problem.trace.steps),
                                max_step_tokens=cfg.steps.max_step_tokens, in_step=len(partial),
@@ -309,7 +313,8 @@ def run_lookahead(engine: StepEngine, problem: Problem) -> None:
                                       kind="draft")
             drafts.append(d)
             spent += len(d)
-            if d and (d[-1] in engine.eos_ids or final_answer(engine.proc.decode(d)) is not None) or spent >= problem.tokens_left:
+            if (d and (d[-1] in engine.eos_ids or final_answer(engine.proc.decode(d)) is not None)
+                    or spent >= problem.tokens_left):
                 break
         engine.target.set_tokens(problem.target_ctx, problem.committed)
         prefixes = [sum(drafts[:i], []) for i in range(len(drafts))]

@@ -52,8 +52,8 @@ class SpeculativeReasoner:
     """
 
     def __init__(self, draft=None, target=None, processor=None, method: str | None = None, alpha: float | None = None,
-                 window: int | None = None, *, config: SpeculationConfig | None = None, draft_processor=None, dtype="float32",
-                 draft_devices=None, target_devices=None, draft_parallelism: str = "tensor",
+                 window: int | None = None, *, config: SpeculationConfig | None = None, draft_processor=None,
+                 dtype="float32", draft_devices=None, target_devices=None, draft_parallelism: str = "tensor",
                  target_parallelism: str = "tensor", **overrides):
         import dataclasses
 

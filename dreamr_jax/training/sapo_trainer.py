@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,18 +92,19 @@ class SAPOConfig:
     draft: str  # the draft to train: checkpoint folder, hub id or "asset:draft"
     target: str  # the frozen verifier: checkpoint folder, hub id or "asset:target"
     data: SAPOData = SAPOData()
-    # Prompts, judging suffix, keywords and the step delimiter, as the speculative engine uses them.
-    spec: SpeculationConfig = SpeculationConfig()
+    # Prompts, judging suffix, keywords, the step delimiter, the check threshold (`spec.alpha`: a
+    # drafted step counts as accepted when rho >= alpha) and the draft's sampling
+    # (`spec.draft_temperature`, `spec.top_p`: SAPO's rollouts), as the speculative engine uses
+    # them: one place for each. The rollouts must be sampled, so the default temperature is 1; a
+    # `spec:` section that leaves it out keeps it.
+    spec: SpeculationConfig = SpeculationConfig(draft_temperature=1.0)
     dtype: str = "float32"  # compute dtype: rollouts, target, reference, the loss's forward
     param_dtype: str = "float32"  # the trained draft's master weights (and so its optimizer state)
     max_pixels: int | None = None  # image processor bound (default: the checkpoint's)
     # ---- rollouts and rewards
     group_size: int = 8  # G rollouts per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
     max_new_tokens: int = 1024  # response tokens per rollout
     max_length: int = 8192  # prompt + response; longer prompts are replaced (logged)
-    alpha: float = 0.7  # a step counts as accepted when rho >= alpha
     soft_draft_reward: bool = False  # R_draft = mean rho instead of the accepted fraction
     l_ref: int = 1024  # R_length = 1 - min(1, L / l_ref)
     reward_weights: tuple = (1.0, 1.0, 1.0)  # w1 (outcome), w2 (draft), w3 (length)
@@ -114,7 +115,8 @@ class SAPOConfig:
     logprob_chunk: int = 128  # sequence positions per chunk of the full-vocabulary log-probs
     check_rows: int = 32  # rows per batched CPN check
     micro_batches: int = 1  # each process's prompts go through the update in this many parts (gradients accumulated)
-    rollout_prompts: int = 0  # prompts per generation call (0: all of a process's at once), spread over its draft devices
+    rollout_prompts: int = 0  # prompts per generation call (0: all of a process's at once), spread over its
+                              # draft devices
     # ---- optimizer: AdamW, global-norm clipping, linear warmup then constant / cosine / linear
     learning_rate: float = 1e-6
     schedule: str = "constant"
@@ -145,6 +147,13 @@ class SAPOConfig:
     # refused (each changed key named) unless this is true (`scaffold.check_resume`).
     allow_changed_settings: bool = False
 
+    # Settings that had a second copy here; a config that still sets one is told where it lives.
+    MOVED_KEYS: ClassVar[dict] = {
+        "alpha": "spec.alpha (the check threshold, the engine's)",
+        "temperature": "spec.draft_temperature (the draft's sampling, the engine's)",
+        "top_p": "spec.top_p (the draft's sampling, the engine's)",
+    }
+
     def __post_init__(self):
         for key in ("output_dir", "draft", "target"):
             check_text(key, getattr(self, key))
@@ -152,6 +161,9 @@ class SAPOConfig:
             raise SettingError("data", "must be a SAPOData (a mapping in a config file)", self.data)
         if not isinstance(self.spec, SpeculationConfig):
             raise SettingError("spec", "must be a SpeculationConfig (a mapping in a config file)", self.spec)
+        if not self.spec.draft_temperature > 0:
+            raise SettingError("spec.draft_temperature", "must be > 0 for SAPO (GRPO compares sampled rollouts; "
+                               "greedy ones are all the same)", self.spec.draft_temperature)
         for name in ("dtype", "param_dtype", "export_dtype"):
             check_choice(name, getattr(self, name), ("float32", "bfloat16", "float16"))
         check_range("max_pixels", self.max_pixels, 1, integer=True, optional=True)
@@ -179,15 +191,15 @@ class SAPOConfig:
         check_choice("target_parallelism", self.target_parallelism, ("tensor", "replicate"))
         check_choice("draft_sharding", self.draft_sharding, ("replicate", "fsdp"))
         check_flag("allow_changed_settings", self.allow_changed_settings)
-        # group_size, temperature, top_p, alpha, l_ref, reward_weights, epsilon, beta, grpo_iterations,
-        # logprob_chunk, check_rows and rollout_prompts: GRPOSettings checks them (same names). The
-        # sampling settings here are SAPO's rollouts'; spec.* holds the speculative engine's own.
+        # group_size, l_ref, reward_weights, epsilon, beta, grpo_iterations, logprob_chunk, check_rows
+        # and rollout_prompts: GRPOSettings checks them (same names), with spec's sampling and alpha.
         self.settings()
 
     def settings(self) -> GRPOSettings:
         return GRPOSettings(
-            group_size=self.group_size, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_p=self.top_p, alpha=self.alpha, soft_draft_reward=self.soft_draft_reward, l_ref=self.l_ref,
+            group_size=self.group_size, max_new_tokens=self.max_new_tokens,
+            temperature=self.spec.draft_temperature, top_p=self.spec.top_p, alpha=self.spec.alpha,
+            soft_draft_reward=self.soft_draft_reward, l_ref=self.l_ref,
             reward_weights=self.reward_weights, epsilon=self.epsilon, beta=self.beta,
             grpo_iterations=self.grpo_iterations, logprob_chunk=self.logprob_chunk,
             compute_dtype=None if self.dtype == self.param_dtype else self.dtype, check_rows=self.check_rows,
@@ -464,7 +476,7 @@ def train(cfg: SAPOConfig, *, stop_after: int | None = None, progress: bool = Tr
 
         # Every process's rollout statistics, summed (and its timings, the slowest), every step:
         # the gather is a collective all processes take part in.
-        sums = got.sums(cfg.alpha)
+        sums = got.sums(cfg.spec.alpha)
         names = sorted(sums)
         local = np.array([sums[k] for k in names] + [got.rollout_seconds, got.check_seconds], np.float64)
         gathered = scaffold.allgather(local)

@@ -40,7 +40,8 @@ class QwenVLModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs, int4=per_layer[i], int4_method=int4_method)
                                 for i in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False,
+                                                                   dtype=dtype, rngs=rngs)
         self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
 
     # ---- pieces -------------------------------------------------------------------------
@@ -74,7 +75,8 @@ class QwenVLModel(nnx.Module):
         """Run the decoder over embeddings x (B, S, E). Returns (final-normed hidden, new cache layers)."""
         t = self.cfg.text
         # numpy constants: folded into the trace, not model state.
-        inv_freq = (1.0 / (t.rope_theta ** (np.arange(0, t.head_dim, 2, dtype=np.float32) / t.head_dim))).astype(np.float32)
+        inv_freq = (1.0 / (t.rope_theta ** (np.arange(0, t.head_dim, 2, dtype=np.float32)
+                                            / t.head_dim))).astype(np.float32)
         cos, sin = text_rotary(positions_3bs, inv_freq, mrope_axis_per_frequency(t), x.dtype)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):

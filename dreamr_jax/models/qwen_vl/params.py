@@ -214,7 +214,8 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
                      if how == "linear" and key not in located and key[: -len(".weight")] in quant_located}
     errors = []
     if stray_quant:
-        errors.append(f"the checkpoint holds quantized tensors ({', '.join(stray_quant[:3])}{' ...' if len(stray_quant) > 3 else ''}) "
+        errors.append("the checkpoint holds quantized tensors "
+                      f"({', '.join(stray_quant[:3])}{' ...' if len(stray_quant) > 3 else ''}) "
                       + ("but config.json has no quantization_config" if quant is None else
                          f"that the {quant.kind} format does not use"))
     for module in quant_located:
@@ -224,9 +225,11 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
         errors += _int4_presence_errors(quant, module, quant_located.get(module, {}))
     missing = sorted(checkpoint_key(k) for k in wanted if k not in located and k not in dequant_dense)
     if missing:
-        errors.append(f"missing tensors ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        errors.append(f"missing tensors ({len(missing)}): " + ", ".join(missing[:20])
+                      + (" ..." if len(missing) > 20 else ""))
     if unexpected:
-        errors.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        errors.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected[:20])
+                      + (" ..." if len(unexpected) > 20 else ""))
     shape_errors = []
     for key, (reader, raw_key) in located.items():
         path, how, shape = wanted[key]
@@ -244,7 +247,8 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
         (n_out, half_in), groups = fields["qweight"][1], fields["scales"][1][1]
         n_in = 2 * half_in
         expect = ({"qweight": [n_in, n_out // 8], "qzeros": [groups, n_out // 8], "scales": [groups, n_out]}
-                  if quant.kind == "awq" else {"weight_packed": [n_out, -(-n_in // 8)], "weight_scale": [n_out, groups]})
+                  if quant.kind == "awq"
+                  else {"weight_packed": [n_out, -(-n_in // 8)], "weight_scale": [n_out, groups]})
         for suffix, want in expect.items():
             if suffix in tensors:
                 reader, raw_key = tensors[suffix]
@@ -253,7 +257,8 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
                     shape_errors.append(f"{raw_key}: checkpoint shape {src}, the config implies {want}")
     errors += shape_errors
     if errors:
-        raise CheckpointError(f"checkpoint {os.path.dirname(files[0])} does not match the {cfg.model_type} config:\n  " + "\n  ".join(errors))
+        raise CheckpointError(f"checkpoint {os.path.dirname(files[0])} does not match the {cfg.model_type} config:\n  "
+                              + "\n  ".join(errors))
 
     def place(path, host):
         sharding = sharding_for(path) if sharding_for is not None else None
@@ -315,8 +320,9 @@ def save_state(model: QwenVLModel, folder: str, config_dict: dict, *, dtype=None
     if group_sizes:
         qc = config_dict.get("quantization_config") or {}
         if qc.get("quant_method") != "awq" or group_sizes != {qc.get("group_size")}:
-            raise ValueError(f"the model holds int4 layers (group sizes {sorted(group_sizes)}): config_dict needs an AWQ "
-                             "quantization_config with that one group_size (see dreamr_jax.quant.quantize.awq_config)")
+            raise ValueError(f"the model holds int4 layers (group sizes {sorted(group_sizes)}): config_dict needs "
+                             "an AWQ quantization_config with that one group_size "
+                             "(see dreamr_jax.quant.quantize.awq_config)")
     os.makedirs(folder, exist_ok=True)
     write_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "pt"})
     config_path = os.path.join(folder, "config.json")

@@ -58,7 +58,8 @@ def get_rope_index(
     input_ids = np.asarray(input_ids)
     batch, seq = input_ids.shape
     mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in np.asarray(image_grid_thw).reshape(-1, 3)]
+    grids = [] if image_grid_thw is None else [tuple(int(x) for x in g)
+                                               for g in np.asarray(image_grid_thw).reshape(-1, 3)]
     m = spatial_merge_size
     positions = np.zeros((3, batch, seq), np.int64)
     deltas = np.zeros((batch,), np.int64)
@@ -214,7 +215,8 @@ def prepare_vision_inputs(
 
     if v.family == "qwen3_vl":
         side = int(v.num_position_embeddings**0.5)
-        idx, wts = position_table_taps(grid, side, v.spatial_merge_size) if n_real else (np.zeros((0, 4)), np.zeros((0, 4)))
+        idx, wts = (position_table_taps(grid, side, v.spatial_merge_size) if n_real
+                    else (np.zeros((0, 4)), np.zeros((0, 4))))
         idx = np.concatenate([idx, np.zeros((pad, 4), np.int64)])
         wts = np.concatenate([wts, np.zeros((pad, 4), np.float32)])
         order = np.arange(n_units)

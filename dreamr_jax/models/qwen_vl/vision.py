@@ -66,7 +66,8 @@ class VisionBlock(nnx.Module):
         else:
             self.norm1 = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
             self.norm2 = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True, dtype=dtype, rngs=rngs)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True, dtype=dtype,
+                                rngs=rngs)
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask_pp):

@@ -14,6 +14,8 @@ from dreamr_jax.data import synthetic
 from dreamr_jax.training.sapo import GRPOSettings, _logprobs, policy_batch, sapo_step
 from dreamr_jax.training.rollouts import Rollout
 
+from helpers import REPO_ROOT
+
 
 def test_response_logprobs_match_the_inference_forward(tiny_world_pair):
     draft = dr.load_model(tiny_world_pair[1])
@@ -34,7 +36,8 @@ def test_response_logprobs_match_the_inference_forward(tiny_world_pair):
         n = len(r.prompt_ids)
         want = [logp[n - 1 + i, t] for i, t in enumerate(r.response)]
         mask = batch["response_mask"][b]
-        assert mask.sum() == len(r.response) and np.all(np.nonzero(mask)[0] == np.arange(n - 1, n - 1 + len(r.response)))
+        assert mask.sum() == len(r.response) and np.all(np.nonzero(mask)[0]
+                                                        == np.arange(n - 1, n - 1 + len(r.response)))
         np.testing.assert_allclose(got[b][mask > 0], want, atol=1e-4)
 
 
@@ -45,7 +48,7 @@ def test_one_sapo_step_updates_the_policy_only(tiny_world_pair):
     from dreamr_jax.speculative import SpeculativeReasoner
 
     target_dir, draft_dir = tiny_world_pair
-    spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec
+    spec = load_config(os.path.join(REPO_ROOT, "configs", "synthetic.yaml")).spec
     verifier = SpeculativeReasoner(target=target_dir, config=spec, method="target")
     engine = verifier.engine("target")
     policy, reference = dr.load_model(draft_dir), dr.load_model(draft_dir)

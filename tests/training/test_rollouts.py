@@ -11,6 +11,8 @@ import dreamr_jax as dr
 from dreamr_jax.data import synthetic
 from dreamr_jax.training.rollouts import Rollout, cut_at_answer, sample_rollouts, split_steps, step_rhos
 
+from helpers import REPO_ROOT
+
 
 def test_split_and_cut():
     assert split_steps([1, 9, 2, 3, 9, 4], [9]) == [[1, 9], [2, 3, 9], [4]]
@@ -36,7 +38,8 @@ def test_rollouts_group_and_logprobs(tiny_world_pair):
     logits = np.asarray(dr.forward(draft, ids, None, prompts[1]["pixel_values"], prompts[1]["image_grid_thw"]),
                         np.float64)[0]
     n = len(r.prompt_ids)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True))
     want = [logp[n - 1 + i, t] for i, t in enumerate(r.response)]
     np.testing.assert_allclose(r.logprobs, want, atol=2e-4)
 
@@ -46,7 +49,7 @@ def test_step_rhos_equal_the_check_run_step_by_step(tiny_world_pair):
     from dreamr_jax.speculative import SpeculativeReasoner
 
     target_dir, draft_dir = tiny_world_pair
-    spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec
+    spec = load_config(os.path.join(REPO_ROOT, "configs", "synthetic.yaml")).spec
     reasoner = SpeculativeReasoner(draft=draft_dir, target=target_dir, config=spec)
     engine = reasoner.engine("dreamr")
     proc = reasoner.processor
@@ -60,7 +63,8 @@ def test_step_rhos_equal_the_check_run_step_by_step(tiny_world_pair):
     assert [len(r) for r in rhos] == [len(good), 2]
     for rollout, got in zip(rollouts, rhos):
         for k, step in enumerate(rollout.steps):
-            ctx = reasoner.target.open(prompt["input_ids"], prompt["pixel_values"], prompt["image_grid_thw"], capacity=64)
+            ctx = reasoner.target.open(prompt["input_ids"], prompt["pixel_values"], prompt["image_grid_thw"],
+                                       capacity=64)
             reasoner.target.set_tokens(ctx, [t for s in rollout.steps[:k] for t in s])
             want = engine.cpn_scores(ctx, [step])[0]
             np.testing.assert_allclose(got[k], want, atol=1e-5)

@@ -19,7 +19,8 @@ from dreamr_jax import assets
 from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
 from dreamr_jax.training.sft import SFTConfig, load_sft_config, make_optimizer, train, weighted_loss
 
-from conftest import tiny_sft_config
+from helpers import TESTS_DIR
+from helpers.training import tiny_sft_config
 
 
 _cfg = tiny_sft_config
@@ -37,7 +38,8 @@ def test_weighted_loss_matches_reference(tiny_world_model):
     logits = np.asarray(dr.forward(tiny_world_model, host["input_ids"], batch["valid"],
                                    host["pixel_values"].reshape(-1, host["pixel_values"].shape[-1]),
                                    host["image_grid_thw"]), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True))
     total, weight = 0.0, 0.0
     judged, correct = 0, 0
     for b, e in enumerate(examples):
@@ -145,10 +147,10 @@ def test_data_parallel_matches_one_device(tmp_path):
         jax.config.update("jax_default_matmul_precision", "highest")
         import numpy as np
         from flax import nnx
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {TESTS_DIR!r})
         import dreamr_jax as dr
         import dreamr_jax.sharding
-        from test_sft import _cfg
+        from helpers.training import tiny_sft_config as _cfg
         from dreamr_jax.training.sft import train
         dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny model's matrices too
         out = train(_cfg(sys.argv[2], steps=2, checkpoint_every=100, sharding=sys.argv[3]), progress=False,

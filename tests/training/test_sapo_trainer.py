@@ -19,24 +19,10 @@ from flax import nnx
 from dreamr_jax.config import ConfigError, load_config
 from dreamr_jax.training.sapo_trainer import SAPOConfig, SAPOData, load_sapo_config, make_optimizer, train
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-# The tiny task: R = the share of response tokens in a fixed set of 32 of the 512 ids (1/16
-# of them at random initialisation), which a tiny random draft can learn within a few steps.
-TASK_TOKENS = frozenset(range(100, 132))
+from helpers import REPO_ROOT, TESTS_DIR
+from helpers.training import task_reward, tiny_sapo_config as _cfg
 
-
-def task_reward(rollouts, records):
-    return [float(np.mean([t in TASK_TOKENS for t in r.response])) if r.response else 0.0 for r in rollouts]
-
-
-def _cfg(tmp, pair, **kw) -> SAPOConfig:
-    target_dir, draft_dir = pair
-    spec = load_config(os.path.join(ROOT, "configs", "synthetic.yaml")).spec
-    base = dict(output_dir=str(tmp), draft=draft_dir, target=target_dir, spec=spec, data=SAPOData(world_size=64),
-                group_size=8, max_new_tokens=16, max_length=256, batch_size=2, steps=3, learning_rate=1e-2,
-                warmup_steps=1, l_ref=16, logprob_chunk=16, reward_weights=(0.0, 0.0, 0.0), checkpoint_every=2)
-    base.update(kw)
-    return SAPOConfig(**base)
+ROOT = REPO_ROOT
 
 
 def test_short_run_raises_the_mean_reward(tmp_path, tiny_world_pair):
@@ -111,8 +97,8 @@ def test_two_processes_train_in_step(tmp_path, tiny_world_pair, sharding):
         jax.config.update("jax_default_matmul_precision", "highest")
         import numpy as np
         from flax import nnx
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_sapo_trainer import _cfg, task_reward
+        sys.path.insert(0, {TESTS_DIR!r})
+        from helpers.training import task_reward, tiny_sapo_config as _cfg
         import dreamr_jax.sharding
         from dreamr_jax.sharding import gather_whole, local_copy
         from dreamr_jax.training.sapo_trainer import train
@@ -175,7 +161,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import dreamr_jax as dr
     import dreamr_jax.sharding
-    from test_sapo_trainer import _cfg, task_reward
+    from helpers.training import task_reward, tiny_sapo_config as _cfg
     from dreamr_jax.training.sapo_trainer import train
 
     dreamr_jax.sharding.FSDP_MIN_ELEMENTS = 256  # split the tiny draft's matrices too
@@ -220,7 +206,7 @@ def test_fsdp_draft_trains_like_data_parallel(tmp_path, tiny_world_pair):
     checkpoint repeats step 2 bit for bit, and the export (gathered) is the trained weights."""
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)), str(tmp_path),
+    proc = subprocess.run([sys.executable, str(script), TESTS_DIR, str(tmp_path),
                            json.dumps(list(tiny_world_pair))], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -247,7 +233,8 @@ def test_configs_load_and_validate(tmp_path):
     assert (paper.learning_rate, paper.batch_size, paper.dtype, paper.max_length) == (1e-6, 64, "bfloat16", 8192)
     assert paper.param_dtype == "float32" and paper.reward_weights == (1.0, 1.0, 1.0)
     assert set(paper.data.sources) == {"geo3k", "ocrvqa", "scienceqa"}
-    assert (paper.group_size, paper.epsilon, paper.beta, paper.alpha, paper.l_ref) == (8, 0.2, 0.01, 0.7, 1024)
+    assert (paper.group_size, paper.epsilon, paper.beta, paper.spec.alpha, paper.l_ref) == (8, 0.2, 0.01, 0.7, 1024)
+    assert (paper.spec.draft_temperature, paper.spec.top_p) == (1.0, 1.0)
     with pytest.raises(ConfigError, match="group_sise"):
         load_sapo_config(os.path.join(ROOT, "configs", "sapo_synthetic.yaml"), ["group_sise=4"])
     with pytest.raises(ConfigError, match="sources"):

@@ -17,6 +17,8 @@ from dreamr_jax.data.pipeline import DataConfig, WorldEncoder, collate
 from dreamr_jax.data.grading import final_answer
 from dreamr_jax.prompts import judge_suffix, keyword_token_ids
 
+from helpers import REPO_ROOT
+
 
 def _answer_from_grid(p: synthetic.WorldProblem) -> int:
     """The answer recomputed from the question text and the grid, without the generator."""
@@ -228,7 +230,7 @@ def test_world_config_uses_the_prompts_the_models_learned():
 
     from dreamr_jax.config import load_config
 
-    spec = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.yaml")).spec
+    spec = load_config(os.path.join(REPO_ROOT, "configs", "synthetic.yaml")).spec
     assert spec.instruction == prompts.WORLD_INSTRUCTION
     assert spec.judge_instruction == prompts.WORLD_JUDGE_INSTRUCTION
     assert (spec.specreason_prompt, spec.specreason_prefix) == (prompts.WORLD_SPECREASON_PROMPT,

@@ -17,17 +17,16 @@ from dreamr_jax.speculative.fpsr import run_dreamr
 from dreamr_jax.speculative.methods import Problem
 from dreamr_jax.speculative.trace import Trace
 
-from spec_models import build_spec_model, sequential_commits
+from helpers.speculative import sequential_commits
 
 QUESTION = "What is 2 + 3?"
 WATCHDOG_S = 60.0  # a run takes well under a second once compiled
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fpsr_pair")
-    target = build_spec_model(str(root / "target"), seed=1, hidden=64, layers=2)
-    draft = build_spec_model(str(root / "draft"), seed=1, hidden=64, layers=1)
+def pair(spec_pair):
+    """The folder's tiny pair (tests/speculative/conftest.py), loaded afresh for this module."""
+    draft, target = spec_pair
     return dr.load_model(draft), dr.load_model(target), dr.load_processor(target)
 
 
@@ -66,7 +65,7 @@ def _problem(reasoner, budget: int):
 
 
 def _sequential(reasoner, budget: int, accept_share: float, seed: int) -> Trace:
-    """The commit rule one step at a time (`spec_models.sequential_commits`) with `_rho`'s verdicts."""
+    """The commit rule one step at a time (`helpers.speculative.sequential_commits`) with `_rho`'s verdicts."""
     problem = _problem(reasoner, budget)
     dctx, tctx = problem.open("draft"), problem.open("target")
     sequential_commits(reasoner, problem, dctx, tctx, lambda tctx, position, d: _rho(position, d, accept_share, seed),

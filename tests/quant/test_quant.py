@@ -17,16 +17,17 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import image_prompt, random_image_inputs
 from dreamr_jax.generation import generate_from_ids
 from dreamr_jax.loading import load_model
 from dreamr_jax.models.qwen_vl.params import CheckpointError
 from dreamr_jax.quant import (Int4Linear, UnsupportedQuantizationError, from_awq, from_compressed, int4_linears,
                               pack_awq, set_int4_method, state_bytes, to_awq, unpack_awq, unpack_ct)
 from dreamr_jax.quant.quantize import quantize_checkpoint
-from vl_helpers import jax_logits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO_ROOT
+from helpers.models import image_prompt, jax_logits, random_image_inputs
+
+ROOT = REPO_ROOT
 LOGITS_TOL = 1e-4
 GROUP = 32  # tiny models: 64- and 96-wide inputs -> 2 and 3 groups (an odd count)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -262,7 +263,8 @@ def test_awq_logits_match_dequantized_dense(awq_pair, family):
     rows = [list(r) for r in inputs[0]]
     kw = dict(pixel_values=inputs[2], image_grid_thw=inputs[3], max_new_tokens=8, stop_ids=())
     dense = generate_from_ids(d, rows, **kw)
-    for method in ("auto", "reduce", "int4dot", "u4dequant", "u4dot", "pallas") if family == "qwen3_vl" else ("pallas",):
+    for method in (("auto", "reduce", "int4dot", "u4dequant", "u4dot", "pallas") if family == "qwen3_vl"
+                   else ("pallas",)):
         set_int4_method(q, method, small_rows=4)
         out = generate_from_ids(q, rows, **kw)
         assert out.token_ids == dense.token_ids, method
@@ -309,8 +311,9 @@ def ct_config(ignore):
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "ignore": ignore, "kv_cache_scheme": None,
             "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
-                                          "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                                                      "group_size": GROUP, "actorder": None, "dynamic": False}}}}
+                                          "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                      "strategy": "group", "group_size": GROUP, "actorder": None,
+                                                      "dynamic": False}}}}
 
 
 def test_compressed_tensors_symmetric_with_quantized_head_and_vision(tiny_checkpoints, tmp_path):
@@ -496,15 +499,12 @@ def test_bench_gpu_smoke(tmp_path):
 def test_bench_gpu_projection_formula():
     """The FPSR projection against its limits: free draft and checks give 1 / (lambda (1 - a)); a draft
     as slow as the target gives no speedup on accepted steps."""
-    import importlib.util
+    from dreamr_jax.bench.gpu import projection
 
-    spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "scripts", "bench_gpu.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.projection(0.0, 1.0, 0.0, 64, (0.5, 0.7))["0.7"] == pytest.approx(1 / 0.3)
-    assert bench.projection(0.0, 1.0, 0.0, 64, (0.526,), 0.886)["0.526"] == pytest.approx(1 / (0.474 * 0.886))
+    assert projection(0.0, 1.0, 0.0, 64, (0.5, 0.7))["0.7"] == pytest.approx(1 / 0.3)
+    assert projection(0.0, 1.0, 0.0, 64, (0.526,), 0.886)["0.526"] == pytest.approx(1 / (0.474 * 0.886))
     # t_d = t_t, t_c = 8 ms, L = 10: accepted step max(10, 8) = 10, rejected max(10, 18) = 18.
-    assert bench.projection(1.0, 1.0, 8.0, 10, (0.5,))["0.5"] == pytest.approx(10 / (0.5 * 10 + 0.5 * 18))
+    assert projection(1.0, 1.0, 8.0, 10, (0.5,))["0.5"] == pytest.approx(10 / (0.5 * 10 + 0.5 * 18))
 
 
 # ---- AWQ activation-aware scaling ----------------------------------------------------------------------
@@ -544,7 +544,7 @@ def test_awq_search_scales_up_the_salient_channels():
 def test_awq_scale_folding_keeps_the_float_model(tmp_path):
     """Every group's factors folded into a dense checkpoint (v_proj -> o_proj included: no GQA
     here, and v_proj has a bias in Qwen2.5-VL) leave the logits unchanged."""
-    from conftest import build_torch_model, tiny_config_dict
+    from helpers.models import build_torch_model, tiny_config_dict
     from dreamr_jax.models.qwen_vl.params import canonical_key
     from dreamr_jax.quant.awq import GROUPS, scale_weights
 
@@ -601,7 +601,7 @@ def test_awq_checkpoint_beats_round_to_nearest(tiny_checkpoints, tmp_path):
 
 
 def tiny_random_model(seed: int):
-    from conftest import tiny_config_dict
+    from helpers.models import tiny_config_dict
     from dreamr_jax.models.qwen_vl import QwenVLConfig, QwenVLModel
 
     return QwenVLModel(QwenVLConfig.from_hf(tiny_config_dict("qwen3_vl")), rngs=nnx.Rngs(seed))

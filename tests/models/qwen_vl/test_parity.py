@@ -1,5 +1,5 @@
 """Per-component parity of dreamr_jax's Qwen3-VL / Qwen2.5-VL against transformers (the oracle),
-in float32 with highest-precision matmuls, on the tiny random checkpoints of conftest."""
+in float32 with highest-precision matmuls, on the tiny random checkpoints of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import vision_utils
 
-from conftest import IMAGE_TOKEN, image_prompt, random_image_inputs
 from dreamr_jax.loading import load_model
 from dreamr_jax.models.qwen_vl.rope_index import (
     get_rope_index,
@@ -20,7 +19,8 @@ from dreamr_jax.models.qwen_vl.rope_index import (
     window_order,
 )
 from dreamr_jax.models.qwen_vl.text import text_rotary
-from vl_helpers import jax_logits, left_pad, torch_logits
+
+from helpers.models import IMAGE_TOKEN, image_prompt, jax_logits, left_pad, random_image_inputs, torch_logits
 
 FAMILIES = ["qwen3_vl", "qwen2_5_vl"]
 
@@ -198,7 +198,8 @@ def test_decoder_layers(models, family):
     with torch.no_grad():
         cos, sin = tm.model.language_model.rotary_emb(torch.tensor(x), positions)
     causal = np.tril(np.ones((s, s), bool))
-    additive = torch.tensor(np.where(causal, 0.0, np.finfo(np.float32).min).astype(np.float32))[None, None].expand(b, 1, s, s)
+    additive = torch.tensor(np.where(causal, 0.0, np.finfo(np.float32).min).astype(np.float32))[None, None].expand(
+        b, 1, s, s)
     mask_bsl = jnp.asarray(np.broadcast_to(causal, (b, s, s)))
 
     for i, layer in enumerate(model.layers):
