@@ -27,6 +27,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name == "rl":  # dr.rl.grpo_loss: the public name of the training package's pure pieces
         return importlib.import_module(".training", __name__)
+    if name == "SpecConfig":  # the name before SpeculationConfig
+        import warnings
+
+        warnings.warn("dreamr_jax.SpecConfig is now dreamr_jax.SpeculationConfig", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(".speculative", __name__), "SpeculationConfig")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value

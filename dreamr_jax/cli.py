@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every decoder projection to int4 (qweight / qzeros / scales), copy the "
                                    "rest and add the AWQ quantization_config; `dreamr_jax.load_model(DST)` keeps them "
                                    "at 4 bits. --calib adds AWQ's activation-aware scale search; without it every "
-                                   "group is rounded to nearest as is. Nothing is downloaded.")
+                                   "group is rounded to nearest as is. No calibration data is downloaded (give a "
+                                   "file or world).")
     q.add_argument("src", help="dense checkpoint: folder (config.json + safetensors), hub id or asset:NAME")
     q.add_argument("dst", help="output folder")
     q.add_argument("--group-size", type=int, default=128,

@@ -125,15 +125,16 @@ def build_config(cls, data: dict, where: str, prefix: str = "", base=None):
     A nested mapping changes its field's default key by key: the keys it leaves out keep the
     values of the parent's default instance (`base`), so a trainer whose default engine settings
     differ from the engine's own keeps them under a partial `spec:` section. A key the class
-    lists in `MOVED_KEYS` ({old key: where the setting lives now}) is refused with its new place."""
+    lists in `MOVED_KEYS` ({old key: (where the setting lives now, what it is)}) is refused with
+    its new place."""
     if not isinstance(data, dict):
         what = f"{prefix[:-1]} must be" if prefix else "the file must hold"
         raise ConfigError(f"{where}: {what} a mapping of settings, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     moved = {k: v for k, v in getattr(cls, "MOVED_KEYS", {}).items() if k in data}
     if moved:
-        raise ConfigError(f"{where}: " + "; ".join(f"{prefix}{k} is no longer a setting here: it is {prefix}{v}"
-                                                   for k, v in moved.items()))
+        raise ConfigError(f"{where}: " + "; ".join(
+            f"{prefix}{k} is no longer a setting here: it is {prefix}{new} ({why})" for k, (new, why) in moved.items()))
     unknown = [k for k in data if k not in fields]
     if unknown:
         names = ", ".join(f"{prefix}{k}" for k in unknown)

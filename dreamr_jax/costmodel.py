@@ -28,8 +28,14 @@ Counting conventions (each function below says why):
 * The roofline is taken per layer (and per vision block, merger, head):
   max(FLOPs / (peak * flops_efficiency), bytes / (bandwidth * bandwidth_efficiency)). The layers'
   times add up; all-reduces (ring: 2 (d-1)/d * bytes / link_bandwidth + link_latency) and the fixed
-  costs (call_overhead_s per call, token_overhead_s per decode iteration) add on top, nothing
-  overlapped.
+  costs (call_overhead_s per call, token_overhead_s per decode iteration, layer_overhead_s per
+  layer) add on top, nothing overlapped.
+* A calibrated CPU (`dreamr calibrate`) changes three things. Its `matmul_table` prices each weight
+  product from measured times instead of peak_flops (`matmul_seconds`), and a part's other FLOPs
+  at the same average rate (`compute_seconds`); a model whose weights fit in its last-level cache
+  reads them inside those measured times, so they leave the memory side; and its
+  `elementwise_bandwidth` prices the activations' bytes after each part's roofline instead of
+  inside it (a CPU runs the small elementwise ops one after another).
 
 Not modelled: kernel-level effects beyond the two efficiency factors (e.g. int4 unpacking cost,
 which BENCHMARKS.md measures at about bf16 speed with XLA alone: price int4 with a lower
@@ -39,6 +45,7 @@ which BENCHMARKS.md measures at about bf16 speed with XLA alone: price int4 with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -151,6 +158,15 @@ def _log_interp(points: list[tuple[float, float]], x: float, grow: float) -> flo
     return math.exp((1 - f) * math.log(y0) + f * math.log(y1))
 
 
+@functools.lru_cache(maxsize=8)
+def _table_index(table: tuple) -> dict:
+    """{(n_in, n_out): [(rows, seconds), ...] sorted by rows} of a matmul table (built once per table)."""
+    by_shape: dict[tuple[int, int], list] = {}
+    for r, i, o, t in table:
+        by_shape.setdefault((i, o), []).append((r, t))
+    return by_shape
+
+
 def matmul_seconds(hw: Hardware, rows: float, n_in: int, n_out: int) -> float:
     """Seconds of one (rows, n_in) @ (n_in, n_out) product on `hw`. Without a `matmul_table`: its
     FLOPs at the roofline's rate. With one: the measured times of that shape, interpolated in log
@@ -160,9 +176,7 @@ def matmul_seconds(hw: Hardware, rows: float, n_in: int, n_out: int) -> float:
     w^2, the FLOPs)."""
     if not hw.matmul_table:
         return 2 * rows * n_in * n_out / (hw.peak_flops * hw.flops_efficiency)
-    by_shape: dict[tuple[int, int], list] = {}
-    for r, i, o, t in hw.matmul_table:
-        by_shape.setdefault((i, o), []).append((r, t))
+    by_shape = _table_index(hw.matmul_table)
     if (n_in, n_out) in by_shape:
         return _log_interp(by_shape[n_in, n_out], rows, 1.0)
     squares = [(i, _log_interp(points, rows, 1.0)) for (i, o), points in sorted(by_shape.items()) if i == o]
@@ -306,6 +320,9 @@ def hardware(name_or_path: str) -> Hardware:
         raise CostModelError(f"hardware file {key}: expected a JSON object of {', '.join(_HW_FIELDS)}")
     d = dict(d)
     base = d.pop("base", None)
+    if "flops_half_rows" in d:  # the one field calibrate wrote before its matmul table
+        raise CostModelError(f"hardware file {key} was written by an older `dreamr calibrate` (flops_half_rows); "
+                             "rerun `dreamr calibrate --out PATH` to write a matmul table in its place")
     unknown = sorted(set(d) - set(_HW_FIELDS))
     if unknown:
         raise CostModelError(f"hardware file {key}: unknown field(s) {', '.join(unknown)}; "
@@ -753,7 +770,10 @@ class CallCost:
     """One device call: totals per device over the call, and its seconds.
 
     compute_s / memory_s: the sums over the parts (layers, vision blocks, head) of each side of the
-    roofline; seconds = sum over parts of max(compute, memory) + link_s + overhead_s."""
+    roofline; seconds = sum over parts of (max(compute, memory) + elementwise) + link_s +
+    overhead_s, where a part's elementwise time (0 unless the hardware has an
+    elementwise_bandwidth) is its activations' bytes priced after its roofline; elementwise_s is
+    their sum (inside `parts`' seconds already)."""
 
     flops: float
     weight_bytes: float
@@ -768,6 +788,7 @@ class CallCost:
     bound: str  # "compute" | "memory" (which dominated the layers)
     iterations: int = 1  # forwards in the call (decode: one per loop iteration)
     parts: dict = dataclasses.field(default_factory=dict)  # seconds of "layers", "vision", "head", "link", "overhead"
+    elementwise_s: float = 0.0  # of `seconds`: activations priced after the roofline (a calibrated CPU)
 
 
 def compute_seconds(hw: Hardware, count: Count) -> float:
@@ -828,26 +849,30 @@ def call_cost(model: ModelSpec, hw: Hardware, devices: int, op: str, *, tokens: 
         # times hold that read already
         weight_share = 0.0 if hw.matmul_table else 1.0
 
-    def priced(count: Count, times: int) -> tuple[float, float, float]:
+    def priced(count: Count, times: int) -> tuple[float, float, float, float]:
+        """(compute, memory, the part's seconds, of which elementwise), each over `times` runs."""
         c = compute_seconds(hw, count)
         if hw.elementwise_bandwidth:  # activations after the roofline of the weights and cache
             m = (weight_share * count.weight_bytes + count.kv_bytes) / byte_rate
-            return times * c, times * m, times * (max(c, m) + count.act_bytes / hw.elementwise_bandwidth)
+            e = count.act_bytes / hw.elementwise_bandwidth
+            return times * c, times * m, times * (max(c, m) + e), times * e
         m = (weight_share * count.weight_bytes + count.kv_bytes + count.act_bytes) / byte_rate
-        return times * c, times * m, times * max(c, m)
+        return times * c, times * m, times * max(c, m), 0.0
 
     layer = layer_count(model, tokens=n, rows=rows, cached=start, devices=devices)
     head = head_count(model, tokens=n, outputs=outputs, devices=devices)
     vision = vision_counts(model, patches=patches, rows=rows) if op == "prefill" and patches else []
     per_forward = [layer] * model.layers + [head]
-    counts = [(c, iterations) for c in per_forward] + [(c, 1) for _, c in vision]  # (count, times)
+    # (part, count, times): every layer of a forward is the same count, priced once
+    counts = [("layers", layer, iterations * model.layers), ("head", head, iterations)] + \
+        [("vision", c, 1) for _, c in vision]
 
-    compute_s = memory_s = 0.0
+    compute_s = memory_s = elementwise_s = 0.0
     seconds = {"layers": 0.0, "vision": 0.0, "head": 0.0}
-    for i, (c, times) in enumerate(counts):
-        cs, ms, s = priced(c, times)
-        compute_s, memory_s = compute_s + cs, memory_s + ms
-        seconds["layers" if i < model.layers else "head" if i == model.layers else "vision"] += s
+    for part, c, times in counts:
+        cs, ms, s, es = priced(c, times)
+        compute_s, memory_s, elementwise_s = compute_s + cs, memory_s + ms, elementwise_s + es
+        seconds[part] += s
 
     # ring all-reduce: each device sends 2 (d-1)/d of the message, then pays the latency once
     link_s = 0.0
@@ -857,13 +882,13 @@ def call_cost(model: ModelSpec, hw: Hardware, devices: int, op: str, *, tokens: 
                                     + c.allreduces * hw.link_latency_s)
     overhead_s = hw.call_overhead_s + (iterations * hw.token_overhead_s if op == "decode" else 0.0)
     overhead_s += hw.layer_overhead_s * (iterations * model.layers + (model.vision_depth if vision else 0))
-    layer_compute, layer_memory, _ = priced(layer, 1)
+    layer_compute, layer_memory, _, _ = priced(layer, 1)
     total = sum(seconds.values()) + link_s + overhead_s
     return CallCost(
-        flops=sum(c.flops * t for c, t in counts),
-        weight_bytes=sum(c.weight_bytes * t for c, t in counts),
-        kv_bytes=sum(c.kv_bytes * t for c, t in counts),
-        act_bytes=sum(c.act_bytes * t for c, t in counts),
+        flops=sum(c.flops * t for _, c, t in counts),
+        weight_bytes=sum(c.weight_bytes * t for _, c, t in counts),
+        kv_bytes=sum(c.kv_bytes * t for _, c, t in counts),
+        act_bytes=sum(c.act_bytes * t for _, c, t in counts),
         allreduce_bytes=iterations * sum(c.allreduce_bytes for c in per_forward) if devices > 1 else 0.0,
         compute_s=compute_s,
         memory_s=memory_s,
@@ -873,6 +898,7 @@ def call_cost(model: ModelSpec, hw: Hardware, devices: int, op: str, *, tokens: 
         bound="compute" if layer_compute > layer_memory else "memory",
         iterations=iterations,
         parts={**seconds, "link": link_s, "overhead": overhead_s},
+        elementwise_s=elementwise_s,
     )
 
 

@@ -1,7 +1,7 @@
 """Projections: what a measured run would take on other hardware with other models.
 
 A trace records every device call of a solve with its shape (`Interval.op`, `tokens`, `cached`,
-`rows`, `patches`). `replay` re-runs a trace's schedule (`spec.timeline.schedule`: each role in
+`rows`, `patches`). `replay` re-runs a trace's schedule (`speculative.timeline.schedule`: each role in
 its recorded order, every cross-role ordering of the real run kept) with each call priced by a
 duration function; `price_calls` makes that function from the cost model
 (`dreamr_jax.costmodel.call_seconds`: a model spec, a hardware description and a device count
@@ -77,7 +77,7 @@ class Replay:
 
 
 def replay(trace: Trace, seconds_of: SecondsOf) -> Replay:
-    """`trace`'s calls replayed (`spec.timeline.schedule`) with `seconds_of(call)` seconds each."""
+    """`trace`'s calls replayed (`speculative.timeline.schedule`) with `seconds_of(call)` seconds each."""
     calls = schedule(trace, seconds_of)
     return Replay(max((end for _, _, end in calls), default=0.0), calls)
 

@@ -33,12 +33,12 @@ def split_devices(n_draft: int = 1, n_target: int = 1, devices=None):
 
 
 def role_mesh(devices, axis: str = DATA_AXIS) -> Mesh:
-    """A 1-D mesh over `devices`, with classic Auto axes (GSPMD places what the shardings leave
-    open): a role's devices, or a training run's data mesh. The one mesh builder, so every mesh of
-    a run agrees on axis types. `jax.make_mesh` keeps CPU and GPU devices in their given order and
-    may reorder a TPU slice's to follow its interconnect (a ring that collectives run fast on)."""
-    devices = list(devices)
-    return jax.make_mesh((len(devices),), (axis,), axis_types=(AxisType.Auto,), devices=devices)
+    """A 1-D mesh over `devices` in their given order, with classic Auto axes (GSPMD places what
+    the shardings leave open): a role's devices, or a training run's data mesh. The one mesh
+    builder, so every mesh of a run agrees on axis types and device order. The order is kept
+    (not `jax.make_mesh`'s topology order on TPU): SAPO places process p's rows as the p-th block
+    of the mesh, and a role may hold any subset of a host's chips."""
+    return Mesh(np.array(list(devices)), (axis,), axis_types=(AxisType.Auto,))
 
 
 # ---- FSDP of a trained model's weights and optimizer state ----------------------------------------

@@ -5,7 +5,7 @@
 
 SAPO's R_draft trusts the frozen target's check. On the embedded world the truth of every step
 is known (`synthetic.step_verdict`), so this samples `--group` rollouts per problem from the
-draft (as SAPO does), scores every step with the target (`rl.rollouts.step_rhos`, the check
+draft (as SAPO does), scores every step with the target (`training.rollouts.step_rhos`, the check
 SAPO runs) and prints, per true verdict, how many steps the judge accepts (rho >= alpha). A
 judge that accepts wrong steps is a reward SAPO can hack: the "slip" and "misread" rows are
 the ones to watch.

@@ -369,6 +369,14 @@ def test_bad_hardware_files(tmp_path):
         cm.hardware(str(tmp_path / "none.json"))
 
 
+def test_hardware_file_from_an_older_calibrate(tmp_path):
+    """A preset written before the matmul table (it held flops_half_rows) says to recalibrate."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**cm.hardware("cpu").to_dict(), "matmul_table": [], "flops_half_rows": 36.0}))
+    with pytest.raises(CostModelError, match="older `dreamr calibrate`.*rerun `dreamr calibrate"):
+        cm.hardware(str(path))
+
+
 def test_hardware_too_small_says_what_it_needs():
     model, l40s = cm.model_spec("qwen3-vl-32b"), cm.hardware("l40s")
     need = cm.memory_needed(model, 1, kv_tokens=4096)

@@ -1,4 +1,4 @@
-"""Replay and projections (`dreamr_jax.projection`, `spec.timeline` with priced calls,
+"""Replay and projections (`dreamr_jax.projection`, `speculative.timeline` with priced calls,
 `dreamr project`, `--project` on eval/demo): hand-made traces and a fake cost model whose
 prices are worked out by hand; no models load. One end-to-end test runs the real cost model's
 presets when `dreamr_jax/costmodel.py` exists."""

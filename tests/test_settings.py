@@ -143,6 +143,38 @@ def test_sapo_settings_have_one_place(tmp_path):
         load_sapo_config(str(path), ["spec.draft_temperature=0"])
     # the engine's own config keeps its greedy default when built on its own
     assert load_config(PAIR).spec.draft_temperature == 0.0
+    # the reward needs a threshold in [0, 1]: the engine's reject-all value is named under its key
+    with pytest.raises(ConfigError, match="spec.alpha must be a finite number, got inf"):
+        load_sapo_config(SAPO, ["spec.alpha=.inf"])
+
+
+def test_a_checkpoint_from_before_the_move_resumes_with_the_same_config():
+    """Settings stored before alpha / temperature / top_p moved into spec: the old keys held what
+    the run used (its spec.* copies were unused), so the same config shows no change; another
+    value still does."""
+    from dreamr_jax.training.scaffold import moved_settings
+
+    cfg = load_sapo_config(SAPO)
+    stored = settings_of(cfg)
+    stored.update({"alpha": 0.7, "temperature": 1.0, "top_p": 1.0, "spec.draft_temperature": 0.0})
+    assert changed_settings(moved_settings(stored, SAPOConfig), settings_of(cfg)) == []
+    stored["temperature"] = 0.8
+    assert changed_settings(moved_settings(stored, SAPOConfig), settings_of(cfg)) == [
+        "spec.draft_temperature: 0.8 -> 1.0"]
+
+
+def test_old_public_names_still_import_with_a_warning():
+    import importlib
+    import sys
+
+    import dreamr_jax as dr
+
+    with pytest.warns(DeprecationWarning, match="SpeculationConfig"):
+        assert dr.SpecConfig is SpeculationConfig
+    sys.modules.pop("dreamr_jax.rl", None)
+    with pytest.warns(DeprecationWarning, match="dreamr_jax.training"):
+        rl = importlib.import_module("dreamr_jax.rl")
+    assert rl.SAPOConfig is SAPOConfig and rl.grpo_loss is dr.training.grpo_loss
 
 
 def test_python_api_checks_the_same_ranges():

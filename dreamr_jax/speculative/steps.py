@@ -1,5 +1,5 @@
-"""Reasoning steps: the delimiter tokens, final-answer detection and the step/token budgets
-(docs/METHOD.md section 1)."""
+"""Reasoning steps: the delimiter, the step and token budgets, and splitting a text into steps
+(docs/METHOD.md section 1). Final-answer detection lives with grading (`data.grading.final_answer`)."""
 
 from __future__ import annotations
 

@@ -149,9 +149,9 @@ class SAPOConfig:
 
     # Settings that had a second copy here; a config that still sets one is told where it lives.
     MOVED_KEYS: ClassVar[dict] = {
-        "alpha": "spec.alpha (the check threshold, the engine's)",
-        "temperature": "spec.draft_temperature (the draft's sampling, the engine's)",
-        "top_p": "spec.top_p (the draft's sampling, the engine's)",
+        "alpha": ("spec.alpha", "the check threshold, the engine's"),
+        "temperature": ("spec.draft_temperature", "the draft's sampling, the engine's"),
+        "top_p": ("spec.top_p", "the draft's sampling, the engine's"),
     }
 
     def __post_init__(self):
@@ -161,6 +161,8 @@ class SAPOConfig:
             raise SettingError("data", "must be a SAPOData (a mapping in a config file)", self.data)
         if not isinstance(self.spec, SpeculationConfig):
             raise SettingError("spec", "must be a SpeculationConfig (a mapping in a config file)", self.spec)
+        # the engine also takes alpha = inf (reject every step); a reward needs a threshold in [0, 1]
+        check_range("spec.alpha", self.spec.alpha, 0, 1)
         if not self.spec.draft_temperature > 0:
             raise SettingError("spec.draft_temperature", "must be > 0 for SAPO (GRPO compares sampled rollouts; "
                                "greedy ones are all the same)", self.spec.draft_temperature)

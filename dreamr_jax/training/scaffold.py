@@ -77,6 +77,17 @@ def changed_settings(stored: dict, current: dict) -> list[str]:
     return changes
 
 
+def moved_settings(stored: dict, cls) -> dict:
+    """Settings a checkpoint stored, with the keys `cls.MOVED_KEYS` moved since renamed to where
+    they live now: the old key held the value the run used (the new place's old value was unused),
+    so a run checkpointed before the move resumes with the same config."""
+    out = dict(stored)
+    for old, (new, _) in getattr(cls, "MOVED_KEYS", {}).items():
+        if old in out:
+            out[new] = out.pop(old)
+    return out
+
+
 def _shown(value) -> str:
     return "(not set)" if value is ... else json.dumps(value)
 
@@ -97,7 +108,7 @@ def check_resume(ckpt, step: int, cfg) -> dict:
     stored = meta.get("settings")
     if stored is None:
         return meta
-    changes = changed_settings(stored, settings_of(cfg))
+    changes = changed_settings(moved_settings(stored, type(cfg)), settings_of(cfg))
     if changes and not cfg.allow_changed_settings:
         raise ConfigError(
             f"{cfg.output_dir}: the checkpoint at step {step} was written with other settings: {'; '.join(changes)}. "
