@@ -160,8 +160,6 @@ def build_config(cls, data: dict, where: str, prefix: str = "", base=None):
         raise ConfigError(f"{where}: {prefix[:-1] + ': ' if prefix else ''}{e}") from None
 
 
-_build = build_config  # the name callers outside this module used before it was public
-
 
 def _parse_value(text: str, key: str = "") -> Any:
     """An override's value as YAML reads it (`5` an int, `0.5` a float, `true` a flag, `[a, b]` a list)."""
