@@ -45,7 +45,6 @@ which BENCHMARKS.md measures at about bf16 speed with XLA alone: price int4 with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -115,6 +114,8 @@ class Hardware:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
                 raise CostModelError(f"hardware '{self.name}': {f} must be a number >= 0, got {v!r}")
         object.__setattr__(self, "matmul_table", _checked_table(self.name, self.matmul_table))
+        # derived once (not a field): the table by shape, which every priced product reads
+        object.__setattr__(self, "_matmul_index", _table_index(self.matmul_table))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,9 +159,8 @@ def _log_interp(points: list[tuple[float, float]], x: float, grow: float) -> flo
     return math.exp((1 - f) * math.log(y0) + f * math.log(y1))
 
 
-@functools.lru_cache(maxsize=8)
 def _table_index(table: tuple) -> dict:
-    """{(n_in, n_out): [(rows, seconds), ...] sorted by rows} of a matmul table (built once per table)."""
+    """{(n_in, n_out): [(rows, seconds), ...] sorted by rows} of a checked (sorted) matmul table."""
     by_shape: dict[tuple[int, int], list] = {}
     for r, i, o, t in table:
         by_shape.setdefault((i, o), []).append((r, t))
@@ -176,7 +176,7 @@ def matmul_seconds(hw: Hardware, rows: float, n_in: int, n_out: int) -> float:
     w^2, the FLOPs)."""
     if not hw.matmul_table:
         return 2 * rows * n_in * n_out / (hw.peak_flops * hw.flops_efficiency)
-    by_shape = _table_index(hw.matmul_table)
+    by_shape = hw._matmul_index
     if (n_in, n_out) in by_shape:
         return _log_interp(by_shape[n_in, n_out], rows, 1.0)
     squares = [(i, _log_interp(points, rows, 1.0)) for (i, o), points in sorted(by_shape.items()) if i == o]

@@ -47,7 +47,7 @@ class DataConfig:
     shuffled_reads: float = 0.0
     instruction: str = WORLD_INSTRUCTION
     judge_instruction: str = WORLD_JUDGE_INSTRUCTION
-    # Share of CPN judging examples asked with the short verdict cue (`tbvm.judge_text("cue")`)
+    # Share of CPN judging examples asked with the short verdict cue (`prompts.judge_text("cue")`)
     # instead of the full judging turn, so one target serves both `spec.judge_format`s.
     cue_fraction: float = 0.0
     judge_cue: str = JUDGE_CUE

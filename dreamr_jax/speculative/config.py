@@ -38,7 +38,7 @@ class SpeculationConfig:
     instruction: str = REASONING_INSTRUCTION
     judge_instruction: str = JUDGE_INSTRUCTION
     # "turn": the paper's judging turn after each checked step; "cue": only `judge_cue`, a few
-    # tokens, for a target trained to answer it (the embedded world's is): `tbvm.judge_text`.
+    # tokens, for a target trained to answer it (the embedded world's is): `prompts.judge_text`.
     judge_format: str = "turn"
     judge_cue: str = JUDGE_CUE
     specreason_threshold: int = 7  # accept a drafted step when its 0-9 score is >= this

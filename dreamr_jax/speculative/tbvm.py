@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..prompts import (JUDGE_CUE, JUDGE_FORMATS, JUDGE_INSTRUCTION, KeywordError, Keywords, judge_suffix,  # noqa: F401
-                       judge_text, keyword_token_ids)
+# The judging prompt and the keywords' token ids are in `dreamr_jax.prompts`.
+
 
 def cpn_rho(logits, positive_id: int, negative_id: int):
     """rho = sigmoid(z+ - z-) in float32, over any leading batch shape of logits (..., V).
