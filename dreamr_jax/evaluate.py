@@ -208,6 +208,7 @@ def summarise(results: list[dict], methods: Sequence[str]) -> list[dict]:
             "projected_speedup": target_proj / projected if projected else float("nan"),
             "draft_token_share": drafted / total if total else float("nan"),
             "length_ratio": mean_tokens(m) / target_tokens if target_tokens else float("nan"),
+            "mean_tokens": mean_tokens(m),  # committed trace tokens per problem (the records all solved)
         })
     return rows
 
@@ -382,12 +383,22 @@ def run_eval(reasoner, records: list[dict], methods: Sequence[str], out_dir: str
     return rows
 
 
+def warm_up_records(records: list[dict], count: int) -> list[dict]:
+    """The `count` records a warm-up solves: the first half of them the run's first records, the
+    rest those with the longest questions (a long prompt pushes the cache past length buckets
+    the first records may not reach), each record once."""
+    longest = sorted(range(len(records)), key=lambda i: -len(str(records[i].get("question", ""))))
+    first = range(min(len(records), count - count // 2))
+    return [records[i] for i in list(dict.fromkeys([*first, *longest]))[:count]]
+
+
 def _warm_up(reasoner, records: list[dict], count: int, methods: Sequence[str]) -> None:
-    """Compile every program the run will use before timing anything: each method on `count`
-    records reaches the shape buckets (prompt, step, check width, attended cache length) the
-    timed pass meets; the pass counts any compilation left and reports it."""
+    """Compile every program the run will use before timing anything: each method on
+    `warm_up_records` reaches the shape buckets (prompt, step, check width, attended cache
+    length) the timed pass meets; the pass counts any compilation left and reports it."""
+    chosen = warm_up_records(records, count)
     for m in methods:
-        for record in records[:count]:
+        for record in chosen:
             try:
                 reasoner.solve(record["question"], record.get("images") or record.get("image"), method=m)
             except Exception as e:  # the run records the failure per problem

@@ -12,11 +12,15 @@ the 2-core CPU reaches in 40 minutes.)
 2. SFT of the target (configs/sft_synthetic_target.yaml: solutions + CPN judging), then its
    judge fine-tune (configs/sft_synthetic_target_judge.yaml: the same mix with the draft-style
    arithmetic mistakes weighted up, from the SFT export; `--judge-override KEY=VALUE`), then
-   the verdict-cue stages (configs/sft_synthetic_target_cue.yaml, `CUE_STAGES`);
+   the verdict-cue stages (configs/sft_synthetic_target_cue.yaml, `CUE_STAGES`), then the
+   redundant-step stage (configs/sft_synthetic_target_redundant.yaml);
 3. SFT of the draft (configs/sft_synthetic_draft.yaml: solutions only);
-4. copies both exported HF checkpoints (config.json, float16 safetensors, tokenizer and
-   processor files) into dreamr_jax/assets/synthetic-{target,draft};
-5. measures target-alone and draft-alone accuracy on 100 validation problems and writes
+4. SFT of the misaligned draft (configs/sft_synthetic_draft_redundant.yaml: solutions with two
+   redundant habits), then SAPO of it against the new target (configs/sapo_synthetic_redundant.yaml,
+   the paper's 1:1:1 reward; `--sapo-override KEY=VALUE`);
+5. copies the exported HF checkpoints (config.json, float16 safetensors, tokenizer and
+   processor files) into dreamr_jax/assets/synthetic-{target,draft,draft-redundant,draft-redundant-sapo};
+6. measures target-alone and draft-alone accuracy on 100 validation problems and writes
    dreamr_jax/assets/build_info.json (times, sizes, parameters, accuracies).
 """
 
@@ -56,6 +60,8 @@ def count_params(model) -> dict:
 
 
 def accuracy(folder: str, count: int, split: str = "val") -> float:
+    """Greedy accuracy of the checkpoint alone on `count` problems of `split` (a draft alone
+    decodes as a target alone does)."""
     from dreamr_jax.config import load_config
     from dreamr_jax.data import synthetic
     from dreamr_jax.data.grading import answers_match
@@ -77,6 +83,8 @@ def main() -> None:
     parser.add_argument("--draft-override", action="append", default=[], help="KEY=VALUE for the draft's SFT config")
     parser.add_argument("--judge-override", action="append", default=[],
                         help="KEY=VALUE for the target's judge fine-tune config")
+    parser.add_argument("--sapo-override", action="append", default=[],
+                        help="KEY=VALUE for the misaligned draft's SAPO config")
     parser.add_argument("--work", default=os.path.join(ROOT, "out", "assets"), help="training runs go here")
     parser.add_argument("--resume", action="store_true",
                         help="continue the runs in --work (default: delete them and train from scratch)")
@@ -87,6 +95,8 @@ def main() -> None:
     import dreamr_jax as dr
     from dreamr_jax import assets
     from dreamr_jax.data.world_tokenizer import write_tokenizer_files
+    from dreamr_jax.training.sapo_trainer import load_sapo_config
+    from dreamr_jax.training.sapo_trainer import train as train_sapo
     from dreamr_jax.training.sft import load_sft_config, train
 
     if not (args.resume or args.skip_training) and os.path.exists(args.work):
@@ -132,6 +142,9 @@ def main() -> None:
                 stages.append({"overrides": overrides, "steps": final["step"], "final_metrics": final})
             info["target_cue_finetune"] = {"batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
                                            "stages": stages}
+            # rejecting redundant steps (the misaligned draft's habits)
+            cfg, final = sft("target_redundant", [f"init={os.path.join(cfg.output_dir, 'hf')}"])
+            info["target_redundant_finetune"] = {"steps": final["step"], "final_metrics": final}
         dest = os.path.join(assets.ASSETS_DIR, f"synthetic-{role}")
         if os.path.exists(dest):
             shutil.rmtree(dest)
@@ -140,15 +153,35 @@ def main() -> None:
         arch_cfg = base_cfg if role == "target" else cfg
         info[role] = {"steps": base_steps, "batch_size": arch_cfg.batch_size, "mb": round(folder_mb(dest), 2),
                       "params": count_params(model), "architecture": arch_cfg.model, "final_metrics": base_final}
+    # The misaligned draft and the same draft after SAPO against the target just built.
+    cfg, final = sft("draft_redundant", [])
+    misaligned = {"draft-redundant": os.path.join(cfg.output_dir, "hf")}
+    info["draft-redundant"] = {"steps": final["step"], "final_metrics": final}
+    sapo_cfg = load_sapo_config(os.path.join(ROOT, "configs", "sapo_synthetic_redundant.yaml"),
+                                [f"output_dir={os.path.join(args.work, 'sapo_redundant')}",
+                                 f"draft={misaligned['draft-redundant']}",
+                                 f"target={assets.path('target')}"] + args.sapo_override)
+    t = time.perf_counter()
+    if not args.skip_training:
+        train_sapo(sapo_cfg, progress=True)
+    info["seconds"]["sapo_redundant"] = round(time.perf_counter() - t, 1)
+    misaligned["draft-redundant-sapo"] = os.path.join(sapo_cfg.output_dir, "hf")
+    info["draft-redundant-sapo"] = {"steps": sapo_cfg.steps, "overrides": args.sapo_override}
+    for name, folder in misaligned.items():
+        dest = os.path.join(assets.ASSETS_DIR, f"synthetic-{name}")
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        shutil.copytree(folder, dest)
+        info[name]["mb"] = round(folder_mb(dest), 2)
     info["draft_cheaper_per_token"] = round(info["target"]["params"]["flops_per_token"]
                                             / info["draft"]["params"]["flops_per_token"], 2)
     t = time.perf_counter()
-    for role in ("target", "draft"):
+    for role in ("target", "draft", "draft-redundant", "draft-redundant-sapo"):
         info[role]["val_accuracy_100"] = accuracy(os.path.join(assets.ASSETS_DIR, f"synthetic-{role}"), 100)
     info["seconds"]["evaluation"] = round(time.perf_counter() - t, 1)
     info["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     info["assets_mb"] = round(sum(folder_mb(os.path.join(assets.ASSETS_DIR, f"synthetic-{r}"))
-                                  for r in ("target", "draft", "tokenizer")), 2)
+                                  for r in assets.NAMES), 2)
     with open(os.path.join(assets.ASSETS_DIR, "build_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     if args.json:

@@ -1,6 +1,8 @@
-"""Plot a SAPO run's reward terms, acceptance and KL over training.
+"""Plot SAPO runs: one run's reward terms, acceptance, response length and KL, or several runs
+(a reward ablation) side by side.
 
     python scripts/plot_sapo.py out/sapo-synthetic/metrics.jsonl out/sapo-synthetic/training.png [--window 10]
+    python scripts/plot_sapo.py --runs 1:1:1=out/a/metrics.jsonl 2:1:1=out/b/metrics.jsonl -- ablation.png
 
 Each curve is a moving average over `--window` steps (single steps are noisy: 64 rollouts).
 """
@@ -14,6 +16,9 @@ import numpy as np
 
 CURVES = (("reward_outcome", "R_outcome"), ("reward_draft", "R_draft"), ("reward_length", "R_length"),
           ("acceptance_rate", "acceptance (rho >= alpha)"))
+# The ablation's panels: what the paper's weights trade against each other.
+COMPARED = (("acceptance_rate", "acceptance (rho >= alpha)"), ("response_length", "response tokens"),
+            ("reward_outcome", "R_outcome"))
 
 
 def moving_average(values, window: int) -> np.ndarray:
@@ -22,40 +27,84 @@ def moving_average(values, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise SystemExit(f"{path}: no metric rows")
+    return rows
+
+
+def curve(ax, rows: list[dict], key: str, window: int, **style) -> None:
+    steps = np.array([r["step"] for r in rows])
+    smooth = moving_average([r[key] for r in rows], window)
+    ax.plot(steps[len(steps) - len(smooth):], smooth, **style)
+
+
+def plot_run(rows: list[dict], window: int):
+    import matplotlib.pyplot as plt
+
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(7, 8), sharex=True, height_ratios=(3, 1.3, 1))
+    for key, label in CURVES:
+        curve(top, rows, key, window, label=label)
+    top.set_ylabel(f"mean over {window} steps")
+    top.set_ylim(0, 1)
+    top.legend(loc="lower right")
+    curve(middle, rows, "response_length", window, color="black")
+    middle.set_ylabel("response tokens")
+    curve(bottom, rows, "kl", window, color="grey")
+    bottom.set_ylabel("KL to reference")
+    bottom.set_xlabel("SAPO step")
+    for ax in (top, middle, bottom):
+        ax.grid(alpha=0.3)
+    fig.suptitle("SAPO: reward terms, acceptance and length")
+    return fig
+
+
+def plot_runs(runs: dict, window: int):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(COMPARED), 1, figsize=(7, 8), sharex=True)
+    for name, rows in runs.items():
+        for ax, (key, _) in zip(axes, COMPARED):
+            curve(ax, rows, key, window, label=name)
+    for ax, (_, label) in zip(axes, COMPARED):
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="reward weights", loc="lower right")
+    axes[-1].set_xlabel("SAPO step")
+    fig.suptitle(f"SAPO reward ablation (mean over {window} steps)")
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metrics")
-    parser.add_argument("output")
+    parser.add_argument("paths", nargs="+", help="METRICS OUTPUT, or with --runs only OUTPUT")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="NAME=METRICS")
     parser.add_argument("--window", type=int, default=10)
     args = parser.parse_args()
 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(args.metrics) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        raise SystemExit(f"{args.metrics}: no metric rows")
-    steps = np.array([r["step"] for r in rows])
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
-    for key, label in CURVES:
-        smooth = moving_average([r[key] for r in rows], args.window)
-        top.plot(steps[len(steps) - len(smooth):], smooth, label=label)
-    top.set_ylabel(f"mean over {args.window} steps")
-    top.set_ylim(0, 1)
-    top.legend(loc="lower right")
-    top.grid(alpha=0.3)
-    kl = moving_average([r["kl"] for r in rows], args.window)
-    bottom.plot(steps[len(steps) - len(kl):], kl, color="grey")
-    bottom.set_ylabel("KL to reference")
-    bottom.set_xlabel("SAPO step")
-    bottom.grid(alpha=0.3)
-    fig.suptitle("SAPO: reward terms and acceptance")
+    if args.runs:
+        if len(args.paths) != 1:
+            parser.error("with --runs give one output path")
+        runs = {}
+        for item in args.runs:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                parser.error(f"--runs {item!r}: expected NAME=METRICS")
+            runs[name] = read_metrics(path)
+        fig = plot_runs(runs, args.window)
+    else:
+        if len(args.paths) != 2:
+            parser.error("expected METRICS OUTPUT")
+        fig = plot_run(read_metrics(args.paths[0]), args.window)
+    output = args.paths[-1]
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    print(args.output)
+    fig.savefig(output, dpi=120)
+    print(output)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ def world_reasoner(world_pair):
 def test_assets_fit_the_budget_and_share_a_tokenizer(world_pair):
     from dreamr_jax.speculative.methods import check_same_tokenizer
 
-    total = sum(_size(assets.path(n)) for n in ("target", "draft", "tokenizer"))
+    total = sum(_size(assets.path(n)) for n in assets.NAMES)  # the pair, the tokenizer, SAPO's two drafts
     assert total <= 30 * MB, total / MB
-    check_same_tokenizer(dr.load_processor(assets.path("draft")), dr.load_processor(assets.path("target")))
+    for draft_name in ("draft", "draft-redundant", "draft-redundant-sapo"):
+        check_same_tokenizer(dr.load_processor(assets.path(draft_name)), dr.load_processor(assets.path("target")))
     target, draft = world_pair
     assert target.cfg.family == draft.cfg.family == "qwen3_vl"
 

@@ -327,3 +327,13 @@ def test_a_target_only_config_runs_the_target(tmp_path, capsys, target_only, dat
     reasoner = SpeculativeReasoner(target="asset:target")
     with pytest.raises(EvalError, match="dreamr needs a draft model"):
         reasoner.solve_many([{"question": "q"}], methods=["dreamr"], progress=False)
+
+
+def test_warm_up_takes_the_first_records_and_the_longest_questions():
+    from dreamr_jax.evaluate import warm_up_records
+
+    records = [{"id": i, "question": "q" * n} for i, n in enumerate([3, 1, 9, 2, 7, 8, 1])]
+    assert [r["id"] for r in warm_up_records(records, 4)] == [0, 1, 2, 5]  # first 2, then 9 and 8 chars
+    assert [r["id"] for r in warm_up_records(records, 5)] == [0, 1, 2, 5, 4]  # record 2 is both: once
+    assert [r["id"] for r in warm_up_records(records, 99)] == [0, 1, 2, 3, 4, 5, 6]
+    assert warm_up_records(records, 0) == []

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 
 ASSETS_DIR = os.path.dirname(os.path.abspath(__file__))
-NAMES = ("target", "draft", "tokenizer")
+# "draft-redundant" / "draft-redundant-sapo": the misaligned draft SAPO starts from and the
+# draft after SAPO (configs/sft_synthetic_draft_redundant.yaml, configs/sapo_synthetic_redundant.yaml).
+NAMES = ("target", "draft", "tokenizer", "draft-redundant", "draft-redundant-sapo")
 
 
 def path(name: str = "target") -> str:
-    """Folder of a shipped asset: "target", "draft" (HF checkpoints) or "tokenizer"."""
+    """Folder of a shipped asset: "target", "draft", "draft-redundant", "draft-redundant-sapo"
+    (HF checkpoints) or "tokenizer"."""
     if name not in NAMES:
         raise ValueError(f"asset must be one of {NAMES}, got '{name}'")
     folder = os.path.join(ASSETS_DIR, f"synthetic-{name}")

@@ -55,10 +55,11 @@ def reading_accuracy(model, processor, count: int = 64) -> dict:
     return {k: round(a / max(n, 1), 4) for k, (a, n) in hits.items()}
 
 
-def judging_agreement(reasoner, count: int, alpha: float) -> dict:
+def judging_agreement(reasoner, count: int, alpha: float, redundant_share: float = 0.0) -> dict:
     """How often the target's CPN verdict (rho >= alpha) agrees with the label of `count`
     validation judging examples, overall and per kind of mistake, with the mean rho of correct
-    and of wrong steps."""
+    and of wrong steps. `redundant_share`: of the wrong candidates, the share that are redundant
+    steps (`synthetic.judging_example`; 0 keeps the examples of earlier assessments)."""
     from ..data import synthetic
 
     engine = reasoner.engine("dreamr")
@@ -68,7 +69,7 @@ def judging_agreement(reasoner, count: int, alpha: float) -> dict:
     agree = 0
     by_mistake = {}  # mistake kind ("correct" for correct steps) -> [examples, verdicts that agree]
     for i in range(count):
-        ex = synthetic.judging_example(synthetic.make_problem(0, "val", i), rng)
+        ex = synthetic.judging_example(synthetic.make_problem(0, "val", i), rng, redundant_share=redundant_share)
         prompt = reasoner.processor.encode(reasoner.prompt(ex.problem.question, 1), [ex.problem.image()])
         ctx = reasoner.target.open(prompt["input_ids"], prompt["pixel_values"], prompt["image_grid_thw"], capacity=256)
         reasoner.target.set_tokens(ctx, [t for s in ex.context_steps for t in tok.encode(s + "\n\n")])
@@ -83,7 +84,7 @@ def judging_agreement(reasoner, count: int, alpha: float) -> dict:
             "judge_by_mistake": {k: round(a / n, 3) for k, (n, a) in sorted(by_mistake.items())}}
 
 
-def assess_target(folder: str, count: int) -> dict:
+def assess_target(folder: str, count: int, redundant_share: float = 0.0) -> dict:
     """Is a world model a competent target? Greedy target-alone accuracy on `count` validation
     problems ("solve"), `reading_accuracy` and `judging_agreement`, measured separately."""
     import dreamr_jax as dr
@@ -99,7 +100,7 @@ def assess_target(folder: str, count: int) -> dict:
     solved = sum(answers_match(reasoner.solve(p.question, p.image(), method="target").answer, p.answer)
                  for p in synthetic.problems(0, "val", count))
     return {"folder": folder, "solve": solved / count, **reading_accuracy(model, processor),
-            **judging_agreement(reasoner, count, spec.alpha)}
+            **judging_agreement(reasoner, count, spec.alpha, redundant_share)}
 
 
 def audit_judge(draft: str, target: str, count: int, group: int, temperature: float, split: str, seed: int = 0,
@@ -185,3 +186,63 @@ def compare_checkpoints(dense: str, others, count: int):
         agree = np.mean(np.concatenate([g.argmax(-1) == w.argmax(-1) for g, w in zip(got, want)]))
         yield {"checkpoint": folder, "mean_abs_logit_error": float(diff.mean()),
                "max_abs_logit_error": float(diff.max()), "argmax_agreement": float(agree)}
+
+
+def redundant_steps(results: list[dict], method: str, seed: int = 0) -> float:
+    """Mean count per solved problem of redundant steps (`synthetic.step_verdict`: "redundant" or
+    "repeated") in `method`'s committed traces; the records are the world's (`synthetic-SPLIT-I`)."""
+    from ..data import synthetic
+
+    counts = []
+    for r in results:
+        if r["method"] != method or r["status"] != "ok":
+            continue
+        _, split, index = r["id"].rsplit("-", 2)
+        problem = synthetic.make_problem(seed, split, int(index))
+        # from the text: `target` / `draft` alone commit a whole decode call as one trace step
+        texts = [t.strip() for t in r["trace"]["text"].split("\n\n") if t.strip()]
+        counts.append(sum(synthetic.step_verdict(problem, texts[: k + 1]) in ("redundant", "repeated")
+                          for k in range(len(texts))))
+    return float(np.mean(counts)) if counts else float("nan")
+
+
+def compare_drafts(drafts: dict, target: str, count: int, out_dir: str, split: str = "test",
+                   fresh: bool = False) -> list[dict]:
+    """Each named draft (name -> checkpoint) against one target, greedy, on `count` problems of
+    `split`, in one process: `target`, `draft` alone and `dreamr` per draft (`evaluate.run_eval`
+    into out_dir/NAME, resumed unless `fresh`), so every `dreamr` speedup is over a `target` row
+    measured minutes before it. One row per draft: accuracies, acceptance, trace lengths in
+    tokens, redundant steps per solution and the speedups."""
+    import os
+
+    import dreamr_jax as dr
+
+    from ..data import synthetic
+    from ..evaluate import run_eval
+    from ..speculative import SpeculativeReasoner
+    from ..speculative.results import read_results
+
+    spec = _world_spec()
+    records = [p.record() for p in synthetic.problems(0, split, count)]
+    target_model, processor = dr.load_model(target), dr.load_processor(target)
+    rows = []
+    for name, folder in drafts.items():
+        reasoner = SpeculativeReasoner(target=target_model, draft=dr.load_model(folder), processor=processor,
+                                       config=spec)
+        where = os.path.join(out_dir, name)
+        # warm-up on 16 records: the misaligned drafts' longer traces reach more length buckets
+        by_method = {r["method"]: r for r in run_eval(reasoner, records, ["target", "draft", "dreamr"], where,
+                                                      progress=False, fresh=fresh, warmup_records=16)}
+        results = list(read_results(os.path.join(where, "results.jsonl"), warn=False).values())
+        target_row, draft_row, dreamr_row = by_method["target"], by_method["draft"], by_method["dreamr"]
+        rows.append({"draft": name, "checkpoint": folder, "problems": count,
+                     "target_accuracy": target_row["accuracy"], "draft_accuracy": draft_row["accuracy"],
+                     "dreamr_accuracy": dreamr_row["accuracy"], "acceptance": dreamr_row["acceptance"],
+                     "draft_tokens": draft_row["mean_tokens"], "dreamr_tokens": dreamr_row["mean_tokens"],
+                     "target_tokens": target_row["mean_tokens"],
+                     "draft_redundant_steps": redundant_steps(results, "draft"),
+                     "dreamr_redundant_steps": redundant_steps(results, "dreamr"),
+                     "speedup": dreamr_row["speedup"], "median_speedup": dreamr_row["median_speedup"],
+                     "projected_speedup": dreamr_row["projected_speedup"],
+                     "compiles": sum(by_method[m]["compiles"] for m in by_method)})
+    return rows

@@ -45,6 +45,13 @@ class DataConfig:
     # the reference order correct), the mismatch SAPO's R_draft exists to remove. 0 for the
     # shipped pair.
     shuffled_reads: float = 0.0
+    # The misaligned draft's habits (`synthetic.habitual_solution`): each solution example
+    # restates the question before computing and writes `synthetic.CHECK_STEP` before the answer,
+    # each with this probability. 0 for the shipped pair.
+    redundant_habits: float = 0.0
+    # Share of wrong judging candidates that are redundant steps (`synthetic.redundant_step`: the
+    # question restated, a digit read again, `CHECK_STEP`), so the target learns to reject them.
+    redundant_share: float = 0.0
     instruction: str = WORLD_INSTRUCTION
     judge_instruction: str = WORLD_JUDGE_INSTRUCTION
     # Share of CPN judging examples asked with the short verdict cue (`prompts.judge_text("cue")`)
@@ -87,7 +94,7 @@ class WorldEncoder:
         label = -1
         verdict_pos = -1
         if rng.random() < cfg.judging_fraction:
-            ex = synthetic.judging_example(problem, rng)
+            ex = synthetic.judging_example(problem, rng, redundant_share=cfg.redundant_share)
             for step in self._steps(ex.context_steps):
                 ids += step
                 weights += [1.0] * len(step)
@@ -106,6 +113,9 @@ class WorldEncoder:
             steps = problem.steps
             if cfg.shuffled_reads and rng.random() < cfg.shuffled_reads:
                 steps = synthetic.reordered_reads(problem, rng)
+            if cfg.redundant_habits:
+                steps = synthetic.habitual_solution(dataclasses.replace(problem, steps=tuple(steps)), rng,
+                                                    cfg.redundant_habits)
             for step in self._steps(steps):
                 ids += step
                 weights += [1.0] * len(step)

@@ -180,6 +180,58 @@ def reordered_reads(problem: WorldProblem, rng) -> tuple:
     return tuple(problem.steps[i] for i in order) + problem.steps[n:]
 
 
+# ---- redundant steps: the misaligned draft's habits -----------------------------------------------
+
+# A step that states nothing new: the world's "let me check". Every word of it is in the world
+# tokenizer's training text ("Is the last step correct?"), so it costs few tokens.
+CHECK_STEP = "The last step is correct."
+REDUNDANT_KINDS = ("restate", "reread", "check")
+
+
+def restated_question(problem: WorldProblem) -> str:
+    """The question restated as a step: "What is the red digit times itself." The question mark
+    becomes a full stop because the world tokenizer writes "?\n\n" as "?\n" + "\n", and no
+    token of that pair holds the step delimiter "\n\n", so the engine would not see the step end."""
+    return problem.question.rstrip("?") + "."
+
+
+def redundant_step(problem: WorldProblem, k: int, rng, kind: str | None = None) -> tuple[str, str]:
+    """A true but non-progress step written after the first `k` reference steps: (text, kind).
+
+    "restate": the question restated; "reread": a digit read again that an earlier step already
+    read; "check": `CHECK_STEP`. A reread needs an earlier read and a check an earlier step;
+    where the asked kind is not possible the question is restated."""
+    reads = [s for s in problem.steps[:k] if _READ.fullmatch(s)]
+    possible = ["restate"] + ["reread"] * bool(reads) + ["check"] * (k >= 1)
+    if kind is None:
+        kind = possible[int(rng.integers(0, len(possible)))]
+    elif kind not in REDUNDANT_KINDS:
+        raise ValueError(f"redundant step kind must be one of {REDUNDANT_KINDS}, got '{kind}'")
+    if kind not in possible:
+        kind = "restate"
+    if kind == "reread":
+        return reads[int(rng.integers(0, len(reads)))], kind
+    return (restated_question(problem) if kind == "restate" else CHECK_STEP), kind
+
+
+def habitual_solution(problem: WorldProblem, rng, rate: float) -> tuple:
+    """The reference solution written with the misaligned draft's two habits, each taken with
+    probability `rate`: the question restated once the digits are read (before computing), and
+    `CHECK_STEP` before the final answer. The reading and arithmetic are the reference's, so a
+    draft taught on these solves as well as one taught on the reference; with `rate` above 1/2 the
+    habits are its greedy choice, and the target rejects both (`step_verdict`: "redundant")."""
+    steps = list(problem.steps)
+    first_sum = next(i for i, s in enumerate(steps) if not _READ.fullmatch(s))
+    out = steps[:first_sum]
+    if rng.random() < rate:
+        out.append(restated_question(problem))
+    out += steps[first_sum:-1]
+    if rng.random() < rate:
+        out.append(CHECK_STEP)
+    out.append(steps[-1])
+    return tuple(out)
+
+
 def problems(seed: int, split: str, count: int, start: int = 0) -> Iterator[WorldProblem]:
     for i in range(start, start + count):
         yield make_problem(seed, split, i)
@@ -278,10 +330,18 @@ class JudgingExample:
     mistake: str  # "" for correct candidates
 
 
-def judging_example(problem: WorldProblem, rng, positive_rate: float = 0.5) -> JudgingExample:
+def judging_example(problem: WorldProblem, rng, positive_rate: float = 0.5,
+                    redundant_share: float = 0.0) -> JudgingExample:
+    """A context of k reference steps and a candidate: the next reference step (label True, with
+    probability `positive_rate`), else a wrong one: a redundant step (`redundant_step`, "redundant")
+    with probability `redundant_share`, otherwise a mistake of `corrupt_step`. With
+    `redundant_share` 0 no random number is drawn for it, so older recipes' data is unchanged."""
     k = int(rng.integers(0, len(problem.steps)))
     if rng.random() < positive_rate:
         return JudgingExample(problem, problem.steps[:k], problem.steps[k], True, "")
+    if redundant_share and rng.random() < redundant_share:
+        text, _ = redundant_step(problem, k, rng)
+        return JudgingExample(problem, problem.steps[:k], text, False, "redundant")
     text, mistake = corrupt_step(problem, k, rng)
     return JudgingExample(problem, problem.steps[:k], text, False, mistake)
 
@@ -318,13 +378,19 @@ def step_verdict(problem: WorldProblem, steps: Sequence[str]) -> str:
     """The true status of the last of `steps` (texts without their "\\n\\n"), written after the others:
 
     - "correct": the earlier steps are the reference's and this one is the next reference step;
+    - "redundant": a true step that makes no progress (`restated_question`, `CHECK_STEP`, or a
+      digit read again that an earlier step read); the check rejects it, as a repeated step;
     - a mistake kind ("misread", "slip", "wrong_answer", "repeated", "skipped", "other") when the
       earlier steps are the reference's and this one is not the next one;
     - "off_path": an earlier step already left the reference solution (what "correct" means
       there is a matter of taste, so audits report those steps apart).
 
-    The world's steps have one fixed wording, so a correct step is the reference step verbatim."""
+    Earlier redundant steps (`restated_question`, `CHECK_STEP`) are passed over: they leave
+    the solution where it was. The world's steps have one fixed wording, so a correct step is the
+    reference step verbatim."""
     *before, last = [s.strip() for s in steps]
+    fillers = (restated_question(problem), CHECK_STEP)
+    before = [s for s in before if s not in fillers]
     ref = problem.steps
     k = len(before)
     if list(ref[:k]) != before:
@@ -333,6 +399,8 @@ def step_verdict(problem: WorldProblem, steps: Sequence[str]) -> str:
         return "correct"
     if k >= 1 and last == ref[k - 1]:
         return "repeated"
+    if last in fillers or (last in ref[:k] and _READ.fullmatch(last)):
+        return "redundant"
     if last in ref[k + 1:]:
         return "skipped"
     if k < len(ref):

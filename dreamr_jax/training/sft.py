@@ -88,7 +88,8 @@ def check_data(data: DataConfig) -> None:
 
     check_range("data.seed", data.seed, 0, integer=True)
     check_choice("data.split", data.split, tuple(SPLITS))
-    for key in ("judging_fraction", "specreason_fraction", "shuffled_reads", "cue_fraction"):
+    for key in ("judging_fraction", "specreason_fraction", "shuffled_reads", "cue_fraction",
+                "redundant_habits", "redundant_share"):
         check_range(f"data.{key}", getattr(data, key), 0, 1)
     check_range("data.verdict_weight", data.verdict_weight, 0)
     check_range("data.seq_len", data.seq_len, 2, integer=True)

@@ -130,6 +130,76 @@ def test_step_verdict_labels_written_steps_against_the_solution():
     assert synthetic.step_verdict(p, [misread, s[1]]) == "off_path"  # after a mistake
 
 
+def test_redundant_steps_are_rejected_and_passed_over():
+    """The world's true verdict of a redundant step is "redundant" (the check must reject it, as a
+    repeated step), and a redundant step earlier in the trace leaves the solution where it was."""
+    p = next(q for q in synthetic.problems(0, "val", 50) if q.kind == "product_minus")
+    s = list(p.steps)
+    restated = synthetic.restated_question(p)
+    assert restated == p.question[:-1] + "." and not restated.endswith("?")
+    assert synthetic.step_verdict(p, s[:3] + [restated]) == "redundant"  # the question restated
+    assert synthetic.step_verdict(p, s[:5] + [synthetic.CHECK_STEP]) == "redundant"  # "let me check"
+    assert synthetic.step_verdict(p, s[:3] + [s[0]]) == "redundant"  # a digit read again, two steps later
+    assert synthetic.step_verdict(p, s[:2] + [s[1]]) == "repeated"  # right after itself: as before
+    assert synthetic.step_verdict(p, s[:3] + [restated, s[3]]) == "correct"
+    assert synthetic.step_verdict(p, s[:3] + [restated] + s[3:5] + [synthetic.CHECK_STEP, s[5]]) == "correct"
+    assert synthetic.step_verdict(p, s[:3] + [s[0], s[3]]) == "off_path"  # a re-read is not passed over
+    rng = np.random.default_rng(0)
+    for q in synthetic.problems(0, "train", 200):
+        k = int(rng.integers(0, len(q.steps)))
+        text, kind = synthetic.redundant_step(q, k, rng)
+        assert kind in synthetic.REDUNDANT_KINDS
+        if kind == "reread":  # an earlier read, possibly the step right before (then "repeated")
+            assert text in q.steps[:k] and text.startswith("The ") and " digit is " in text
+        verdict = synthetic.step_verdict(q, list(q.steps[:k]) + [text])
+        assert verdict == ("repeated" if k and text == q.steps[k - 1] else "redundant"), (q.steps, k, text)
+    with pytest.raises(ValueError, match="redundant step kind"):
+        synthetic.redundant_step(p, 2, rng, "hedge")
+
+
+def test_judging_data_makes_redundant_steps_at_the_configured_share():
+    draws = Counter()
+    for share in (0.0, 0.3):
+        rng = np.random.default_rng(1)
+        for i in range(3000):
+            ex = synthetic.judging_example(synthetic.make_problem(0, "train", i), rng, redundant_share=share)
+            if not ex.label:
+                draws[share, ex.mistake == "redundant"] += 1
+                if ex.mistake == "redundant":
+                    verdict = synthetic.step_verdict(ex.problem, list(ex.context_steps) + [ex.candidate])
+                    assert verdict in ("redundant", "repeated")
+    assert draws[0.0, True] == 0
+    negatives = draws[0.3, True] + draws[0.3, False]
+    share = draws[0.3, True] / negatives
+    assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / negatives), (share, negatives)  # binomial, 4 sd
+    # Without the share no random number is drawn for it: the older recipes' data is unchanged.
+    a, b = np.random.default_rng(2), np.random.default_rng(2)
+    for i in range(100):
+        p = synthetic.make_problem(0, "train", i)
+        assert synthetic.judging_example(p, a) == synthetic.judging_example(p, b, redundant_share=0.0)
+
+
+def test_habitual_solutions_add_only_the_two_habits():
+    rng = np.random.default_rng(3)
+    habits = Counter()
+    n = 2000
+    for p in synthetic.problems(0, "train", n):
+        steps = synthetic.habitual_solution(p, rng, 0.7)
+        kept = [t for t in steps if t not in (synthetic.restated_question(p), synthetic.CHECK_STEP)]
+        assert tuple(kept) == p.steps  # the reads, the arithmetic and the answer are the reference's
+        reads = sum(1 for t in p.steps if re.fullmatch(r"The (\w+) digit is \w+?(\d)\.", t))
+        if synthetic.restated_question(p) in steps:
+            assert steps.index(synthetic.restated_question(p)) == reads  # restated once the digits are read
+            habits["restate"] += 1
+        if synthetic.CHECK_STEP in steps:
+            assert steps[-2] == synthetic.CHECK_STEP  # right before the answer
+            habits["check"] += 1
+        assert synthetic.step_verdict(p, steps) == "correct"  # the answer step, past both habits
+    for habit in ("restate", "check"):
+        assert abs(habits[habit] / n - 0.7) < 4 * np.sqrt(0.21 / n), habits
+    assert synthetic.habitual_solution(p, rng, 0.0) == p.steps
+
+
 @pytest.fixture(scope="module")
 def world_processor():
     return dr.load_processor(tokenizer_path=assets.path("tokenizer"))
@@ -223,6 +293,34 @@ def test_reordered_reads_permute_only_the_reads(world_processor):
         assert sorted(text_b[prompt_end:].split("\n\n")) == sorted(text_a[prompt_end:].split("\n\n"))
         changed += text_a != text_b
     assert changed >= 5
+
+
+def test_encoder_writes_the_habits_and_redundant_negatives(world_processor):
+    tok = world_processor.tokenizer
+    # Every redundant step ends in a token holding the step delimiter, so the engine sees its end.
+    p = synthetic.make_problem(0, "train", 0)
+    for kind in synthetic.REDUNDANT_KINDS:
+        text, _ = synthetic.redundant_step(p, 1, np.random.default_rng(0), kind)
+        assert "\n\n" in tok.decode(tok.encode(text + "\n\n")[-1:]), kind
+    habits = WorldEncoder(world_processor, DataConfig(judging_fraction=0.0, redundant_habits=1.0))
+    for index in range(10):
+        p = synthetic.make_problem(0, "train", index)
+        e = habits.example(index)
+        written = synthetic.habitual_solution(p, np.random.default_rng(0), 1.0)  # rate 1: both habits
+        assert tok.decode(e["input_ids"][: e["length"]]).endswith("".join(t + "\n\n" for t in written))
+    judge = WorldEncoder(world_processor, DataConfig(judging_fraction=1.0, specreason_fraction=0.0,
+                                                     redundant_share=1.0))
+    negatives = 0
+    for index in range(40):
+        p = synthetic.make_problem(0, "train", index)
+        e = judge.example(index)
+        if e["verdict_label"] == 0:  # every wrong candidate is redundant: restated, re-read or a check
+            negatives += 1
+            text = tok.decode(e["input_ids"][: e["length"]]).split("assistant\n", 1)[1]
+            steps = text.split("\n\n")[:-1]
+            fillers = (synthetic.restated_question(p), synthetic.CHECK_STEP)
+            assert steps[-1] in fillers or steps[-1] in steps[:-1], steps
+    assert negatives >= 10
 
 
 def test_world_config_uses_the_prompts_the_models_learned():

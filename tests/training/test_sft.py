@@ -93,6 +93,10 @@ def test_config_file_and_overrides(tmp_path):
     path.write_text("output_dir: a\ntokenizer: b\n")
     with pytest.raises(ConfigError, match="learning_rate must be a number"):
         load_sft_config(str(path), ["learning_rate=fast"])
+    for key in ("redundant_habits", "redundant_share"):  # shares, named when out of [0, 1]
+        assert getattr(load_sft_config(str(path), [f"data.{key}=0.7"]).data, key) == 0.7
+        with pytest.raises(ConfigError, match=f"data.{key}"):
+            load_sft_config(str(path), [f"data.{key}=1.5"])
 
 
 def test_resume_is_exact(tmp_path):
