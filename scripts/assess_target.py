@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--redundant-share", type=float, default=0.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if not 0 <= args.redundant_share <= 1:
+        parser.error(f"--redundant-share must be in [0, 1], got {args.redundant_share}")
 
     from dreamr_jax.bench.world import assess_target
 

@@ -1,7 +1,8 @@
 """Rebuild the embedded world's shipped assets from scratch and record how long it took.
 
     python scripts/build_assets.py [--target-steps N] [--draft-steps N] [--json PATH]
-        [--target-override KEY=VALUE ...] [--draft-override KEY=VALUE ...]
+        [--target-override KEY=VALUE ...] [--judge-override KEY=VALUE ...] [--draft-override KEY=VALUE ...]
+        [--sapo-override KEY=VALUE ...] [--work DIR] [--resume] [--skip-training]
 
 The shipped target was trained on one H100 (about 7 minutes):
     python scripts/build_assets.py --target-override batch_size=64 data_workers=3 time_limit_s=400
@@ -16,11 +17,13 @@ the 2-core CPU reaches in 40 minutes.)
    redundant-step stage (configs/sft_synthetic_target_redundant.yaml);
 3. SFT of the draft (configs/sft_synthetic_draft.yaml: solutions only);
 4. SFT of the misaligned draft (configs/sft_synthetic_draft_redundant.yaml: solutions with two
-   redundant habits), then SAPO of it against the new target (configs/sapo_synthetic_redundant.yaml,
-   the paper's 1:1:1 reward; `--sapo-override KEY=VALUE`);
+   redundant habits; `--draft-steps` / `--draft-override` change the shipped draft's run only),
+   then SAPO of it against the new target (configs/sapo_synthetic_redundant.yaml, the paper's
+   1:1:1 reward; `--sapo-override KEY=VALUE`);
 5. copies the exported HF checkpoints (config.json, float16 safetensors, tokenizer and
    processor files) into dreamr_jax/assets/synthetic-{target,draft,draft-redundant,draft-redundant-sapo};
-6. measures target-alone and draft-alone accuracy on 100 validation problems and writes
+6. measures each checkpoint's accuracy alone (the target, the draft, the misaligned draft
+   before and after SAPO) on 100 validation problems and writes
    dreamr_jax/assets/build_info.json (times, sizes, parameters, accuracies).
 """
 
@@ -105,7 +108,7 @@ def main() -> None:
 
     info = {"seconds": {}, "device": jax.devices()[0].device_kind,
             "overrides": {"target": args.target_override, "target_judge": args.judge_override,
-                          "draft": args.draft_override}}
+                          "draft": args.draft_override, "sapo": args.sapo_override}}
     t0 = time.perf_counter()
     tokenizer_dir = os.path.join(assets.ASSETS_DIR, "synthetic-tokenizer")
     if not args.skip_training:
@@ -166,7 +169,9 @@ def main() -> None:
         train_sapo(sapo_cfg, progress=True)
     info["seconds"]["sapo_redundant"] = round(time.perf_counter() - t, 1)
     misaligned["draft-redundant-sapo"] = os.path.join(sapo_cfg.output_dir, "hf")
-    info["draft-redundant-sapo"] = {"steps": sapo_cfg.steps, "overrides": args.sapo_override}
+    with open(os.path.join(sapo_cfg.output_dir, "metrics.jsonl")) as f:
+        final = json.loads(f.readlines()[-1])
+    info["draft-redundant-sapo"] = {"steps": final["step"], "final_metrics": final}
     for name, folder in misaligned.items():
         dest = os.path.join(assets.ASSETS_DIR, f"synthetic-{name}")
         if os.path.exists(dest):

@@ -89,12 +89,14 @@ def main() -> None:
     matplotlib.use("Agg")
     if args.runs:
         if len(args.paths) != 1:
-            parser.error("with --runs give one output path")
+            parser.error("with --runs give one output path (after --, or before --runs)")
         runs = {}
         for item in args.runs:
             name, sep, path = item.partition("=")
             if not sep or not name or not path:
                 parser.error(f"--runs {item!r}: expected NAME=METRICS")
+            if name in runs:
+                parser.error(f"--runs: the name {name!r} is given twice")
             runs[name] = read_metrics(path)
         fig = plot_runs(runs, args.window)
     else:

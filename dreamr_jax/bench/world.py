@@ -86,7 +86,8 @@ def judging_agreement(reasoner, count: int, alpha: float, redundant_share: float
 
 def assess_target(folder: str, count: int, redundant_share: float = 0.0) -> dict:
     """Is a world model a competent target? Greedy target-alone accuracy on `count` validation
-    problems ("solve"), `reading_accuracy` and `judging_agreement`, measured separately."""
+    problems ("solve"), `reading_accuracy` and `judging_agreement` (with `redundant_share` of the
+    wrong candidates redundant steps), measured separately."""
     import dreamr_jax as dr
 
     from ..data import synthetic
@@ -138,7 +139,8 @@ def audit_judge(draft: str, target: str, count: int, group: int, temperature: fl
                     counts[verdict][0] += 1
                     counts[verdict][1] += rho >= spec.alpha
                     if verdict not in ("correct", "off_path") and rho >= spec.alpha and len(wrong_accepted) < examples:
-                        wrong_accepted.append({"problem": problem.id, "expected": problem.steps[k],
+                        expected = synthetic.expected_step(problem, texts[: k + 1])
+                        wrong_accepted.append({"problem": problem.id, "expected": expected or "(after the answer)",
                                                "written": texts[k].strip(), "rho": round(rho, 4)})
     rows = {v: {"steps": n, "accepted": a, "accept_rate": round(a / n, 4)} for v, (n, a) in sorted(counts.items())}
     on_path_wrong = [(n, a) for v, (n, a) in counts.items() if v not in ("correct", "off_path")]
@@ -188,29 +190,49 @@ def compare_checkpoints(dense: str, others, count: int):
                "max_abs_logit_error": float(diff.max()), "argmax_agreement": float(agree)}
 
 
-def redundant_steps(results: list[dict], method: str, seed: int = 0) -> float:
-    """Mean count per solved problem of redundant steps (`synthetic.step_verdict`: "redundant" or
-    "repeated") in `method`'s committed traces; the records are the world's (`synthetic-SPLIT-I`)."""
+def redundant_steps(results: list[dict], method: str, ids=None, seed: int = 0) -> float:
+    """Mean count of redundant steps (`synthetic.redundant_count`) in `method`'s committed traces,
+    over its rows with status ok (and ids in `ids`, when given: the records every method solved,
+    as `evaluate.summarise` counts tokens). The records are the world's (`synthetic-SPLIT-I`)."""
     from ..data import synthetic
 
     counts = []
     for r in results:
-        if r["method"] != method or r["status"] != "ok":
+        if r["method"] != method or r["status"] != "ok" or (ids is not None and r["id"] not in ids):
             continue
         _, split, index = r["id"].rsplit("-", 2)
         problem = synthetic.make_problem(seed, split, int(index))
         # from the text: `target` / `draft` alone commit a whole decode call as one trace step
         texts = [t.strip() for t in r["trace"]["text"].split("\n\n") if t.strip()]
-        counts.append(sum(synthetic.step_verdict(problem, texts[: k + 1]) in ("redundant", "repeated")
-                          for k in range(len(texts))))
+        counts.append(synthetic.redundant_count(problem, texts))
     return float(np.mean(counts)) if counts else float("nan")
+
+
+def _claim(folder: str, identity: dict, fresh: bool) -> None:
+    """Record in folder/checkpoints.json which checkpoints and problems its results are of; a
+    folder holding results of others is refused (unless `fresh`: `run_eval` then sets them aside)."""
+    import json
+    import os
+
+    path = os.path.join(folder, "checkpoints.json")
+    if os.path.exists(path) and not fresh:
+        with open(path) as f:
+            held = json.load(f)
+        if held != identity:
+            raise ValueError(f"{folder} holds results of {held}, not of {identity}: pass --fresh (the old results are "
+                             "kept under a timestamped name) or another --out")
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(identity, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def compare_drafts(drafts: dict, target: str, count: int, out_dir: str, split: str = "test",
                    fresh: bool = False) -> list[dict]:
     """Each named draft (name -> checkpoint) against one target, greedy, on `count` problems of
     `split`, in one process: `target`, `draft` alone and `dreamr` per draft (`evaluate.run_eval`
-    into out_dir/NAME, resumed unless `fresh`), so every `dreamr` speedup is over a `target` row
+    into out_dir/NAME, resumed unless `fresh`; a NAME folder holding results of another checkpoint
+    is refused, see `_claim`), so every `dreamr` speedup is over a `target` row
     measured minutes before it. One row per draft: accuracies, acceptance, trace lengths in
     tokens, redundant steps per solution and the speedups."""
     import os
@@ -224,6 +246,8 @@ def compare_drafts(drafts: dict, target: str, count: int, out_dir: str, split: s
 
     spec = _world_spec()
     records = [p.record() for p in synthetic.problems(0, split, count)]
+    for name, folder in drafts.items():  # before any model loads: results of other checkpoints are not resumed
+        _claim(os.path.join(out_dir, name), {"draft": folder, "target": target, "split": split, "count": count}, fresh)
     target_model, processor = dr.load_model(target), dr.load_processor(target)
     rows = []
     for name, folder in drafts.items():
@@ -234,14 +258,16 @@ def compare_drafts(drafts: dict, target: str, count: int, out_dir: str, split: s
         by_method = {r["method"]: r for r in run_eval(reasoner, records, ["target", "draft", "dreamr"], where,
                                                       progress=False, fresh=fresh, warmup_records=16)}
         results = list(read_results(os.path.join(where, "results.jsonl"), warn=False).values())
+        solved = set.intersection(*[{r["id"] for r in results if r["method"] == m and r["status"] == "ok"}
+                                    for m in by_method])
         target_row, draft_row, dreamr_row = by_method["target"], by_method["draft"], by_method["dreamr"]
         rows.append({"draft": name, "checkpoint": folder, "problems": count,
                      "target_accuracy": target_row["accuracy"], "draft_accuracy": draft_row["accuracy"],
                      "dreamr_accuracy": dreamr_row["accuracy"], "acceptance": dreamr_row["acceptance"],
                      "draft_tokens": draft_row["mean_tokens"], "dreamr_tokens": dreamr_row["mean_tokens"],
                      "target_tokens": target_row["mean_tokens"],
-                     "draft_redundant_steps": redundant_steps(results, "draft"),
-                     "dreamr_redundant_steps": redundant_steps(results, "dreamr"),
+                     "draft_redundant_steps": redundant_steps(results, "draft", solved),
+                     "dreamr_redundant_steps": redundant_steps(results, "dreamr", solved),
                      "speedup": dreamr_row["speedup"], "median_speedup": dreamr_row["median_speedup"],
                      "projected_speedup": dreamr_row["projected_speedup"],
                      "compiles": sum(by_method[m]["compiles"] for m in by_method)})

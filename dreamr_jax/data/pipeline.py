@@ -6,7 +6,8 @@ judging) the candidate step, `judge_suffix(...)` and the verdict keyword. So the
 the CPN check on the very token sequences `StepEngine.cpn_scores` feeds it.
 
 Two kinds of example:
-- solution: prompt + all reference steps; every step token is supervised;
+- solution: prompt + all reference steps (their reads reordered with `shuffled_reads`, the
+  misaligned draft's habit steps added with `redundant_habits`); every step token is supervised;
 - judging: prompt + the correct steps before position k (supervised) + a candidate step
   (not supervised: it may be wrong) + the judging suffix + the verdict (supervised with
   `verdict_weight`); a `specreason_fraction` of them use SpecReason's scoring suffix instead,

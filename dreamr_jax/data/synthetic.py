@@ -20,7 +20,9 @@ test problem coincide only by chance (the tests check 5,000 train against 500 te
 `judging_example` builds the target's CPN training data (docs/METHOD.md section 2): a context, a
 candidate next step and whether it is correct, where wrong candidates are realistic mistakes:
 a misread digit, the digit of another colour, an arithmetic slip (off by 1-3, or far off), a
-wrong or swapped operand, a repeated step, a skipped step, a wrong final answer.
+wrong or swapped operand, a repeated step, a skipped step, a wrong final answer, and (with
+`redundant_share`) a redundant step: the question restated, a digit read again, `CHECK_STEP`.
+`habitual_solution` writes a solution with the misaligned draft's two habits (issue 17).
 
 Digits are drawn with a built-in 5x7 bitmap font rather than a system font so the images are
 bit-identical everywhere (PIL's default font differs between Pillow builds).
@@ -411,3 +413,24 @@ def step_verdict(problem: WorldProblem, steps: Sequence[str]) -> str:
         if "=" in ref[k] and "=" in last:
             return "slip"
     return "other"
+
+
+def expected_step(problem: WorldProblem, steps: Sequence[str]) -> str | None:
+    """The reference step the last of `steps` should have been, earlier restated questions and
+    check steps passed over as `step_verdict` passes them; None past the solution's end."""
+    fillers = (restated_question(problem), CHECK_STEP)
+    k = sum(t.strip() not in fillers for t in steps[:-1])
+    return problem.steps[k] if k < len(problem.steps) else None
+
+
+def redundant_count(problem: WorldProblem, steps: Sequence[str]) -> int:
+    """How many of `steps` are redundant ("redundant" or "repeated"), each judged after the steps
+    before it with the earlier redundant ones left out, so that a digit read again does not put
+    the rest of the solution off path."""
+    kept, count = [], 0
+    for step in steps:
+        if step_verdict(problem, kept + [step]) in ("redundant", "repeated"):
+            count += 1
+        else:
+            kept.append(step)
+    return count

@@ -3,6 +3,7 @@ examples, each checked against an independent reading of what they must be."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 
@@ -155,6 +156,12 @@ def test_redundant_steps_are_rejected_and_passed_over():
         assert verdict == ("repeated" if k and text == q.steps[k - 1] else "redundant"), (q.steps, k, text)
     with pytest.raises(ValueError, match="redundant step kind"):
         synthetic.redundant_step(p, 2, rng, "hedge")
+    # What an audit names as expected, and how many habit steps a written solution holds.
+    assert synthetic.expected_step(p, s[:3] + [restated, "4 * 4 = 16."]) == s[3]  # past the restatement
+    assert synthetic.expected_step(p, s[:5] + [synthetic.CHECK_STEP, s[5], "more"]) is None  # past the answer
+    assert synthetic.redundant_count(p, s) == 0
+    assert synthetic.redundant_count(p, s[:3] + [s[0], restated] + s[3:5] + [synthetic.CHECK_STEP, s[5]]) == 3
+    assert synthetic.redundant_count(p, s[:2] + [s[1], s[1]] + s[2:]) == 2  # repeated twice
 
 
 def test_judging_data_makes_redundant_steps_at_the_configured_share():
@@ -172,11 +179,13 @@ def test_judging_data_makes_redundant_steps_at_the_configured_share():
     negatives = draws[0.3, True] + draws[0.3, False]
     share = draws[0.3, True] / negatives
     assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / negatives), (share, negatives)  # binomial, 4 sd
-    # Without the share no random number is drawn for it: the older recipes' data is unchanged.
-    a, b = np.random.default_rng(2), np.random.default_rng(2)
-    for i in range(100):
-        p = synthetic.make_problem(0, "train", i)
-        assert synthetic.judging_example(p, a) == synthetic.judging_example(p, b, redundant_share=0.0)
+    # Without the share no random number is drawn for it: the older recipes' data is unchanged. The
+    # hash is of 300 examples made by the generator before redundant steps existed (commit a265493).
+    rng, h = np.random.default_rng(2), hashlib.sha256()
+    for i in range(300):
+        ex = synthetic.judging_example(synthetic.make_problem(0, "train", i), rng, redundant_share=0.0)
+        h.update(repr((ex.context_steps, ex.candidate, ex.label, ex.mistake)).encode())
+    assert h.hexdigest()[:16] == "448be631697ba3ee"
 
 
 def test_habitual_solutions_add_only_the_two_habits():

@@ -34,7 +34,7 @@ def test_short_sapo_run_from_the_misaligned_draft_raises_r_draft(tmp_path):
                             "learning_rate=5e-4", "checkpoint_every=100", "tensorboard=false"])
     out = train(cfg, progress=False, export=False)
     processor = dr.load_processor(cfg.draft)
-    before = dr.load_model(cfg.draft)
+    before = dr.load_model(cfg.draft, dtype=cfg.param_dtype)  # as the trainer loads the policy
     engine = SpeculativeReasoner(target=dr.load_model(cfg.target), draft=before, processor=processor,
                                  config=cfg.spec).engine("dreamr")
     encoder = PromptEncoder(processor, cfg.spec.instruction, cfg.max_length - cfg.max_new_tokens)
