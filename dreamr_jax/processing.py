@@ -47,6 +47,7 @@ _IMAGE_DEFAULTS = {
                        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
                        size={"shortest_edge": 3136, "longest_edge": 12845056}),
 }
+_IMAGE_DEFAULTS["qwen3_vl_moe"] = _IMAGE_DEFAULTS["qwen3_vl"]  # the same vision tower and processor
 
 
 def qwen_tokenizer_dir() -> str:

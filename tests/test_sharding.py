@@ -37,6 +37,10 @@ M = TENSOR_AXIS
     (("lm_head", "kernel"), (64, 512), 4, P(None, M)),
     (("visual", "blocks", "0", "attn", "qkv", "kernel"), (32, 96), 4, P()),
     (("layers", "0", "self_attn", "q_proj", "kernel"), (64, 128), 1, P()),
+    (("layers", "0", "mlp", "experts", "gate_up_proj"), (8, 48, 64), 4, P(M)),  # MoE: whole experts per device
+    (("layers", "0", "mlp", "experts", "down_proj"), (8, 64, 24), 2, P(M)),
+    (("layers", "0", "mlp", "experts", "down_proj"), (6, 64, 24), 4, P()),  # 6 experts over 4: whole
+    (("layers", "0", "mlp", "gate", "kernel"), (64, 8), 4, P()),  # the router stays whole
 ])
 def test_tensor_parallel_spec(names, shape, n, want):
     assert tensor_parallel_spec(names, shape, n) == want

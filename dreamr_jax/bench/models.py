@@ -74,15 +74,36 @@ def qwen3_vl_dict(*, hidden_size: int, intermediate_size: int, num_hidden_layers
 DELIMITER = 271  # "\n\n" in the Qwen vocabulary
 
 
-def spec_model_config(hidden: int = 64, layers: int = 2) -> dict:
+def qwen3_vl_moe_dict(qwen3_vl: dict, *, experts: int = 8, top_k: int = 2, inner: int = 24,
+                      layers: int | None = None, sparse_step: int = 1, mlp_only_layers=()) -> dict:
+    """A Qwen3-VL config dict made Qwen3-VL-MoE: `experts` experts of width `inner`, `top_k` per
+    token, sparse where transformers' rule (`decoder_sparse_step`, `mlp_only_layers`) says."""
+    import copy
+
+    config = copy.deepcopy(qwen3_vl)
+    config["model_type"] = "qwen3_vl_moe"
+    text = config["text_config"]
+    text.update(model_type="qwen3_vl_moe_text", num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=inner, decoder_sparse_step=sparse_step, mlp_only_layers=list(mlp_only_layers))
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    config["vision_config"]["model_type"] = "qwen3_vl_moe_vision"
+    config["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]
+    return config
+
+
+def spec_model_config(hidden: int = 64, layers: int = 2, experts: int = 0) -> dict:
     """An untied Qwen3-VL with the real vocabulary, 4 heads (2 KV) of hidden / 4 and a one-block
-    vision tower: the speculative tests' and benchmarks' draft/target shape."""
-    return qwen3_vl_dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         tie_word_embeddings=False, rope_theta=10000.0, vision=dict(num_position_embeddings=64))
+    vision tower: the speculative tests' and benchmarks' draft/target shape; with `experts`, a
+    Qwen3-VL-MoE of that many experts (top 2, width hidden / 2) in every layer."""
+    config = qwen3_vl_dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                           tie_word_embeddings=False, rope_theta=10000.0, vision=dict(num_position_embeddings=64))
+    return qwen3_vl_moe_dict(config, experts=experts, inner=hidden // 2) if experts else config
 
 
-def build_spec_model(folder: str, seed: int, hidden: int = 64, layers: int = 2, rate: float = 0.12) -> str:
+def build_spec_model(folder: str, seed: int, hidden: int = 64, layers: int = 2, rate: float = 0.12,
+                     experts: int = 0) -> str:
     """A random `spec_model_config` checkpoint (weights, the real Qwen tokenizer, a small-image
     preprocessor) in `folder` that writes steps: random weights almost never emit the step
     delimiter, so its output column is pointed along a random direction and scaled to win on
@@ -97,7 +118,7 @@ def build_spec_model(folder: str, seed: int, hidden: int = 64, layers: int = 2, 
     from ..models.qwen_vl.model import QwenVLModel
     from ..models.qwen_vl.params import save_state
 
-    config = spec_model_config(hidden, layers)
+    config = spec_model_config(hidden, layers, experts)
     model = QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     kernel = np.array(model.lm_head.kernel[...])  # (hidden, vocab), a writable copy
@@ -133,7 +154,7 @@ def write_random_pair(folder: str) -> str:
 
 
 def build_torch_model(config: dict, seed: int = 0, attn_implementation: str = "sdpa"):
-    """transformers' model of `config` (Qwen3-VL or Qwen2.5-VL), float32, eval mode, with every
+    """transformers' model of `config` (Qwen3-VL, Qwen3-VL-MoE or Qwen2.5-VL), float32, eval mode, with every
     tensor randomly perturbed: a fresh init leaves norms at 1 and biases at 0, and a tensor at its
     init value would hide a wrong mapping of it."""
     import torch
@@ -143,6 +164,7 @@ def build_torch_model(config: dict, seed: int = 0, attn_implementation: str = "s
     d = dict(config)
     cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
     cls = {"qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+           "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
            "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[cfg.model_type]
     model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32).eval()
     with torch.no_grad():

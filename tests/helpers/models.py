@@ -27,6 +27,8 @@ def tiny_config_dict(family: str, *, tie: bool = False, vocab: int = VOCAB, real
                            vision=dict(depth=3, intermediate_size=48, patch_size=4, deepstack_visual_indexes=(0, 1)))
     if family == "qwen3_vl":
         return config
+    if family == "qwen3_vl_moe":  # the same model with every decoder MLP a mixture of 8 experts, top 2
+        return moe_config(config)
     if family == "qwen2_5_vl":
         # The same text model in Qwen2.5-VL's layout (head_dim implied, no interleaved mrope) and its
         # windowed vision tower.
@@ -38,6 +40,13 @@ def tiny_config_dict(family: str, *, tie: bool = False, vocab: int = VOCAB, real
         ))
         return config
     raise ValueError(family)
+
+
+def moe_config(qwen3_vl: dict, **changes) -> dict:
+    """`dreamr_jax.bench.models.qwen3_vl_moe_dict`: a Qwen3-VL config dict made Qwen3-VL-MoE."""
+    from dreamr_jax.bench.models import qwen3_vl_moe_dict
+
+    return qwen3_vl_moe_dict(qwen3_vl, **changes)
 
 
 def build_torch_model(config_dict: dict, seed: int = 0):

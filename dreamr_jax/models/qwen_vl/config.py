@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")
+# Model types computed by another family's code: Qwen3-VL-MoE is Qwen3-VL with sparse MLPs.
+_FAMILY = {"qwen3_vl_moe": "qwen3_vl"}
 
 
 class UnsupportedModelError(ValueError):
@@ -70,6 +72,18 @@ class TextConfig:
     qk_norm: bool  # Qwen3 decoder
     qkv_bias: bool  # Qwen2 decoder
     max_position_embeddings: int
+    # Qwen3-VL-MoE: a layer's MLP is a sparse mixture of `num_experts` (0: every layer dense) when
+    # it is not in `mlp_only_layers` and (index + 1) is a multiple of `decoder_sparse_step`.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` has a sparse MoE block (transformers' rule)."""
+        return (self.num_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +100,8 @@ class QwenVLConfig:
 
     @property
     def family(self) -> str:
-        return self.model_type
+        """The code path: "qwen3_vl" (also for Qwen3-VL-MoE) or "qwen2_5_vl"."""
+        return _FAMILY.get(self.model_type, self.model_type)
 
     @classmethod
     def from_hf(cls, config_dict: dict[str, Any], *, source: str = "config.json") -> "QwenVLConfig":
@@ -110,11 +125,12 @@ class QwenVLConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(f"{source}: model_type '{model_type}' is not supported")
         t, v = hf.text_config, hf.vision_config
+        family = _FAMILY.get(model_type, model_type)
         rope = dict(getattr(t, "rope_parameters", None) or {})
         rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
             raise UnsupportedModelError(f"{source}: text rope_type '{rope_type}' is not supported (only 'default')")
-        if model_type == "qwen3_vl":
+        if family == "qwen3_vl":
             section = tuple(rope.get("mrope_section", (24, 20, 20)))
             interleaved = True
             head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
@@ -130,8 +146,23 @@ class QwenVLConfig:
             raise UnsupportedModelError(
                 f"{source}: mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}"
             )
+        moe = {}
+        if model_type == "qwen3_vl_moe":
+            if getattr(t, "norm_topk_prob", True) is False:
+                raise UnsupportedModelError(f"{source}: norm_topk_prob=false is not supported (the router's top-k "
+                                            "weights are always renormalised, as transformers' Qwen3-VL-MoE does)")
+            moe = dict(num_experts=int(t.num_experts), num_experts_per_tok=int(t.num_experts_per_tok),
+                       moe_intermediate_size=int(t.moe_intermediate_size),
+                       decoder_sparse_step=int(t.decoder_sparse_step),
+                       mlp_only_layers=tuple(int(i) for i in (t.mlp_only_layers or ())))
+            if moe["num_experts"] and not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
+                raise UnsupportedModelError(f"{source}: num_experts_per_tok {moe['num_experts_per_tok']} must be in "
+                                            f"1..num_experts ({moe['num_experts']})")
+            if moe["decoder_sparse_step"] < 1:
+                raise UnsupportedModelError(f"{source}: decoder_sparse_step must be >= 1, got "
+                                            f"{moe['decoder_sparse_step']}")
         text = TextConfig(
-            family=model_type,
+            family=family,
             vocab_size=t.vocab_size,
             hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size,
@@ -147,10 +178,11 @@ class QwenVLConfig:
             qk_norm=qk_norm,
             qkv_bias=qkv_bias,
             max_position_embeddings=t.max_position_embeddings,
+            **moe,
         )
         vrope = dict(getattr(v, "rope_parameters", None) or {})
         common = dict(
-            family=model_type,
+            family=family,
             depth=v.depth,
             hidden_size=v.hidden_size,
             intermediate_size=v.intermediate_size,
@@ -163,7 +195,7 @@ class QwenVLConfig:
             out_hidden_size=v.out_hidden_size,
             rope_theta=float(vrope.get("rope_theta", 10000.0)),
         )
-        if model_type == "qwen3_vl":
+        if family == "qwen3_vl":
             vision = VisionConfig(
                 **common,
                 num_position_embeddings=v.num_position_embeddings,

@@ -37,8 +37,8 @@ class QwenVLModel(nnx.Module):
         per_layer = [{k.split(".", 2)[2]: v for k, v in int4.items() if k.split(".")[1] == str(i)}
                      for i in range(t.num_hidden_layers)]
         self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size), dtype) * 0.02)
-        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs, int4=per_layer[i], int4_method=int4_method)
-                                for i in range(t.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs, int4=per_layer[i], int4_method=int4_method,
+                                             index=i) for i in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False,
                                                                    dtype=dtype, rngs=rngs)

@@ -82,6 +82,8 @@ def _hf_key_for(path: tuple) -> tuple[str, str]:
         return "visual.patch_embed.proj." + ("weight" if parts[-1] == "kernel" else "bias"), (
             "conv" if parts[-1] == "kernel" else "none")
     head = "" if parts[0] in ("visual", "lm_head") else "text."
+    if len(parts) > 1 and parts[-2] == "experts":  # stacked MoE experts (E, 2I, H) / (E, H, I)
+        return head + ".".join(parts), "experts"
     name = ".".join(parts)
     name = re.sub(r"\bmlp_(\d)\b", r"mlp.\1", name)  # Qwen2.5-VL merger's nn.Sequential indices
     if name.endswith(".kernel"):
@@ -89,7 +91,9 @@ def _hf_key_for(path: tuple) -> tuple[str, str]:
     return head + name, "none"
 
 
-def _transform(array: np.ndarray, how: str) -> np.ndarray:
+def _transform(array: np.ndarray, how: str, shape: tuple | None = None) -> np.ndarray:
+    if how == "experts":  # the released (E, H, 2I) / (E, I, H) layout, as transformers' Transpose(1, 2)
+        return array if tuple(array.shape) == tuple(shape) else np.swapaxes(array, 1, 2)
     if how == "linear":
         return array.T
     if how == "conv":  # Conv3d (out, C, T, p, p) with kernel == stride is a matmul over flat patches
@@ -101,6 +105,8 @@ def _transform(array: np.ndarray, how: str) -> np.ndarray:
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
                    "weight_g_idx")
 _DECODER_PROJECTION = re.compile(r"text\.(layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))$")
+# One expert's projection in the per-expert layout (Qwen2/3-MoE exports): stacked on load.
+_PER_EXPERT = re.compile(r"(text\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def int4_plan(files: list[str], fmt: QuantFormat) -> dict[str, int]:
@@ -191,14 +197,18 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
 
     located: dict[str, SafetensorsFile] = {}
     quant_located: dict[str, dict] = {}  # module key -> {suffix: (reader, raw key)}
+    per_expert: dict[str, dict] = {}  # "text.layers.N.mlp.experts" -> {(expert, projection): (reader, raw key)}
     unexpected, stray_quant = [], []
     readers = [SafetensorsFile(f) for f in files]
     for reader in readers:
         for raw_key in reader.keys():
             key = canonical_key(raw_key)
             module, _, suffix = key.rpartition(".")
+            expert = _PER_EXPERT.match(key)
             if key in wanted:
                 located[key] = (reader, raw_key)
+            elif expert and expert.group(1) + ".down_proj" in wanted:
+                per_expert.setdefault(expert.group(1), {})[int(expert.group(2)), expert.group(3)] = (reader, raw_key)
             elif key == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # tied checkpoints may still store the head; the embedding is used
             elif key.endswith("inv_freq"):
@@ -209,10 +219,18 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
                 unexpected.append(f"{raw_key} (in {os.path.basename(reader.path)})")
                 if suffix in _QUANT_SUFFIXES:
                     stray_quant.append(raw_key)
+    # Experts stored one by one: stacked into the fused arrays (every expert's three projections needed).
+    stacked, expert_errors = _per_expert_plan(wanted, located, per_expert, unexpected)
     # Linears the model holds dense but the checkpoint stores quantized: dequantized on load.
     dequant_dense = {key: key[: -len(".weight")] for key, (_, how, _) in wanted.items()
                      if how == "linear" and key not in located and key[: -len(".weight")] in quant_located}
-    errors = []
+    errors = expert_errors
+    quantized_experts = sorted(m for m in quant_located if ".mlp.experts." in m + ".")
+    if quantized_experts:
+        errors.append("int4 MoE experts are not supported (dense experts only): "
+                      + ", ".join(checkpoint_key(m) for m in quantized_experts[:3])
+                      + (" ..." if len(quantized_experts) > 3 else ""))
+        quant_located = {m: t for m, t in quant_located.items() if m not in quantized_experts}
     if stray_quant:
         errors.append("the checkpoint holds quantized tensors "
                       f"({', '.join(stray_quant[:3])}{' ...' if len(stray_quant) > 3 else ''}) "
@@ -223,7 +241,8 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
             unexpected += [f"{raw} (in {os.path.basename(r.path)})" for r, raw in quant_located[module].values()]
     for module in sorted(set(int4_wanted) | set(dequant_dense.values())):
         errors += _int4_presence_errors(quant, module, quant_located.get(module, {}))
-    missing = sorted(checkpoint_key(k) for k in wanted if k not in located and k not in dequant_dense)
+    missing = sorted(checkpoint_key(k) for k in wanted if k not in located and k not in dequant_dense
+                     and k not in stacked)
     if missing:
         errors.append(f"missing tensors ({len(missing)}): " + ", ".join(missing[:20])
                       + (" ..." if len(missing) > 20 else ""))
@@ -236,6 +255,8 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
         src = reader.shape(raw_key)
         got = (src[0], int(np.prod(src[1:]))) if how == "conv" else src
         got = tuple(reversed(got)) if how in ("linear", "conv") else tuple(got)
+        if how == "experts" and len(got) == 3 and (got[0], got[2], got[1]) == shape:
+            continue  # the released layout, transposed on read
         if got != shape:
             want = list(reversed(shape)) if how == "linear" else list(shape)
             if how == "conv":
@@ -266,8 +287,12 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
 
     values = {}
     for key, (reader, raw_key) in located.items():
-        path, how, _ = wanted[key]
-        place(path, np.ascontiguousarray(_transform(reader.read(raw_key), how)).astype(dtype))
+        path, how, shape = wanted[key]
+        place(path, np.ascontiguousarray(_transform(reader.read(raw_key), how, shape)).astype(dtype))
+    for key, parts in stacked.items():
+        path = wanted[key][0]
+        read = [np.stack([r.read(raw) for r, raw in column]) for column in parts]
+        place(path, np.ascontiguousarray(np.concatenate(read, axis=1)).astype(dtype))
     for module, fields in int4_wanted.items():
         (n_out, half_in) = fields["qweight"][1]
         t = _read_int4(quant, quant_located[module], (n_out, 2 * half_in))
@@ -283,6 +308,41 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
     for path, var in flat:
         var.set_value(values[path])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _per_expert_plan(wanted: dict, located: dict, per_expert: dict, unexpected: list) -> tuple[dict, list]:
+    """For fused expert arrays the checkpoint stores expert by expert: {wanted key: [column of
+    (reader, raw key) per expert, ...]} (gate_up_proj: the gate column then the up column,
+    concatenated along the output axis; down_proj: one column), and the errors naming every
+    missing or misshapen expert tensor. Expert tensors past the model's count are unexpected."""
+    stacked, errors = {}, []
+    for module, tensors in per_expert.items():
+        n_experts, hidden, inner = wanted[module + ".down_proj"][2]  # (E, H, I)
+        for (e, proj), (reader, raw) in sorted(tensors.items()):
+            if e >= n_experts:
+                unexpected.append(f"{raw} (in {os.path.basename(reader.path)})")
+        layout = {".gate_up_proj": (("gate_proj", "up_proj"), (inner, hidden)), ".down_proj": (("down_proj",),
+                                                                                               (hidden, inner))}
+        for suffix, (projections, shape) in layout.items():
+            key = module + suffix
+            if key in located:
+                continue
+            columns = []
+            for proj in projections:
+                column = []
+                for e in range(n_experts):
+                    name = f"{checkpoint_key(module)}.{e}.{proj}.weight"
+                    if (e, proj) not in tensors:
+                        errors.append(f"{name} is missing (the checkpoint stores this layer's experts one by one)")
+                        continue
+                    reader, raw = tensors[e, proj]
+                    if tuple(reader.shape(raw)) != shape:
+                        errors.append(f"{raw}: checkpoint shape {list(reader.shape(raw))}, the config implies "
+                                      f"{list(shape)}")
+                    column.append(tensors[e, proj])
+                columns.append(column)
+            stacked[key] = columns
+    return stacked, errors
 
 
 def _untransform(array: np.ndarray, how: str, hf_shape_hint=None) -> np.ndarray:

@@ -54,6 +54,9 @@ def tensor_parallel_spec(names: tuple[str, ...], shape: tuple[int, ...], n: int,
     elif owner in _NARROW:
         # dense kernel (in, out); int4 qweight (out, in/2), scales / zeros (out, groups); bias stays whole
         axis = {"kernel": 0, "qweight": 1, "scales": 1, "zeros": 1}.get(leaf)
+    elif owner == "experts":
+        # MoE experts (E, 2I, H) / (E, H, I): expert parallelism, whole experts per device
+        axis = 0 if leaf in ("gate_up_proj", "down_proj") else None
     if axis is None or len(shape) <= axis or shape[axis] % n:
         return P()
     return P(*([None] * axis + [TENSOR_AXIS]))

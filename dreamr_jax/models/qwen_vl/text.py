@@ -1,4 +1,5 @@
-"""Qwen3 / Qwen2 decoder: RMSNorm, multimodal rotary embedding, GQA attention over a KV cache.
+"""Qwen3 / Qwen2 decoder: RMSNorm, multimodal rotary embedding, GQA attention over a KV cache, the
+Qwen3-VL-MoE sparse MLP.
 
 Shapes: B batch, S new tokens, L cache slots, H query heads, K kv heads, D head dim.
 """
@@ -171,16 +172,82 @@ class GatedMLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Experts(nnx.Module):
+    """The routed experts of a sparse MoE block, stacked in transformers' (current) layout:
+    gate_up_proj (E, 2I, H), gate rows first, and down_proj (E, H, I)."""
+
+    def __init__(self, n_experts: int, hidden: int, inner: int, act: str, *, dtype, rngs: nnx.Rngs):
+        self.gate_up_proj = nnx.Param(jax.random.normal(rngs.params(), (n_experts, 2 * inner, hidden), dtype) * 0.02)
+        self.down_proj = nnx.Param(jax.random.normal(rngs.params(), (n_experts, hidden, inner), dtype) * 0.02)
+        self.act = activation(act)
+
+    def __call__(self, x, index, weights):
+        """x (T, H), index / weights (T, k): each token's experts and their weights -> (T, H), the
+        weighted sum of those experts' gated MLPs of the token.
+
+        Few assignments (T k < E, decoding): the chosen experts' weights are gathered per
+        assignment, so a step reads only those. Many (prefill, checks): the assignments are
+        sorted by expert and each expert's rows go through one grouped product
+        (`jax.lax.ragged_dot`), which computes each assignment once. Both are exact."""
+        t, k = index.shape
+        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
+        inner = down.shape[-1]
+        if t * k < gate_up.shape[0]:
+            h = jnp.einsum("th,tkoh->tko", x, gate_up[index])
+            y = jnp.einsum("tki,tkhi->tkh", self.act(h[..., :inner]) * h[..., inner:], down[index])
+            return jnp.einsum("tkh,tk->th", y, weights.astype(y.dtype))
+        flat = index.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        token = order // k
+        sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
+        h = jax.lax.ragged_dot(x[token], jnp.swapaxes(gate_up, 1, 2), sizes)
+        y = jax.lax.ragged_dot(self.act(h[:, :inner]) * h[:, inner:], jnp.swapaxes(down, 1, 2), sizes)
+        y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+        return jnp.zeros_like(x).at[token].add(y)
+
+
+class SparseMoE(nnx.Module):
+    """Qwen3-VL-MoE's sparse MLP: a linear router (`gate`), softmax over the experts, the top
+    k renormalised to sum to 1, and the weighted sum of those experts (`Experts`)."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype, rngs=rngs)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act,
+                               dtype=dtype, rngs=rngs)
+        self.top_k = cfg.num_experts_per_tok
+
+    def route(self, x):
+        """x (T, H) -> (router logits (T, E), weights (T, k) in x's dtype, expert index (T, k)),
+        as transformers' router computes them (softmax in float32)."""
+        logits = self.gate(x)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top, index = jax.lax.top_k(probs, self.top_k)
+        return logits, (top / top.sum(-1, keepdims=True)).astype(logits.dtype), index
+
+    def __call__(self, x):
+        b, s, h = x.shape
+        flat = x.reshape(b * s, h)
+        _, weights, index = self.route(flat)
+        return self.experts(flat, index, weights).reshape(b, s, h)
+
+
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, int4=None, int4_method: str = "auto"):
-        """int4: {"self_attn.q_proj": group size, "mlp.down_proj": ...} for the projections held as int4."""
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, int4=None, int4_method: str = "auto",
+                 index: int = 0):
+        """int4: {"self_attn.q_proj": group size, "mlp.down_proj": ...} for the projections held as int4.
+        index: the layer's place in the decoder (which layers are sparse MoE: `cfg.is_moe_layer`)."""
         int4 = int4 or {}
         sub = lambda prefix: {k.split(".", 1)[1]: v for k, v in int4.items() if k.startswith(prefix + ".")}  # noqa: E731
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = TextAttention(cfg, dtype=dtype, rngs=rngs, int4=sub("self_attn"), int4_method=int4_method)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, dtype=dtype, rngs=rngs,
-                            int4=sub("mlp"), int4_method=int4_method)
+        if cfg.is_moe_layer(index):
+            if sub("mlp"):
+                raise ValueError(f"layer {index}: int4 experts are not supported (the MoE block holds them dense)")
+            self.mlp = SparseMoE(cfg, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, dtype=dtype,
+                                rngs=rngs, int4=sub("mlp"), int4_method=int4_method)
 
     def __call__(self, x, cos, sin, mask, layer_cache, write_slots):
         attn, layer_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_slots)
