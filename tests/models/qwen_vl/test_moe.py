@@ -279,3 +279,28 @@ def test_expert_parallel_matches_one_device(moe_models, tmp_path):
         assert r["first_err"] <= 1e-6 and r["after_err"] <= 1e-6, (n, r)
         assert r["same_tokens"], n
         assert r["held"] == [w // int(n) for w in r["whole"]] and len(r["held"]) == 2 * 3, (n, r)  # 3 layers
+
+
+def test_int4_experts_are_refused_by_name(moe_models, tmp_path):
+    """An AWQ checkpoint whose experts are stored quantized: the loader says int4 experts are not
+    supported and names them, rather than listing them as unexpected tensors."""
+    from dreamr_jax.quant.quantize import awq_config
+
+    folder = moe_models["all_sparse"][0]
+    prefix = "model.language_model.layers.0.mlp.experts.0.gate_proj"
+
+    def quantized(tensors):
+        out = _per_expert(tensors)
+        del out[f"{prefix}.weight"]
+        out.update({f"{prefix}.qweight": np.zeros((64, 3), np.int32), f"{prefix}.qzeros": np.zeros((2, 3), np.int32),
+                    f"{prefix}.scales": np.ones((2, 24), np.float16)})
+        return out
+
+    dest = _rewrite(folder, tmp_path / "awq", quantized)
+    with open(os.path.join(dest, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = awq_config(32)
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match=rf"int4 MoE experts are not supported .*{prefix}"):
+        dr.load_model(dest)
