@@ -383,6 +383,12 @@ class ModelSpec:
     vision_gated: bool = False  # Qwen2.5-VL's vision MLP is gated (gate, up, down); Qwen3-VL's is fc1, fc2
     vision_window: int = 0  # patches a windowed block attends to (Qwen2.5-VL: 64); 0: all blocks full
     vision_full_blocks: int = 0  # with vision_window: how many blocks still attend to the whole image
+    # Qwen3-VL-MoE: every decoder MLP a mixture of `experts` gated MLPs of width
+    # `expert_intermediate`, `experts_per_token` of them per token (0: dense; mixed dense / sparse
+    # layers are priced as all sparse)
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
 
     def __post_init__(self):
         if self.weight_bits not in _WIDTH_NAMES:
@@ -392,7 +398,16 @@ class ModelSpec:
                 raise CostModelError(f"model '{self.name}': {f} must be a positive integer, got {getattr(self, f)!r}")
         if self.group_size < 0:
             raise CostModelError(f"model '{self.name}': group_size must be >= 0, got {self.group_size}")
+        if self.experts and not (0 < self.experts_per_token <= self.experts and self.expert_intermediate > 0):
+            raise CostModelError(f"model '{self.name}': an MoE needs 1 <= experts_per_token <= experts and a "
+                                 f"positive expert_intermediate, got {self.experts_per_token} of {self.experts}, "
+                                 f"width {self.expert_intermediate}")
 
+    def touched_experts(self, tokens: float) -> float:
+        """Expected distinct experts `tokens` tokens route to in one layer, each choosing
+        `experts_per_token` different experts uniformly: E (1 - (1 - k / E)^n)."""
+        e, k = self.experts, self.experts_per_token
+        return e * (1 - (1 - k / e) ** max(tokens, 0.0))
     @property
     def label(self) -> str:
         """'qwen3-vl-32b (bf16)'."""
@@ -419,7 +434,9 @@ class ModelSpec:
 
     @property
     def mlp_shapes(self) -> tuple[tuple[int, int], ...]:
-        return (self.hidden, self.intermediate), (self.hidden, self.intermediate), (self.intermediate, self.hidden)
+        """One dense MLP's weights, or one expert's for an MoE."""
+        inner = self.expert_intermediate if self.experts else self.intermediate
+        return (self.hidden, inner), (self.hidden, inner), (inner, self.hidden)
 
     @property
     def vision_block_shapes(self) -> tuple[tuple[int, int], ...]:
@@ -436,7 +453,8 @@ class ModelSpec:
     def params(self) -> int:
         """Weights of the matrices and embeddings (norms, biases and Qwen3-VL's vision position
         table are left out: under 0.1% of a released model)."""
-        layer = sum(i * o for i, o in self.attention_shapes + self.mlp_shapes)
+        mlp = sum(i * o for i, o in self.mlp_shapes) * max(self.experts, 1) + self.hidden * self.experts  # + router
+        layer = sum(i * o for i, o in self.attention_shapes) + mlp
         text = self.layers * layer + self.vocab * self.hidden * (1 if self.tied else 2)
         vision = (self.patch_dim * self.vision_hidden
                   + self.vision_depth * sum(i * o for i, o in self.vision_block_shapes)
@@ -448,6 +466,11 @@ def _qwen3_vl(name, hidden, layers, heads, kv, inter, tied, vision_depth, vision
     return ModelSpec(name, hidden, layers, heads, kv, 128, inter, 151936, tied,
                      vision_depth=vision_depth, vision_hidden=vision_hidden, vision_intermediate=vision_inter,
                      vision_heads=16, patch_dim=3 * 2 * 16 * 16, merge=2, vision_out=hidden, deepstack=3)
+
+
+def _qwen3_vl_moe(name, hidden, layers, heads, kv, experts, top_k, expert_inter):
+    return dataclasses.replace(_qwen3_vl(name, hidden, layers, heads, kv, 4 * hidden, False, 27, 1152, 4304),
+                               experts=experts, experts_per_token=top_k, expert_intermediate=expert_inter)
 
 
 def _qwen2_5_vl(name, hidden, layers, heads, kv, inter, vocab, tied):
@@ -470,12 +493,15 @@ MODELS: dict[str, ModelSpec] = {
     "qwen3-vl-4b": _qwen3_vl("qwen3-vl-4b", 2560, 36, 32, 8, 9728, True, 24, 1024, 4096),
     "qwen3-vl-8b": _qwen3_vl("qwen3-vl-8b", 4096, 36, 32, 8, 12288, False, 27, 1152, 4304),
     "qwen3-vl-32b": _qwen3_vl("qwen3-vl-32b", 5120, 64, 64, 8, 25600, False, 27, 1152, 4304),
+    # MoE (every layer sparse, untied): 128 experts, top 8
+    "qwen3-vl-30b-a3b": _qwen3_vl_moe("qwen3-vl-30b-a3b", 2048, 48, 32, 4, 128, 8, 768),
+    "qwen3-vl-235b-a22b": _qwen3_vl_moe("qwen3-vl-235b-a22b", 4096, 94, 64, 4, 128, 8, 1536),
     "qwen2.5-vl-3b": _qwen2_5_vl("qwen2.5-vl-3b", 2048, 36, 16, 2, 11008, 151936, True),
     "qwen2.5-vl-7b": _qwen2_5_vl("qwen2.5-vl-7b", 3584, 28, 28, 4, 18944, 152064, False),
     "qwen2.5-vl-32b": _qwen2_5_vl("qwen2.5-vl-32b", 5120, 64, 40, 8, 27648, 152064, False),
 }
 
-_MODEL_TYPES = ("qwen3_vl", "qwen2_5_vl")
+_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")
 _STORED_BITS = {"F32": 32, "F16": 16, "BF16": 16, "float32": 32, "float16": 16, "bfloat16": 16}
 
 
@@ -556,7 +582,7 @@ def spec_from_config(d: dict, *, name: str, bits: int | None = None, folder: str
                              f"{' and '.join(_MODEL_TYPES)}")
     t = d.get("text_config") or d  # flat Qwen2.5-VL configs keep the text fields at the top level
     v = d.get("vision_config") or {}
-    qwen3 = model_type == "qwen3_vl"
+    qwen3 = model_type in ("qwen3_vl", "qwen3_vl_moe")
     try:
         hidden, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
         patch = int(v.get("patch_size", 16 if qwen3 else 14))
@@ -583,6 +609,9 @@ def spec_from_config(d: dict, *, name: str, bits: int | None = None, folder: str
             vision_gated=not qwen3,
             vision_window=0 if qwen3 or not window else (window // patch) ** 2,
             vision_full_blocks=0 if qwen3 else len(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            experts=int(t.get("num_experts", 0)) if model_type == "qwen3_vl_moe" else 0,
+            experts_per_token=int(t.get("num_experts_per_tok", 0)) if model_type == "qwen3_vl_moe" else 0,
+            expert_intermediate=int(t.get("moe_intermediate_size", 0)) if model_type == "qwen3_vl_moe" else 0,
         )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CostModelError):
@@ -656,7 +685,7 @@ def splits(model: ModelSpec, devices: int) -> tuple[int, int, int]:
     on every device."""
     d = devices
     attn = d if model.heads % d == 0 and model.kv_heads % d == 0 else 1
-    mlp = d if model.intermediate % d == 0 else 1
+    mlp = d if (model.experts or model.intermediate) % d == 0 else 1  # an MoE splits by whole experts
     vocab = d if model.vocab % d == 0 else 1
     return attn, mlp, vocab
 
@@ -675,20 +704,33 @@ def layer_count(model: ModelSpec, *, tokens: float, rows: int = 1, cached: float
     keys = cached + (per_row + 1) / 2
     projections = 2 * n * m.hidden * (q + 2 * kv) + 2 * n * q * m.hidden  # q, k, v; o
     attention = 2 * n * keys * q * 2  # QK^T and PV over the keys, every query head
-    mlp = 2 * n * 3 * m.hidden * m.intermediate  # gate, up, down
     weights_attn = sum(m.linear_bytes(i, o, quantized=True) for i, o in m.attention_shapes)
-    weights_mlp = sum(m.linear_bytes(i, o, quantized=True) for i, o in m.mlp_shapes)
+    one_mlp = sum(m.linear_bytes(i, o, quantized=True) for i, o in m.mlp_shapes)
+    if m.experts:  # the router, then each token's k experts; the weights of every expert any token chose
+        inner, touched = m.expert_intermediate, m.touched_experts(n)
+        mlp = 2 * n * m.hidden * m.experts + 2 * n * m.experts_per_token * 3 * m.hidden * inner
+        weights_mlp = touched * one_mlp + m.linear_bytes(m.hidden, m.experts) * d_mlp  # the router whole
+        act_mlp = m.experts_per_token * 3 * inner + m.experts
+        rows_per_expert = n * m.experts_per_token / max(touched, 1e-9)
+        mlp_products = (((rows_per_expert, m.hidden, inner), (rows_per_expert, m.hidden, inner),
+                         (rows_per_expert, inner, m.hidden)) * max(1, round(touched / d_mlp)))
+        mlp_products += ((n, m.hidden, m.experts),)  # the router, whole on every device
+    else:
+        inner = m.intermediate
+        mlp = 2 * n * 3 * m.hidden * inner  # gate, up, down
+        weights_mlp = one_mlp
+        act_mlp = 3 * inner  # gate and up written; their product read by down
+        mlp_products = ((n, m.hidden, inner // d_mlp), (n, m.hidden, inner // d_mlp), (n, inner // d_mlp, m.hidden))
     kv_read = rows * (cached + per_row) * 2 * kv * b  # K and V of every key, once per row
     kv_write = n * 2 * kv * b
     # each matmul reads its input and writes its output: x -> q,k,v; attn -> o; x -> gate, up; act -> down
     act_whole = 4 * m.hidden  # the residual stream into q/k/v and gate/up, out of o and down
     act_attn = 2 * q + 2 * kv  # q, k, v written; the attention output read by o
-    act_mlp = 3 * m.intermediate  # gate and up written; their product read by down
     n_allreduce = (d_attn > 1) + (d_mlp > 1)  # after o_proj and after down_proj, when split
     # q, k, v and gate, up split their outputs over the devices; o and down their inputs
     (h, _), (_, kv_out), _, (q_in, _) = m.attention_shapes
     matmuls = ((n, h, q // d_attn), (n, h, kv_out // d_attn), (n, h, kv_out // d_attn), (n, q_in // d_attn, h),
-               (n, h, m.intermediate // d_mlp), (n, h, m.intermediate // d_mlp), (n, m.intermediate // d_mlp, h))
+               *mlp_products)
     return Count(
         flops=(projections + attention) / d_attn + mlp / d_mlp,
         weight_bytes=weights_attn / d_attn + weights_mlp / d_mlp,
@@ -915,8 +957,10 @@ def weight_bytes_per_device(model: ModelSpec, devices: int) -> float:
     """Stored weights on each device under tensor parallelism (`splits`; the vision tower whole)."""
     m = model
     d_attn, d_mlp, d_vocab = splits(model, devices)
+    mlp = sum(m.linear_bytes(i, o, quantized=True) for i, o in m.mlp_shapes) * max(m.experts, 1)
+    router = m.linear_bytes(m.hidden, m.experts) if m.experts else 0.0  # whole on every device
     layer = (sum(m.linear_bytes(i, o, quantized=True) for i, o in m.attention_shapes) / d_attn
-             + sum(m.linear_bytes(i, o, quantized=True) for i, o in m.mlp_shapes) / d_mlp)
+             + mlp / d_mlp + router)
     vocab = (1 if m.tied else 2) * m.linear_bytes(m.hidden, m.vocab) / d_vocab
     vision = (m.linear_bytes(m.patch_dim, m.vision_hidden)
               + m.vision_depth * sum(m.linear_bytes(i, o) for i, o in m.vision_block_shapes)

@@ -241,8 +241,9 @@ def _vision_params(m):
 
 def test_presets():
     assert set(cm.HARDWARE) >= {"l40s", "a100", "h100", "h200", "v5e", "v5p"}
-    assert set(cm.MODELS) == {"qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-32b", "qwen2.5-vl-3b",
-                              "qwen2.5-vl-7b", "qwen2.5-vl-32b"}
+    assert set(cm.MODELS) == {"qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-32b", "qwen3-vl-30b-a3b",
+                              "qwen3-vl-235b-a22b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b"}
+    assert cm.model_spec("Qwen/Qwen3-VL-235B-A22B-Instruct") == cm.MODELS["qwen3-vl-235b-a22b"]
     for name, hw in cm.HARDWARE.items():
         assert hw.name == name and hw.notes
     assert cm.hardware("H100") is cm.HARDWARE["h100"]
@@ -529,3 +530,53 @@ def test_matmul_table_measures_every_shape_and_its_transpose():
     assert all(t > 0 for ts in by_shape.values() for t in ts)
     assert all(ts == sorted(ts) for ts in by_shape.values())
     cm.Hardware(**{**TOY_HW.to_dict(), "matmul_table": table})  # a valid table
+
+
+# ---- Qwen3-VL-MoE ---------------------------------------------------------------------------------
+
+
+def test_moe_presets_match_the_released_sizes():
+    """235B-A22B and 30B-A3B: total parameters as released, and the parameters a decoded token
+    uses (attention, the router, its 8 experts, the head) near the A22B / A3B of their names."""
+    for name, total, active in (("qwen3-vl-235b-a22b", 235e9, 22e9), ("qwen3-vl-30b-a3b", 31e9, 3.3e9)):
+        m = cm.model_spec(name)
+        assert abs(m.params / total - 1) < 0.02, (name, m.params)
+        per_token = m.layers * cm.layer_count(m, tokens=1).flops / 2 + m.hidden * m.vocab  # no attention keys
+        assert abs(per_token / active - 1) < 0.1, (name, per_token)
+
+
+def test_touched_experts_against_sampling():
+    """E (1 - (1 - k/E)^n) against n tokens each drawing k distinct experts at random."""
+    import numpy as np
+
+    m = cm.model_spec("qwen3-vl-235b-a22b")
+    rng = np.random.default_rng(0)
+    for n in (1, 4, 16, 64):
+        draws = [len({e for _ in range(n) for e in rng.choice(128, 8, replace=False)}) for _ in range(400)]
+        assert abs(m.touched_experts(n) - np.mean(draws)) < 0.02 * m.touched_experts(n) + 0.2, n
+
+
+def test_moe_weights_per_device_by_hand():
+    """8 devices: the 128 experts split 16 per device, attention (4 KV heads) whole, the vocabulary
+    split, the routers and the vision tower whole."""
+    m = cm.model_spec("qwen3-vl-235b-a22b")
+    b = 2
+    expert = 3 * m.hidden * m.expert_intermediate * b
+    attention = (2 * m.hidden * m.heads * m.head_dim + 2 * m.hidden * m.kv_heads * m.head_dim) * b
+    router = m.hidden * m.experts * b
+    vision = cm.weight_bytes_per_device(m, 1) - m.layers * (128 * expert + attention + router) - 2 * m.hidden * m.vocab * b
+    want = m.layers * (16 * expert + attention + router) + 2 * m.hidden * m.vocab * b / 8 + vision
+    assert cm.weight_bytes_per_device(m, 8) == pytest.approx(want, rel=1e-9)
+    assert 0.5e9 < vision < 2e9  # the vision tower (and the head's rows in it) is about 1 GB
+    # A decoded token reads its 8 experts per layer, not all 128.
+    one = cm.layer_count(m, tokens=1)
+    assert one.weight_bytes == pytest.approx(attention + 8 * expert + router, rel=1e-6)
+
+
+def test_moe_config_is_read():
+    from helpers.models import tiny_config_dict
+
+    spec = cm.spec_from_config(tiny_config_dict("qwen3_vl_moe"), name="tiny-moe")
+    assert (spec.experts, spec.experts_per_token, spec.expert_intermediate) == (8, 2, 24)
+    with pytest.raises(CostModelError, match="experts_per_token"):
+        dataclasses.replace(spec, experts_per_token=9)
