@@ -408,6 +408,7 @@ class ModelSpec:
         `experts_per_token` different experts uniformly: E (1 - (1 - k / E)^n)."""
         e, k = self.experts, self.experts_per_token
         return e * (1 - (1 - k / e) ** max(tokens, 0.0))
+
     @property
     def label(self) -> str:
         """'qwen3-vl-32b (bf16)'."""
@@ -609,9 +610,10 @@ def spec_from_config(d: dict, *, name: str, bits: int | None = None, folder: str
             vision_gated=not qwen3,
             vision_window=0 if qwen3 or not window else (window // patch) ** 2,
             vision_full_blocks=0 if qwen3 else len(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
-            experts=int(t.get("num_experts", 0)) if model_type == "qwen3_vl_moe" else 0,
-            experts_per_token=int(t.get("num_experts_per_tok", 0)) if model_type == "qwen3_vl_moe" else 0,
-            expert_intermediate=int(t.get("moe_intermediate_size", 0)) if model_type == "qwen3_vl_moe" else 0,
+            # transformers' Qwen3VLMoeTextConfig defaults where the file is silent
+            experts=int(t.get("num_experts", 60)) if model_type == "qwen3_vl_moe" else 0,
+            experts_per_token=int(t.get("num_experts_per_tok", 4)) if model_type == "qwen3_vl_moe" else 0,
+            expert_intermediate=int(t.get("moe_intermediate_size", 1408)) if model_type == "qwen3_vl_moe" else 0,
         )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CostModelError):
@@ -705,10 +707,14 @@ def layer_count(model: ModelSpec, *, tokens: float, rows: int = 1, cached: float
     projections = 2 * n * m.hidden * (q + 2 * kv) + 2 * n * q * m.hidden  # q, k, v; o
     attention = 2 * n * keys * q * 2  # QK^T and PV over the keys, every query head
     weights_attn = sum(m.linear_bytes(i, o, quantized=True) for i, o in m.attention_shapes)
-    one_mlp = sum(m.linear_bytes(i, o, quantized=True) for i, o in m.mlp_shapes)
-    if m.experts:  # the router, then each token's k experts; the weights of every expert any token chose
+    # experts stay dense in an int4 checkpoint (the loader refuses int4 experts)
+    one_mlp = sum(m.linear_bytes(i, o, quantized=not m.experts) for i, o in m.mlp_shapes)
+    router_flops = 0.0
+    if m.experts:  # the router (whole on every device), then each token's k experts; the weights of
+        # every expert any token chose, in expectation spread evenly over the devices
         inner, touched = m.expert_intermediate, m.touched_experts(n)
-        mlp = 2 * n * m.hidden * m.experts + 2 * n * m.experts_per_token * 3 * m.hidden * inner
+        router_flops = 2 * n * m.hidden * m.experts
+        mlp = 2 * n * m.experts_per_token * 3 * m.hidden * inner
         weights_mlp = touched * one_mlp + m.linear_bytes(m.hidden, m.experts) * d_mlp  # the router whole
         act_mlp = m.experts_per_token * 3 * inner + m.experts
         rows_per_expert = n * m.experts_per_token / max(touched, 1e-9)
@@ -732,7 +738,7 @@ def layer_count(model: ModelSpec, *, tokens: float, rows: int = 1, cached: float
     matmuls = ((n, h, q // d_attn), (n, h, kv_out // d_attn), (n, h, kv_out // d_attn), (n, q_in // d_attn, h),
                *mlp_products)
     return Count(
-        flops=(projections + attention) / d_attn + mlp / d_mlp,
+        flops=(projections + attention) / d_attn + mlp / d_mlp + router_flops,
         weight_bytes=weights_attn / d_attn + weights_mlp / d_mlp,
         kv_bytes=(kv_read + kv_write) / d_attn,
         act_bytes=b * n * (act_whole + act_attn / d_attn + act_mlp / d_mlp),
@@ -957,7 +963,7 @@ def weight_bytes_per_device(model: ModelSpec, devices: int) -> float:
     """Stored weights on each device under tensor parallelism (`splits`; the vision tower whole)."""
     m = model
     d_attn, d_mlp, d_vocab = splits(model, devices)
-    mlp = sum(m.linear_bytes(i, o, quantized=True) for i, o in m.mlp_shapes) * max(m.experts, 1)
+    mlp = sum(m.linear_bytes(i, o, quantized=not m.experts) for i, o in m.mlp_shapes) * max(m.experts, 1)
     router = m.linear_bytes(m.hidden, m.experts) if m.experts else 0.0  # whole on every device
     layer = (sum(m.linear_bytes(i, o, quantized=True) for i, o in m.attention_shapes) / d_attn
              + mlp / d_mlp + router)

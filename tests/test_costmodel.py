@@ -572,6 +572,9 @@ def test_moe_weights_per_device_by_hand():
     # A decoded token reads its 8 experts per layer, not all 128.
     one = cm.layer_count(m, tokens=1)
     assert one.weight_bytes == pytest.approx(attention + 8 * expert + router, rel=1e-6)
+    # int4: the attention shrinks, the experts stay dense (the loader refuses int4 experts)
+    int4 = cm.layer_count(dataclasses.replace(m, weight_bits=4), tokens=1)
+    assert 8 * expert + router < int4.weight_bytes < 8 * expert + router + attention / 3
 
 
 def test_moe_config_is_read():

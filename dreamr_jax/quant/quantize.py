@@ -48,6 +48,10 @@ def awq_config(group_size: int) -> dict:
 def _awq_plan(src: str, texts: Sequence[str], max_tokens: int, group_size: int, n_grid: int,
               log) -> tuple[dict, list]:
     model = load_model(src, dtype="float32")
+    if model.cfg.text.num_experts:
+        raise ValueError(f"{src}: AWQ's calibration does not support Qwen3-VL-MoE checkpoints (its scale search "
+                         "reads each layer's dense MLP); quantize without calibration texts (round to nearest), "
+                         "which leaves the experts dense")
     if any(isinstance(t, str) for t in texts):
         tokenizer = load_processor(src).tokenizer
         texts = [tokenizer.encode(t) if isinstance(t, str) else t for t in texts]

@@ -148,9 +148,6 @@ class QwenVLConfig:
             )
         moe = {}
         if model_type == "qwen3_vl_moe":
-            if getattr(t, "norm_topk_prob", True) is False:
-                raise UnsupportedModelError(f"{source}: norm_topk_prob=false is not supported (the router's top-k "
-                                            "weights are always renormalised, as transformers' Qwen3-VL-MoE does)")
             moe = dict(num_experts=int(t.num_experts), num_experts_per_tok=int(t.num_experts_per_tok),
                        moe_intermediate_size=int(t.moe_intermediate_size),
                        decoder_sparse_step=int(t.decoder_sparse_step),

@@ -221,6 +221,8 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
                     stray_quant.append(raw_key)
     # Experts stored one by one: stacked into the fused arrays (every expert's three projections needed).
     stacked, expert_errors = _per_expert_plan(wanted, located, per_expert, unexpected)
+    if len(expert_errors) > 20:
+        expert_errors = expert_errors[:20] + [f"... and {len(expert_errors) - 20} more expert tensors"]
     # Linears the model holds dense but the checkpoint stores quantized: dequantized on load.
     dequant_dense = {key: key[: -len(".weight")] for key, (_, how, _) in wanted.items()
                      if how == "linear" and key not in located and key[: -len(".weight")] in quant_located}
@@ -325,7 +327,9 @@ def _per_expert_plan(wanted: dict, located: dict, per_expert: dict, unexpected: 
                                                                                                (hidden, inner))}
         for suffix, (projections, shape) in layout.items():
             key = module + suffix
-            if key in located:
+            if key in located:  # the fused array is there: its per-expert copies are extra
+                unexpected += [f"{raw} (in {os.path.basename(reader.path)})"
+                               for (e, proj), (reader, raw) in sorted(tensors.items()) if proj in projections]
                 continue
             columns = []
             for proj in projections:

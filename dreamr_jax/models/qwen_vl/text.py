@@ -188,7 +188,12 @@ class Experts(nnx.Module):
         Few assignments (T k < E, decoding): the chosen experts' weights are gathered per
         assignment, so a step reads only those. Many (prefill, checks): the assignments are
         sorted by expert and each expert's rows go through one grouped product
-        (`jax.lax.ragged_dot`), which computes each assignment once. Both are exact."""
+        (`jax.lax.ragged_dot`). Both are exact. Known costs, not yet addressed: XLA lowers
+        ragged_dot on CPU (and on GPU without its experimental ragged-dot fusion) as a masked
+        dense product over every expert; and with the experts split over devices, XLA serves the
+        decode path's gather by all-reducing the gathered weights (T, k, 2I, H), not the (T, H)
+        outputs. Routing written with shard_map (each device its own experts' assignments, one
+        psum of the outputs) is the fix."""
         t, k = index.shape
         gate_up, down = self.gate_up_proj[...], self.down_proj[...]
         inner = down.shape[-1]

@@ -91,7 +91,7 @@ def _experts_reference(gate_up, down, x, index, weights):
     return out
 
 
-@pytest.mark.parametrize("tokens", [2, 3, 16])  # 2 x top 2 < 8 experts: the gather path; 3 and 16: grouped
+@pytest.mark.parametrize("tokens", [2, 3, 4, 16])  # 2, 3 x top 2 < 8 experts: the gather path; 4 and 16: grouped
 def test_both_expert_paths_equal_the_formula(moe_models, tokens):
     experts = moe_models["all_sparse"][1].layers[0].mlp.experts
     rng = np.random.default_rng(tokens)
@@ -219,6 +219,12 @@ def test_missing_and_misshapen_experts_are_named(moe_models, tmp_path):
     with pytest.raises(CheckpointError, match=rf"unexpected tensors .*{prefix}\.8\.down_proj\.weight"):
         dr.load_model(_rewrite(folder, tmp_path / "extra", extra))
 
+    def both(tensors):  # fused arrays and per-expert copies of them: the copies are extra
+        return dict(_per_expert(tensors), **tensors)
+
+    with pytest.raises(CheckpointError, match=rf"unexpected tensors .*{prefix}\.0\.down_proj\.weight"):
+        dr.load_model(_rewrite(folder, tmp_path / "both", both))
+
 
 # ---- expert parallelism --------------------------------------------------------------------------
 
@@ -304,3 +310,11 @@ def test_int4_experts_are_refused_by_name(moe_models, tmp_path):
         json.dump(config, f)
     with pytest.raises(CheckpointError, match=rf"int4 MoE experts are not supported .*{prefix}"):
         dr.load_model(dest)
+
+
+def test_awq_calibration_refuses_an_moe_by_name(moe_models, tmp_path):
+    from dreamr_jax.quant.quantize import quantize_checkpoint
+
+    with pytest.raises(ValueError, match="AWQ's calibration does not support Qwen3-VL-MoE"):
+        quantize_checkpoint(moe_models["all_sparse"][0], str(tmp_path / "awq"), group_size=32,
+                            calibration=[[5, 9, 2, 7, 11, 3]])
