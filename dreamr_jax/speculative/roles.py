@@ -21,7 +21,7 @@ import numpy as np
 
 from ..generation import Generator, attend_bucket, fine_bucket, length_bucket, prepare_batch
 from ..kv_cache import KVCache
-from ..models.qwen_vl.sharding import place_role_state
+from ..models.qwen_vl.sharding import expert_parallel_split, place_role_state
 from ..sampling import SamplingParams
 from .trace import Interval
 
@@ -56,7 +56,8 @@ class Role:
         self.model = model
         self.devices = list(devices) if devices else [jax.devices()[0]]
         self.parallelism = parallelism
-        self.generator = Generator(model)
+        with expert_parallel_split(model, self.devices, parallelism):
+            self.generator = Generator(model)
         # Place this role's weights on its devices (split by tensor parallelism, or replicated, if
         # several); every jitted call then runs there because its committed inputs live there.
         self._place()
@@ -71,7 +72,8 @@ class Role:
 
     def refresh(self):
         """Re-split the model (after its weights or `Int4Linear` methods changed) and place it again."""
-        self.generator.refresh()
+        with expert_parallel_split(self.model, self.devices, self.parallelism):
+            self.generator.refresh()
         self._place()
 
     # ---- timing -------------------------------------------------------------------------

@@ -13,8 +13,11 @@ boundary must not fall inside a group)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
+from flax import nnx
 
 from ...sharding import PARALLELISMS, TENSOR_AXIS, role_mesh
 
@@ -105,3 +108,26 @@ def place_role_state(state, devices, parallelism: str = "tensor", text_config=No
     if parallelism == "replicate":
         return jax.device_put(state, replicated), replicated
     return jax.device_put(state, tensor_parallel_shardings(state, mesh, text_config)), replicated
+
+
+@contextlib.contextmanager
+def expert_parallel_split(model, devices, parallelism: str = "tensor"):
+    """While a role splits `model` (nnx.split) for its devices: the MoE experts know the mesh
+    they are split over (`text.Experts.expert_mesh`, part of the split graph), so each device
+    routes only its own experts' tokens. Only when `tensor_parallel_spec` splits them: several
+    devices, "tensor" parallelism, the expert count divisible. Restored afterwards, so the model
+    can be split for other roles too."""
+    from .text import Experts
+
+    devices = list(devices)
+    experts = [m for _, m in nnx.iter_graph(model) if isinstance(m, Experts)]
+    n = len(devices)
+    split = n > 1 and parallelism == "tensor" and all(e.gate_up_proj.shape[0] % n == 0 for e in experts)
+    mesh = (role_mesh(devices, TENSOR_AXIS), TENSOR_AXIS) if split else None
+    for e in experts:
+        e.expert_mesh = mesh
+    try:
+        yield
+    finally:
+        for e in experts:
+            e.expert_mesh = None

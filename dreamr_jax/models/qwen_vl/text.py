@@ -180,8 +180,34 @@ class Experts(nnx.Module):
         self.gate_up_proj = nnx.Param(jax.random.normal(rngs.params(), (n_experts, 2 * inner, hidden), dtype) * 0.02)
         self.down_proj = nnx.Param(jax.random.normal(rngs.params(), (n_experts, hidden, inner), dtype) * 0.02)
         self.act = activation(act)
+        # (mesh, axis) when the experts are split by expert over a mesh axis (expert parallelism):
+        # set by the role that places them (`sharding.expert_parallel_split`), part of the graph.
+        self.expert_mesh = None
 
     def __call__(self, x, index, weights):
+        if self.expert_mesh is not None:
+            return self._expert_parallel(x, index, weights)
+        return self._local(x, index, weights, self.gate_up_proj[...], self.down_proj[...])
+
+    def _expert_parallel(self, x, index, weights):
+        """Each device runs the assignments of the experts it holds (the others weighted 0, their
+        expert index clamped into its range), then one psum of the (T, H) outputs: no expert
+        weight leaves its device."""
+        from jax.sharding import PartitionSpec as P
+
+        mesh, axis = self.expert_mesh
+
+        def local(x, index, weights, gate_up, down):
+            held = gate_up.shape[0]
+            first = jax.lax.axis_index(axis) * held
+            mine = (index >= first) & (index < first + held)
+            out = self._local(x, jnp.where(mine, index - first, 0), jnp.where(mine, weights, 0), gate_up, down)
+            return jax.lax.psum(out, axis)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis)), out_specs=P(),
+                             check_vma=False)(x, index, weights, self.gate_up_proj[...], self.down_proj[...])
+
+    def _local(self, x, index, weights, gate_up, down):
         """x (T, H), index / weights (T, k): each token's experts and their weights -> (T, H), the
         weighted sum of those experts' gated MLPs of the token.
 
@@ -190,12 +216,9 @@ class Experts(nnx.Module):
         sorted by expert and each expert's rows go through one grouped product
         (`jax.lax.ragged_dot`). Both are exact. Known costs, not yet addressed: XLA lowers
         ragged_dot on CPU (and on GPU without its experimental ragged-dot fusion) as a masked
-        dense product over every expert; and with the experts split over devices, XLA serves the
-        decode path's gather by all-reducing the gathered weights (T, k, 2I, H), not the (T, H)
-        outputs. Routing written with shard_map (each device its own experts' assignments, one
-        psum of the outputs) is the fix."""
+        dense product over every expert. With the experts split over devices (`expert_mesh`) each
+        device runs only its own experts' assignments (`_expert_parallel`)."""
         t, k = index.shape
-        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
         inner = down.shape[-1]
         if t * k < gate_up.shape[0]:
             h = jnp.einsum("th,tkoh->tko", x, gate_up[index])

@@ -233,9 +233,11 @@ import json, os, sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
+import re
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from helpers.models import image_prompt, random_image_inputs
+from dreamr_jax.generation import _extend
 from dreamr_jax.loading import load_model
 from dreamr_jax.speculative.roles import Role
 
@@ -253,12 +255,19 @@ for n in (1, 2, 4):
     tokens, _, n_gen, _, _ = role.generator.decode(ctx.cache, ctx.logits, max_new_tokens=8, stop_ids=())
     experts = [x for path, x in jax.tree_util.tree_leaves_with_path(role.generator.state)
                if "experts" in jax.tree_util.keystr(path)]
+    gen = role.generator  # the largest all-reduce of one new token's forward, in elements
+    hlo = _extend.lower(gen.structure, gen.leaves, ctx.cache, np.array([[7]], np.int32),
+                        np.array([1], np.int32)).compile().as_text()
+    results = re.findall(r"= (.*?) all-reduce(?:-start)?\(", hlo)  # one shape, or a tuple of several
+    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for r in results
+             for dims in re.findall(r"\[([\d,]*)\]", r)]
     runs[n] = dict(first=first, after=after, tokens=np.asarray(tokens)[0, : int(np.asarray(n_gen)[0])].tolist(),
                    held=[x.addressable_shards[0].data.shape[0] for x in experts],
-                   whole=[x.shape[0] for x in experts])
+                   whole=[x.shape[0] for x in experts], largest_allreduce=max(sizes, default=0))
 out = {n: dict(first_err=float(np.abs(r["first"] - runs[1]["first"]).max()),
                after_err=float(np.abs(r["after"] - runs[1]["after"]).max()),
-               same_tokens=r["tokens"] == runs[1]["tokens"], held=r["held"], whole=r["whole"])
+               same_tokens=r["tokens"] == runs[1]["tokens"], held=r["held"], whole=r["whole"],
+               largest_allreduce=r["largest_allreduce"])
        for n, r in runs.items()}
 print("RESULT " + json.dumps(out))
 """
@@ -267,7 +276,8 @@ print("RESULT " + json.dumps(out))
 def test_expert_parallel_matches_one_device(moe_models, tmp_path):
     """Experts split over 2 and 4 fake CPU devices (whole experts per device, `Role(parallelism=
     "tensor")`): logits within 1e-6 of one device, the same greedy tokens, each device holding
-    1/n of every layer's experts."""
+    1/n of every layer's experts, and no expert weight crossing devices: a token's largest
+    all-reduce is its hidden state (the experts' outputs), not gathered expert weights."""
     import subprocess
     import sys
 
@@ -285,6 +295,7 @@ def test_expert_parallel_matches_one_device(moe_models, tmp_path):
         assert r["first_err"] <= 1e-6 and r["after_err"] <= 1e-6, (n, r)
         assert r["same_tokens"], n
         assert r["held"] == [w // int(n) for w in r["whole"]] and len(r["held"]) == 2 * 3, (n, r)  # 3 layers
+        assert 0 < r["largest_allreduce"] <= 64, (n, r)  # hidden 64, one token
 
 
 def test_int4_experts_are_refused_by_name(moe_models, tmp_path):
