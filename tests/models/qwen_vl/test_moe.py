@@ -228,7 +228,7 @@ def test_missing_and_misshapen_experts_are_named(moe_models, tmp_path):
 
 # ---- expert parallelism --------------------------------------------------------------------------
 
-EP_SCRIPT = """
+EP_SCRIPT = r"""
 import json, os, sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 import jax
