@@ -329,7 +329,8 @@ def _per_expert_plan(wanted: dict, located: dict, per_expert: dict, unexpected: 
             key = module + suffix
             if key in located:  # the fused array is there: its per-expert copies are extra
                 unexpected += [f"{raw} (in {os.path.basename(reader.path)})"
-                               for (e, proj), (reader, raw) in sorted(tensors.items()) if proj in projections]
+                               for (e, proj), (reader, raw) in sorted(tensors.items())
+                               if proj in projections and e < n_experts]  # (the others: listed above)
                 continue
             columns = []
             for proj in projections:
