@@ -28,16 +28,13 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="set earlier results aside and solve again")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    drafts = {}
-    for item in args.draft:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            parser.error(f"--draft {item!r}: expected NAME=CHECKPOINT")
-        if name in drafts:
-            parser.error(f"--draft: the name {name!r} is given twice")
-        drafts[name] = folder
-
+    from dreamr_jax.bench.report import named_paths
     from dreamr_jax.bench.world import compare_drafts
+
+    try:
+        drafts = named_paths(args.draft, "--draft", "CHECKPOINT")
+    except ValueError as e:
+        parser.error(str(e))
 
     rows = compare_drafts(drafts, args.target, args.count, args.out, args.split, fresh=args.fresh)
     print(f"\n{'draft':<14}{'draft acc':>10}{'dreamr acc':>11}{'target acc':>11}{'accept':>8}"

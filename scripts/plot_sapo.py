@@ -90,15 +90,13 @@ def main() -> None:
     if args.runs:
         if len(args.paths) != 1:
             parser.error("with --runs give one output path (after --, or before --runs)")
-        runs = {}
-        for item in args.runs:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                parser.error(f"--runs {item!r}: expected NAME=METRICS")
-            if name in runs:
-                parser.error(f"--runs: the name {name!r} is given twice")
-            runs[name] = read_metrics(path)
-        fig = plot_runs(runs, args.window)
+        from dreamr_jax.bench.report import named_paths
+
+        try:
+            paths = named_paths(args.runs, "--runs", "METRICS")
+        except ValueError as e:
+            parser.error(str(e))
+        fig = plot_runs({name: read_metrics(path) for name, path in paths.items()}, args.window)
     else:
         if len(args.paths) != 2:
             parser.error("expected METRICS OUTPUT")

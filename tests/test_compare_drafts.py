@@ -35,3 +35,13 @@ def test_an_out_folder_of_another_checkpoint_is_refused(tmp_path):
         _claim(str(tmp_path / "before"), other, fresh=False)
     _claim(str(tmp_path / "before"), other, fresh=True)
     assert json.loads((tmp_path / "before" / "checkpoints.json").read_text()) == other
+
+
+def test_named_paths_name_the_flag():
+    from dreamr_jax.bench.report import named_paths
+
+    assert named_paths(["b=x", "a=y=z"], "--draft", "CHECKPOINT") == {"b": "x", "a": "y=z"}
+    with pytest.raises(ValueError, match="--draft 'x': expected NAME=CHECKPOINT"):
+        named_paths(["x"], "--draft", "CHECKPOINT")
+    with pytest.raises(ValueError, match="--runs: the name 'a' is given twice"):
+        named_paths(["a=1", "a=2"], "--runs", "METRICS")

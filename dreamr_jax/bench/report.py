@@ -77,3 +77,17 @@ def git_state() -> dict | None:
         return dict(head=head or None, dreamr_jax_modified=bool(dirty))
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def named_paths(items, flag: str, value: str) -> dict:
+    """Command-line "NAME=PATH" items -> {name: path}, in order; ValueError naming the flag for an
+    item without both parts or a name given twice (scripts pass it to `parser.error`)."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} {item!r}: expected NAME={value}")
+        if name in out:
+            raise ValueError(f"{flag}: the name {name!r} is given twice")
+        out[name] = path
+    return out
