@@ -260,14 +260,22 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     """
     model = _merge(structure, leaves)
     rng = jax.random.key(seed)  # made inside: an eager key per call would be one more dispatch
-    b = logits.shape[0]
+    b = first_tokens.shape[0]
+    # Several rows: the loop holds logits vocabulary-major (V, B) and samples along axis 0, the
+    # head's faster layout on XLA:CPU (`QwenVLModel.logits_vocab_major`); one row: (1, V).
+    vocab_major = b > 1 and not keep_logits
+    axis = 0 if vocab_major else -1
+    head = model.logits_vocab_major if vocab_major else model.logits
     if feed_first:
         hidden, cache = model.extend(cache, first_tokens[:, None], active.astype(jnp.int32), attend_len=attend_len)
-        logits = model.logits(hidden[:, 0])
+        logits = head(hidden[:, 0])
+    elif vocab_major:
+        logits = logits.T
+    vocab = logits.shape[axis]
     tokens0 = jnp.zeros((b, out_len), jnp.int32)
     logps0 = jnp.zeros((b, out_len), jnp.float32)
     n0 = jnp.zeros((b,), jnp.int32)
-    seen0 = jnp.zeros((b, out_len if keep_logits else 0, logits.shape[-1]), jnp.float32)
+    seen0 = jnp.zeros((b, out_len if keep_logits else 0, vocab), jnp.float32)
 
     def cond(carry):
         step, _, _, _, _, _, running, _, _, _, _, _ = carry
@@ -275,13 +283,13 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
 
     def forward(tok, running, cache):
         hidden, cache = model.extend(cache, tok[:, None], running.astype(jnp.int32), attend_len=attend_len)
-        return model.logits(hidden[:, 0]), cache
+        return head(hidden[:, 0]), cache
 
     def body(carry):
         step, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step, answered = carry
         rng, key = jax.random.split(rng)
-        tok = sample(logits, key, params)
-        lp = token_logprob(logits, tok)
+        tok = sample(logits, key, params, axis)
+        lp = token_logprob(logits, tok, axis)
         tokens = tokens.at[:, step].set(jnp.where(running, tok, 0))
         logps = logps.at[:, step].set(jnp.where(running, lp, 0.0))
         if keep_logits:
@@ -302,7 +310,7 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     carry = (jnp.int32(0), cache, logits, tokens0, logps0, n0, active & (max_new > 0), rng, seen0, n0, in_step0,
              answered0)
     _, cache, logits, tokens, logps, n_gen, _, _, seen, _, _, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens, logps, n_gen, cache, seen if keep_logits else logits
+    return tokens, logps, n_gen, cache, seen if keep_logits else (logits.T if vocab_major else logits)
 
 
 def _i32(x) -> np.ndarray:

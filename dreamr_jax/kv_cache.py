@@ -7,6 +7,11 @@ rows, e.g. one cached prefix into several rows that then diverge (batched verifi
 
 Text tokens written after the prompt sit at rotary position `slot + rope_delta[row]`, the
 offset images introduce (transformers' `rope_deltas`).
+
+A 16-bit model's cache holds its keys and values as their bits (uint16; `storage_dtype`): XLA:CPU
+widens an update of a bfloat16 array to float32, converting the whole cache there and back on
+every write, so a step would cost in proportion to the slots allocated; an update of a uint16
+array is done in place. Attention reads the bits back as the model's dtype (a free bitcast).
 """
 
 from __future__ import annotations
@@ -15,6 +20,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+
+def storage_dtype(dtype):
+    """What a cache for `dtype` keys holds: uint16 bits for 16-bit floats (see the module's note)."""
+    return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
+
+
+def write_slots_of(cache, rows, slots, new):
+    """One layer's `cache` (B, K, L, D) with `new` (B, S, K, D) written at (rows, :, slots); slots
+    past the end are dropped, never clamped. A uint16 cache takes `new`'s bits."""
+    if cache.dtype == jnp.uint16:
+        if jnp.dtype(new.dtype).itemsize != 2:
+            raise TypeError(f"a 16-bit cache takes 16-bit keys and values, got {new.dtype}")
+        new = jax.lax.bitcast_convert_type(new, jnp.uint16)
+    return cache.at[rows, :, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def read_prefix(cache, n: int, dtype):
+    """Slots [0, n) of one layer's cache (B, K, L, D) as `dtype` values (a uint16 cache's bits
+    reinterpreted)."""
+    prefix = cache[:, :, :n]
+    return jax.lax.bitcast_convert_type(prefix, dtype) if cache.dtype == jnp.uint16 else prefix
 
 
 @struct.dataclass
@@ -26,10 +53,12 @@ class KVCache:
 
     @classmethod
     def create(cls, *, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        """An empty cache for a model computing in `dtype` (stored as `storage_dtype(dtype)`)."""
         shape = (batch, kv_heads, max_len, head_dim)
+        store = storage_dtype(dtype)
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            keys=tuple(jnp.zeros(shape, store) for _ in range(num_layers)),
+            values=tuple(jnp.zeros(shape, store) for _ in range(num_layers)),
             lengths=jnp.zeros((batch,), jnp.int32),
             rope_delta=jnp.zeros((batch,), jnp.int32),
         )

@@ -61,25 +61,31 @@ def probs_at_least(probs, top_p: float, iterations: int = 40):
     return probs >= threshold[:, None]
 
 
-def first_argmax(logits):
-    """argmax over the last axis (first index on ties), as max + first matching index: XLA:CPU's
-    argmax over 152k entries is several times slower than these two reductions."""
-    best = jnp.max(logits, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.min(jnp.where(logits == best, iota, logits.shape[-1]), axis=-1).astype(jnp.int32)
+def first_argmax(logits, axis: int = -1):
+    """argmax over `axis` (first index on ties), as max + first matching index: XLA:CPU's argmax
+    over 152k entries is several times slower than these two reductions."""
+    axis = axis % logits.ndim
+    best = jnp.max(logits, axis=axis, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    return jnp.min(jnp.where(logits == best, iota, logits.shape[axis]), axis=axis).astype(jnp.int32)
 
 
-def sample(logits, rng, params: SamplingParams):
-    """logits (B, V) -> token ids (B,) int32."""
+def sample(logits, rng, params: SamplingParams, vocab_axis: int = -1):
+    """logits (B, V) (or (V, B) with `vocab_axis=0`) -> token ids (B,) int32."""
     if params.greedy:
-        return first_argmax(logits)
+        return first_argmax(logits, vocab_axis)
+    if vocab_axis % logits.ndim != logits.ndim - 1:
+        logits = jnp.moveaxis(logits, vocab_axis, -1)  # top-k / top-p / categorical work on rows
     return jax.random.categorical(rng, filter_logits(logits, params), axis=-1).astype(jnp.int32)
 
 
-def token_logprob(logits, tokens):
-    """log p(token) under the model's own distribution (no temperature or filtering): (B,)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+def token_logprob(logits, tokens, vocab_axis: int = -1):
+    """log p(token) under the model's own distribution (no temperature or filtering): (B,).
+    logits (B, V), or (V, B) with `vocab_axis=0`. The token's logit minus the log-sum-exp (one
+    fused pass over the vocabulary; no (B, V) log-softmax is built)."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.expand_dims(tokens, vocab_axis), axis=vocab_axis)
+    return jnp.squeeze(picked, vocab_axis) - jax.nn.logsumexp(logits, axis=vocab_axis)
 
 
 def speculative_verify(target_logits, draft_logits, proposal, n_proposed, rng, target_params: SamplingParams,

@@ -53,6 +53,9 @@ def test_token_logprob():
     ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(np.asarray(token_logprob(jnp.asarray(logits), jnp.asarray(tokens))),
                                ref[[0, 1], tokens], rtol=1e-5)
+    # the decode loop's vocabulary-major layout (V, B) gives the same log-probs
+    np.testing.assert_allclose(np.asarray(token_logprob(jnp.asarray(logits.T), jnp.asarray(tokens), vocab_axis=0)),
+                               ref[[0, 1], tokens], rtol=1e-5)
 
 
 def test_bad_params_raise():
@@ -67,3 +70,13 @@ def test_first_argmax_matches_numpy_including_ties():
 
     logits = np.random.default_rng(3).integers(0, 5, (6, 40)).astype(np.float32)  # many ties
     assert np.array_equal(np.asarray(first_argmax(jnp.asarray(logits))), logits.argmax(-1))
+    assert np.array_equal(np.asarray(first_argmax(jnp.asarray(logits.T), axis=0)), logits.argmax(-1))
+
+
+def test_vocab_major_sampling_draws_the_same_tokens():
+    """(V, B) logits (`vocab_axis=0`) sample as their (B, V) transpose: same key, same tokens."""
+    logits = np.random.default_rng(4).standard_normal((3, 50)).astype(np.float32)
+    for params in (SamplingParams(), SamplingParams(temperature=0.8, top_k=10), SamplingParams(1.0, top_p=0.9)):
+        key = jax.random.key(5)
+        rows = np.asarray(sample(jnp.asarray(logits), key, params))
+        assert np.array_equal(np.asarray(sample(jnp.asarray(logits.T), key, params, vocab_axis=0)), rows)

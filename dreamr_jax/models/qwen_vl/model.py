@@ -18,7 +18,7 @@ from flax import nnx
 from ...kv_cache import KVCache
 from .config import QwenVLConfig
 from .rope_index import mrope_axis_per_frequency
-from .text import DecoderLayer, Linear, RMSNorm, text_rotary
+from .text import CacheWindow, DecoderLayer, Linear, RMSNorm, text_rotary
 from .vision import VisionTower
 
 
@@ -68,6 +68,14 @@ class QwenVLModel(nnx.Module):
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
 
+    def logits_vocab_major(self, hidden):
+        """Float32 logits (V, B) of final hidden states (B, E): the head as table x hidden^T. A decode
+        loop with several rows keeps this layout and reduces along the vocabulary axis: XLA:CPU
+        computes a (B > 1, 152k) head as hidden x table^T at about half the bandwidth of this form
+        (docs/BENCHMARKS.md, "Decode on CPU")."""
+        table = self.embed_tokens[...] if self.lm_head is None else self.lm_head.kernel[...].T
+        return jnp.dot(table, hidden.T, preferred_element_type=jnp.float32)
+
     # ---- the decoder ----------------------------------------------------------------------
 
     def decode_hidden(self, x, positions_3bs, mask_bsl, cache: KVCache | None, write_slots=None,
@@ -102,7 +110,10 @@ class QwenVLModel(nnx.Module):
         positions_3bs defaults to text positions `slot + rope_delta`.
 
         attend_len (static): attention reads only cache slots [0, attend_len), which must hold
-        every valid slot and every written one; default: the whole cache.
+        every valid slot and every written one. Default (None): a prefix chosen at run time,
+        the smallest power of two (>= 128, or the whole cache) holding the longest row after
+        this call (`text.CacheWindow`), so a program's cost follows its rows' lengths and one
+        program serves every length.
 
         Several sequences packed in one row (tree-style attention): `write_slots` (B, S) gives
         each new token its cache slot and `new_visible` (B, S, S) which new tokens each new token
@@ -111,16 +122,19 @@ class QwenVLModel(nnx.Module):
         it must then hold the tokens that continue the row (tokens written further on are scratch).
         """
         b, s = input_ids.shape
-        n_slots = cache.max_len if attend_len is None else min(int(attend_len), cache.max_len)
-        slot_ids = jnp.arange(n_slots, dtype=jnp.int32)
         if write_slots is None:
             write_slots = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         if positions_3bs is None:
             pos = write_slots + cache.rope_delta[:, None]
             positions_3bs = jnp.broadcast_to(pos[None], (3, b, s))
-        if new_visible is None:
+        if attend_len is None and new_visible is None:
+            mask = CacheWindow.covering(write_slots, cache.max_len)
+        elif new_visible is None:
+            slot_ids = jnp.arange(min(int(attend_len), cache.max_len), dtype=jnp.int32)
             mask = slot_ids[None, None, :] <= write_slots[:, :, None]
         else:
+            n_slots = cache.max_len if attend_len is None else min(int(attend_len), cache.max_len)
+            slot_ids = jnp.arange(n_slots, dtype=jnp.int32)
             cached = slot_ids[None, None, :] < cache.lengths[:, None, None]
             at_slot = (write_slots[:, :, None] == slot_ids[None, None, :]).astype(jnp.float32)  # (B, S, n)
             sees = jnp.einsum("bqt,btl->bql", new_visible.astype(jnp.float32), at_slot) > 0

