@@ -84,7 +84,7 @@ class VllmWorker:
         self._log = open(log_path, "a")
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)
-        self.proc = subprocess.Popen([venv_python(venv), WORKER, folder, dtype, str(max_model_len)],
+        self.proc = subprocess.Popen([venv_python(os.path.abspath(venv)), WORKER, folder, dtype, str(max_model_len)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      env=env, cwd=os.path.dirname(log_path) or ".")
         self._lines: queue.Queue = queue.Queue()

@@ -82,16 +82,31 @@ def attention(q, k, v, mask, scale, kv_layout: str = "blkd"):
     """Grouped-query attention without repeating K/V.
 
     q (B, S, H, D); k, v (B, L, K, D) ("blkd", fresh projections) or (B, K, L, D) ("bkld", the
-    KV cache's layout, which the score and value matmuls read without a per-step transpose);
-    mask (B, S, L) bool (True = may attend). Softmax in float32.
+    KV cache's layout); mask (B, S, L) bool (True = may attend). Softmax in float32.
+
+    Over a cache, the products take the cache as their left operand, contracting its minor axis
+    (scores (B, K, L, G*S) = K x q^T, then probs^T x V): written the other way round, XLA:CPU
+    copied every layer's key window into a transposed (B, K, D, L) layout on every step, which
+    doubled the cost of attention over a long cache (0.56 against 0.28 ms per layer at 4k slots).
     """
     b, s, h, d = q.shape
-    kv = k.shape[2] if kv_layout == "blkd" else k.shape[1]
+    if kv_layout == "bkld":
+        kv = k.shape[1]
+        g = h // kv
+        qg = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+        dims = (((3,), (3,)), ((0, 1), (0, 1)))
+        scores = jax.lax.dot_general(k, qg, dims, preferred_element_type=jnp.float32) * scale  # (B, K, L, G*S)
+        scores = scores.reshape(b, kv, -1, g, s)
+        scores = jnp.where(jnp.swapaxes(mask, 1, 2)[:, None, :, None, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=2).astype(v.dtype).reshape(b, kv, -1, g * s)
+        out = jax.lax.dot_general(probs, v, (((2,), (2,)), ((0, 1), (0, 1))))  # (B, K, G*S, D)
+        return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    kv = k.shape[2]
     q = q.reshape(b, s, kv, h // kv, d)
-    scores = jnp.einsum(f"bskgd,{kv_layout}->bkgsl", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bskgd,blkd->bkgsl", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgsl,{kv_layout}->bskgd", probs, v)
+    out = jnp.einsum("bkgsl,blkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
 
 
@@ -151,7 +166,9 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((n_out,), dtype)) if bias else None
 
     def __call__(self, x):
-        y = jnp.dot(x, self.kernel[...])
+        # float32 accumulation, rounded once to x's dtype: for 16-bit weights XLA:CPU runs this form
+        # of the small decode products 1.4-2.5x faster than a 16-bit-output dot
+        y = jnp.dot(x, self.kernel[...], preferred_element_type=jnp.float32).astype(x.dtype)
         return y + self.bias[...] if self.bias is not None else y
 
 
