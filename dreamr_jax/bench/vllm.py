@@ -236,17 +236,19 @@ def compare_engines(a, folder: str, dtype: str, rows: np.ndarray, out_dir: str) 
             for b in a.batch_sizes:
                 order = list(engines) if rep % 2 == 0 else list(engines)[::-1]
                 wait_quiet(a.wait_quiet)
-                with CpuShare() as share:
-                    for name in order:
+                for name in order:
+                    with CpuShare() as share:
                         t1, _ = engines[name](rows[:b], 1)
                         tn, toks = engines[name](rows[:b], a.steps)
-                        samples[(name, b)].append(decode_rate(b, a.steps, tn, t1))
-                        tokens[(name, b)] = toks
-                other.append(share.other)
+                    samples[(name, b)].append(decode_rate(b, a.steps, tn, t1))
+                    tokens[(name, b)] = toks
+                    if name == "dreamr-jax":  # during vLLM's turn its own processes are the "others"
+                        other.append(share.other)
         timed_compiles = compiles.totals()[0] - before
     finally:
         vllm.close()
-    out = dict(dtype=dtype, compiles_in_timed_calls=timed_compiles, other_cpu=other, batches={})
+    out = dict(dtype=dtype, compiles_in_timed_calls=timed_compiles, other_cpu_during_dreamr_jax=other, batches={},
+               tokens={f"{name}/{b}": tokens[(name, b)].tolist() for name in engines for b in a.batch_sizes})
     for b in a.batch_sizes:
         mine, theirs = _stats(samples[("dreamr-jax", b)]), _stats(samples[("vllm", b)])
         agree = agreement(tokens[("dreamr-jax", b)], tokens[("vllm", b)])
@@ -257,12 +259,26 @@ def compare_engines(a, folder: str, dtype: str, rows: np.ndarray, out_dir: str) 
             f"ratio {out['batches'][b]['ratio_best']:.2f}x best, {out['batches'][b]['ratio_median']:.2f}x median; "
             f"greedy: {agree['equal_positions']:.1%} positions equal, {agree['identical_rows']}/{agree['rows']} rows "
             f"identical, first divergence {agree['first_divergence']}")
-    log(f"XLA compiles in timed calls: {timed_compiles}; other processes' CPU share per pair: "
-        f"{', '.join(f'{x:.0%}' for x in other if x is not None)}")
+    log(f"XLA compiles in timed calls: {timed_compiles}; CPU share of other processes (vLLM's idle engine "
+        f"included) during dreamr-jax's calls: {', '.join(f'{x:.0%}' for x in other if x is not None)}")
     del ours, model
     gc.collect()
     jax.clear_caches()
     return out
+
+
+def _against_float32(engines: dict, batch_sizes) -> None:
+    """Each bfloat16 engine's greedy tokens against dreamr-jax's float32 ones (the reference both
+    engines matched in float32): bfloat16 rounding moves near-ties, differently in each engine."""
+    if "float32" not in engines or "bfloat16" not in engines:
+        return
+    for b in batch_sizes:
+        ref = np.asarray(engines["float32"]["tokens"][f"dreamr-jax/{b}"])
+        for name in ("dreamr-jax", "vllm"):
+            agree = agreement(np.asarray(engines["bfloat16"]["tokens"][f"{name}/{b}"]), ref)
+            engines["bfloat16"]["batches"][b][f"{name}_vs_float32"] = agree
+            log(f"bfloat16 {name}, batch {b}, against float32: {agree['equal_positions']:.1%} positions equal, "
+                f"first divergence {agree['first_divergence']}")
 
 
 def run(a) -> int:
@@ -312,6 +328,7 @@ def run(a) -> int:
         os.makedirs(out_dir, exist_ok=True)
         if not a.skip_vllm:
             doc["engines"] = {dtype: compare_engines(a, folder, dtype, rows, out_dir) for dtype in a.dtypes}
+            _against_float32(doc["engines"], a.batch_sizes)
         model = load_model(folder, "float32")
 
     floor = lambda valid, b=1: 1e3 * 4 * (params["text"] + b * valid * per_token) / (bw["copy_gbs"] * 1e9)  # noqa: E731
