@@ -40,9 +40,16 @@ def _decode(gen, cache, logits, n, attend_len=None):
 
 
 def test_buckets():
+    from dreamr_jax.models.qwen_vl.text import CacheWindow
+
     assert window_buckets(600) == (128, 256, 512, 600)
     assert window_buckets(512) == (128, 256, 512)
     assert window_buckets(100) == (100,)  # one branch: no switch at all
+    # the smallest prefix holding the furthest write slot (slot n - 1 needs n slots), rows of any length
+    for furthest, bucket in ((0, 128), (127, 128), (128, 256), (255, 256), (256, 512), (512, 600), (700, 600)):
+        slots = jnp.asarray([[3, 4], [furthest - 1, furthest]], jnp.int32)
+        window = CacheWindow.covering(slots, 600)
+        assert window.buckets[int(window.index)] == bucket, (furthest, bucket)
 
 
 def test_greedy_across_bucket_edges_matches_transformers(model, tiny_checkpoints):
@@ -146,7 +153,8 @@ def test_one_decode_program_serves_every_length(model):
 def test_bfloat16_cache_is_written_in_place(tiny_checkpoints):
     """A bfloat16 model's cache holds uint16 bits; every write in its compiled decode updates those
     bits (XLA:CPU widened a bfloat16 cache to float32, updated it and narrowed it back on every
-    write, a copy of the whole cache), and the window and whole-cache paths decode the same tokens."""
+    write, a copy of the whole cache); the window and whole-cache paths decode the same tokens; and
+    the batch > 1 head gives bf16-rounded logits like the batch-1 head."""
     from dreamr_jax import generation
 
     model = dr.load_model(tiny_checkpoints["qwen3_vl"][0], "bfloat16")
@@ -167,4 +175,10 @@ def test_bfloat16_cache_is_written_in_place(tiny_checkpoints):
     logits, cache = gen.prefill(batch, CACHE)
     full = _decode(gen, cache, logits, 8, attend_len=CACHE)[0]
     assert np.array_equal(window, full)
+    # the batch > 1 head (vocabulary-major) rounds to bf16 as `logits` does: a row's tokens must
+    # not depend on the batch size through unrounded float32 logits
+    hidden = jnp.asarray(np.random.default_rng(9).standard_normal((2, model.cfg.text.hidden_size)), jnp.bfloat16)
+    vocab_major = np.asarray(model.logits_vocab_major(hidden)).T
+    assert np.array_equal(vocab_major, vocab_major.astype(jnp.bfloat16).astype(np.float32))
+    np.testing.assert_allclose(vocab_major, np.asarray(model.logits(hidden)), rtol=2**-7, atol=1e-6)
     jax.clear_caches()

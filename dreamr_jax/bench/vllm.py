@@ -84,9 +84,10 @@ class VllmWorker:
         self._log = open(log_path, "a")
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)
+        # a session of its own: vLLM starts engine processes, and close() ends the whole group
         self.proc = subprocess.Popen([venv_python(os.path.abspath(venv)), WORKER, folder, dtype, str(max_model_len)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env=env, cwd=os.path.dirname(log_path) or ".")
+                                     env=env, cwd=os.path.dirname(log_path) or ".", start_new_session=True)
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self._expect("READY", start_timeout)
@@ -117,15 +118,23 @@ class VllmWorker:
         return out["seconds"], np.asarray(out["tokens"], np.int64)
 
     def close(self):
+        """Stop the worker (an empty line, then a kill after 60 s) and every process it started."""
+        import signal
+
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write("\n")
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # vLLM's engine processes, if any outlived it
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
 
 
 class JaxGenerate:
@@ -153,8 +162,9 @@ class JaxGenerate:
 
 def decode_rate(batch: int, steps: int, t_n: float, t_1: float) -> float:
     """Decode tokens per second from two generate timings: (steps - 1) forward passes per row
-    separate generate(steps) from generate(1), the prefill and first token cancel."""
-    return batch * (steps - 1) / max(t_n - t_1, 1e-9)
+    separate generate(steps) from generate(1), the prefill and first token cancel. NaN when
+    noise made generate(1) the slower (the sample is dropped, not taken as a huge rate)."""
+    return batch * (steps - 1) / (t_n - t_1) if t_n > t_1 else float("nan")
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:
@@ -168,7 +178,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def slot_scan(model, batch: int, prompt_len: int, steps: int, slots, repeats: int, seed: int = 0) -> dict:
-    """ms per decode step with the same prompt and tokens but `slots` cache slots allocated:
+    """ms per decode step (per forward pass) with the same prompt and tokens but `slots` cache slots allocated:
     {slots: {"ms_per_step": best, "median": ..., "mean": ..., "compiles": ..., "tokens_equal": bool}}.
     The valid part is prompt_len + steps in every case."""
     import jax
@@ -189,8 +199,8 @@ def slot_scan(model, batch: int, prompt_len: int, steps: int, slots, repeats: in
             t0 = time.perf_counter()
             tokens, *_ = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=steps)
             tokens = np.asarray(jax.block_until_ready(tokens))
-            if rep:
-                times.append(1e3 * (time.perf_counter() - t0) / steps)
+            if rep:  # steps sampled tokens take steps - 1 forward passes (the last token is never fed)
+                times.append(1e3 * (time.perf_counter() - t0) / (steps - 1))
                 n_compiles += compiles.totals()[0] - before
         reference = tokens if reference is None else reference
         out[int(n_slots)] = dict(ms_per_step=min(times), median=float(np.median(times)), mean=float(np.mean(times)),
@@ -199,8 +209,10 @@ def slot_scan(model, batch: int, prompt_len: int, steps: int, slots, repeats: in
 
 
 def _stats(xs) -> dict:
+    """Best (highest rate), median and mean of the valid samples; `all` keeps every one."""
     xs = [float(x) for x in xs]
-    return dict(best=max(xs), median=float(np.median(xs)), mean=float(np.mean(xs)), all=xs)
+    ok = [x for x in xs if np.isfinite(x)] or [float("nan")]
+    return dict(best=max(ok), median=float(np.median(ok)), mean=float(np.mean(ok)), all=xs, dropped=len(xs) - len(ok))
 
 
 def compare_engines(a, folder: str, dtype: str, rows: np.ndarray, out_dir: str) -> dict:

@@ -74,7 +74,10 @@ class QwenVLModel(nnx.Module):
         computes a (B > 1, 152k) head as hidden x table^T at about half the bandwidth of this form
         (docs/BENCHMARKS.md, "Decode on CPU")."""
         table = self.embed_tokens[...] if self.lm_head is None else self.lm_head.kernel[...].T
-        return jnp.dot(table, hidden.T, preferred_element_type=jnp.float32)
+        # rounded to the model's dtype first, as `logits` is: a 16-bit model's tokens must not
+        # depend on the batch size (no-op in float32)
+        out = jnp.dot(table, hidden.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
+        return out.astype(jnp.float32)
 
     # ---- the decoder ----------------------------------------------------------------------
 
