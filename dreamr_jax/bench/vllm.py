@@ -180,7 +180,8 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 def slot_scan(model, batch: int, prompt_len: int, steps: int, slots, repeats: int, seed: int = 0) -> dict:
     """ms per decode step (per forward pass) with the same prompt and tokens but `slots` cache slots allocated:
     {slots: {"ms_per_step": best, "median": ..., "mean": ..., "compiles": ..., "tokens_equal": bool}}.
-    The valid part is prompt_len + steps in every case."""
+    The valid part is prompt_len + steps in every case. The sizes take turns within each repeat
+    (a first, untimed round compiles), so a drifting machine does not favour the first size."""
     import jax
 
     from .. import compiles
@@ -189,23 +190,24 @@ def slot_scan(model, batch: int, prompt_len: int, steps: int, slots, repeats: in
     gen = Generator(model)
     rows = np.random.default_rng(seed).integers(0, model.cfg.text.vocab_size - 1000, (batch, prompt_len))
     prepared = prepare_batch(model, [list(r) for r in rows])
-    out, reference = {}, None
-    for n_slots in slots:
-        times, n_compiles, tokens = [], 0, None
-        for rep in range(repeats + 1):  # the first call compiles
-            logits, cache = gen.prefill(prepared, int(n_slots))
+    sizes = [int(n) for n in slots]
+    times = {n: [] for n in sizes}
+    n_compiles = {n: 0 for n in sizes}
+    tokens = {}
+    for rep in range(repeats + 1):
+        for n_slots in sizes:
+            logits, cache = gen.prefill(prepared, n_slots)
             jax.block_until_ready((logits, cache))
             before = compiles.totals()[0]
             t0 = time.perf_counter()
-            tokens, *_ = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=steps)
-            tokens = np.asarray(jax.block_until_ready(tokens))
+            out, *_ = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=steps)
+            tokens[n_slots] = np.asarray(jax.block_until_ready(out))
             if rep:  # steps sampled tokens take steps - 1 forward passes (the last token is never fed)
-                times.append(1e3 * (time.perf_counter() - t0) / (steps - 1))
-                n_compiles += compiles.totals()[0] - before
-        reference = tokens if reference is None else reference
-        out[int(n_slots)] = dict(ms_per_step=min(times), median=float(np.median(times)), mean=float(np.mean(times)),
-                                 compiles=n_compiles, tokens_equal=bool(np.array_equal(tokens, reference)))
-    return out
+                times[n_slots].append(1e3 * (time.perf_counter() - t0) / (steps - 1))
+                n_compiles[n_slots] += compiles.totals()[0] - before
+    reference = tokens[sizes[0]]
+    return {n: dict(ms_per_step=min(times[n]), median=float(np.median(times[n])), mean=float(np.mean(times[n])),
+                    compiles=n_compiles[n], tokens_equal=bool(np.array_equal(tokens[n], reference))) for n in sizes}
 
 
 def _stats(xs) -> dict:
@@ -354,7 +356,7 @@ def run(a) -> int:
     doc["slots"] = {}
     for b in a.batch_sizes:
         log(f"\n## decode with more cache slots allocated: batch {b}, prompt {a.scan_prompt} tokens, {a.scan_steps} "
-            f"tokens (the same valid tokens), best of {a.repeats}")
+            f"tokens (the same valid tokens), best of {a.repeats}, the sizes taking turns")
         scan = slot_scan(model, b, a.scan_prompt, a.scan_steps, a.slots, a.repeats, a.seed)
         base = scan[min(scan)]["ms_per_step"]
         for n, r in scan.items():
