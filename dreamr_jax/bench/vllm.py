@@ -220,7 +220,7 @@ def _stats(xs) -> dict:
 def compare_engines(a, folder: str, dtype: str, rows: np.ndarray, out_dir: str) -> dict:
     """Both engines at `dtype` on the checkpoint in `folder`: for each repeat and batch size,
     dreamr-jax's and vLLM's generate(1) and generate(steps), taking turns (which goes first
-    alternates by repeat), waiting for a quiet machine before each pair."""
+    alternates by repeat), waiting for a quiet machine before each turn."""
     import gc
 
     import jax
@@ -249,8 +249,8 @@ def compare_engines(a, folder: str, dtype: str, rows: np.ndarray, out_dir: str) 
         for rep in range(a.repeats):
             for b in a.batch_sizes:
                 order = list(engines) if rep % 2 == 0 else list(engines)[::-1]
-                wait_quiet(a.wait_quiet)
                 for name in order:
+                    wait_quiet(a.wait_quiet)  # also after vLLM's turn: its engine stays busy a while after a call
                     with CpuShare() as share:
                         t1, _ = engines[name](rows[:b], 1)
                         tn, toks = engines[name](rows[:b], a.steps)
