@@ -364,27 +364,36 @@ def op_profile(model, b: int, cache_len: int, valid_len: int, calls: int = 8) ->
 
 
 def cache_scan(model, rows: np.ndarray, steps: int, cache_lens, repeats: int = 2) -> dict:
-    """Decode ms/step with the same prompt and tokens but a larger allocated cache (the valid part
-    stays prompt + steps): shows what attending over every allocated slot costs."""
+    """Decode ms per forward pass with the same prompt rows (B, P) and tokens but more cache slots
+    allocated (the valid part stays P + steps): {slots: {"ms_per_step": best, "median", "mean",
+    "compiles", "tokens_equal"}}. A size below the prompt bucket + steps is raised to it. The
+    sizes take turns within each repeat (a first, untimed round compiles), so a drifting machine
+    does not favour the first size."""
     import jax
 
-    from ..generation import Generator, length_bucket, prepare_batch
+    from .. import compiles
+    from ..generation import Generator, prepare_batch
 
     gen = Generator(model)
-    batch = prepare_batch(model, [list(r) for r in rows])
-    out_len = length_bucket(steps)
-    out = {}
-    for cl in cache_lens:
-        cl = max(int(cl), batch.input_ids.shape[1] + out_len)
-        times = []
-        for _ in range(repeats + 1):  # the first call compiles
-            logits, cache = gen.prefill(batch, cl)
+    prepared = prepare_batch(model, [list(r) for r in rows])
+    sizes = list(dict.fromkeys(max(int(n), prepared.input_ids.shape[1] + steps) for n in cache_lens))
+    times = {n: [] for n in sizes}
+    n_compiles = {n: 0 for n in sizes}
+    tokens = {}
+    for rep in range(repeats + 1):
+        for n_slots in sizes:
+            logits, cache = gen.prefill(prepared, n_slots)
             jax.block_until_ready((logits, cache))
+            before = compiles.totals()[0]
             t0 = time.perf_counter()
-            jax.block_until_ready(gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=out_len))
-            times.append(time.perf_counter() - t0)
-        out[cl] = 1e3 * min(times[1:]) / steps
-    return out
+            out, *_ = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=steps)
+            tokens[n_slots] = np.asarray(jax.block_until_ready(out))
+            if rep:  # steps sampled tokens take steps - 1 forward passes (the last token is never fed)
+                times[n_slots].append(1e3 * (time.perf_counter() - t0) / (steps - 1))
+                n_compiles[n_slots] += compiles.totals()[0] - before
+    reference = tokens[sizes[0]]
+    return {n: dict(ms_per_step=min(times[n]), median=float(np.median(times[n])), mean=float(np.mean(times[n])),
+                    compiles=n_compiles[n], tokens_equal=bool(np.array_equal(tokens[n], reference))) for n in sizes}
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
@@ -578,7 +587,8 @@ def _profile(a, jmodel, tmodel, results, all_rows, params, bw) -> dict:
         if a.cache_lens:
             wait_quiet(a.wait_quiet)
             scan_steps = min(a.steps, 64)
-            scan = cache_scan(jmodel, all_rows[:b], scan_steps, a.cache_lens)
+            scanned = cache_scan(jmodel, all_rows[:b], scan_steps, a.cache_lens)
+            scan = {cl: r["ms_per_step"] for cl, r in scanned.items()}
             p["cache_scan_ms_per_step"] = scan
             p["cache_scan_steps"] = scan_steps
             floors = {cl: 1e3 * (4 * params["text"] + b * cl * a.layers * 2 * a.kv_heads * a.head_dim * 4)

@@ -177,37 +177,9 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
                 first_divergence=first)
 
 
-def slot_scan(model, batch: int, prompt_len: int, steps: int, slots, repeats: int, seed: int = 0) -> dict:
-    """ms per decode step (per forward pass) with the same prompt and tokens but `slots` cache slots allocated:
-    {slots: {"ms_per_step": best, "median": ..., "mean": ..., "compiles": ..., "tokens_equal": bool}}.
-    The valid part is prompt_len + steps in every case. The sizes take turns within each repeat
-    (a first, untimed round compiles), so a drifting machine does not favour the first size."""
-    import jax
-
-    from .. import compiles
-    from ..generation import Generator, prepare_batch
-
-    gen = Generator(model)
-    rows = np.random.default_rng(seed).integers(0, model.cfg.text.vocab_size - 1000, (batch, prompt_len))
-    prepared = prepare_batch(model, [list(r) for r in rows])
-    sizes = [int(n) for n in slots]
-    times = {n: [] for n in sizes}
-    n_compiles = {n: 0 for n in sizes}
-    tokens = {}
-    for rep in range(repeats + 1):
-        for n_slots in sizes:
-            logits, cache = gen.prefill(prepared, n_slots)
-            jax.block_until_ready((logits, cache))
-            before = compiles.totals()[0]
-            t0 = time.perf_counter()
-            out, *_ = gen.decode(cache, logits, max_new_tokens=steps, stop_ids=(), out_len=steps)
-            tokens[n_slots] = np.asarray(jax.block_until_ready(out))
-            if rep:  # steps sampled tokens take steps - 1 forward passes (the last token is never fed)
-                times[n_slots].append(1e3 * (time.perf_counter() - t0) / (steps - 1))
-                n_compiles[n_slots] += compiles.totals()[0] - before
-    reference = tokens[sizes[0]]
-    return {n: dict(ms_per_step=min(times[n]), median=float(np.median(times[n])), mean=float(np.mean(times[n])),
-                    compiles=n_compiles[n], tokens_equal=bool(np.array_equal(tokens[n], reference))) for n in sizes}
+def _scan_rows(model, batch: int, prompt_len: int, seed: int) -> np.ndarray:
+    """Random text ids (below the special tokens) for `decode.cache_scan`."""
+    return np.random.default_rng(seed).integers(0, model.cfg.text.vocab_size - 1000, (batch, prompt_len))
 
 
 def _stats(xs) -> dict:
@@ -303,7 +275,7 @@ def run(a) -> int:
     from .. import compiles
     from ..loading import load_model
     from . import bandwidth
-    from .decode import bench_model_config, environment
+    from .decode import bench_model_config, cache_scan, environment
     from .models import build_torch_model, count_torch_params
     from .report import write_json
     from .timing import wait_quiet
@@ -357,7 +329,7 @@ def run(a) -> int:
     for b in a.batch_sizes:
         log(f"\n## decode with more cache slots allocated: batch {b}, prompt {a.scan_prompt} tokens, {a.scan_steps} "
             f"tokens (the same valid tokens), best of {a.repeats}, the sizes taking turns")
-        scan = slot_scan(model, b, a.scan_prompt, a.scan_steps, a.slots, a.repeats, a.seed)
+        scan = cache_scan(model, _scan_rows(model, b, a.scan_prompt, a.seed), a.scan_steps, a.slots, a.repeats)
         base = scan[min(scan)]["ms_per_step"]
         for n, r in scan.items():
             r["ratio"] = r["ms_per_step"] / base
@@ -366,7 +338,8 @@ def run(a) -> int:
         doc["slots"][b] = scan
 
     log(f"\n## batch 1 with a {a.long_prompt}-token prompt: {a.scan_steps} tokens")
-    scan = slot_scan(model, 1, a.long_prompt, a.scan_steps, [a.long_prompt + a.scan_steps], a.repeats, a.seed)
+    scan = cache_scan(model, _scan_rows(model, 1, a.long_prompt, a.seed), a.scan_steps,
+                      [a.long_prompt + a.scan_steps], a.repeats)
     r = next(iter(scan.values()))
     f = floor(a.long_prompt + a.scan_steps / 2)
     doc["long_prompt"] = dict(r, floor_ms=f, ratio=r["ms_per_step"] / f, prompt=a.long_prompt)
