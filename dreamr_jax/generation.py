@@ -261,9 +261,9 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     model = _merge(structure, leaves)
     rng = jax.random.key(seed)  # made inside: an eager key per call would be one more dispatch
     b = first_tokens.shape[0]
-    # Several rows: the loop holds logits vocabulary-major (V, B) and samples along axis 0, the
-    # head's faster layout on XLA:CPU (`QwenVLModel.logits_vocab_major`); one row: (1, V).
-    vocab_major = b > 1 and not keep_logits
+    # The loop holds logits in the head's faster layout on XLA:CPU for this model and batch
+    # (`QwenVLModel.decode_vocab_axis`): vocabulary-major (V, B), sampled along axis 0, or (B, V).
+    vocab_major = not keep_logits and model.decode_vocab_axis(b) == 0
     axis = 0 if vocab_major else -1
     head = model.logits_vocab_major if vocab_major else model.logits
     if feed_first:

@@ -60,24 +60,51 @@ class QwenVLModel(nnx.Module):
             x = jnp.where(image_gather[..., None] >= 0, picked, x)
         return x
 
-    def logits(self, hidden):
-        """Float32 logits from final hidden states (tied head reads the embedding table)."""
+    def _head_table(self):
+        """The output head's weights and their hidden axis: the tied embedding table (V, E), axis 1,
+        or the head's kernel (E, V), axis 0."""
         if self.lm_head is None:
-            out = jnp.dot(hidden, self.embed_tokens[...].T)
+            return self.embed_tokens[...], 1
+        return self.lm_head.kernel[...], 0
+
+    def logits(self, hidden):
+        """Float32 logits (..., V) of final hidden states (..., E), accumulated in float32 and rounded
+        once to the model's dtype, as a 16-bit head outputs them: a 16-bit model's tokens must not
+        depend on how many rows a call holds."""
+        table, hidden_axis = self._head_table()
+        rows = int(np.prod(hidden.shape[:-1]))
+        if rows == 1 or jnp.dtype(hidden.dtype).itemsize > 2:
+            # One row: XLA:CPU runs this form as a matrix-vector product that reads a 16-bit table
+            # as it is (3.2 ms for 152k x 512 in bf16); the float32-accumulating form below goes to
+            # a GEMM library that takes 100 ms for one row. The 16-bit result is widened before it
+            # is rounded, so `_round_to` does the rounding either way.
+            out = jnp.dot(hidden, table.T if hidden_axis == 1 else table).astype(jnp.float32)
         else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+            # Several rows of a 16-bit model: XLA:CPU hands this form (no transpose, float32
+            # result) to YNNPACK, which reads the bf16 table as it is (7 ms for 8 rows); a 16-bit
+            # result or a transposed operand makes XLA widen the whole table to float32 on every
+            # call first (95-110 ms). docs/BENCHMARKS.md, issue 19's section.
+            out = jax.lax.dot_general(hidden, table, (((hidden.ndim - 1,), (hidden_axis,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+        return _round_to(out, hidden.dtype)
 
     def logits_vocab_major(self, hidden):
-        """Float32 logits (V, B) of final hidden states (B, E): the head as table x hidden^T. A decode
-        loop with several rows keeps this layout and reduces along the vocabulary axis: XLA:CPU
-        computes a (B > 1, 152k) head in this form about 1.3x faster than as hidden x table^T
-        (docs/BENCHMARKS.md, issue 19's section)."""
-        table = self.embed_tokens[...] if self.lm_head is None else self.lm_head.kernel[...].T
-        # rounded to the model's dtype first, as `logits` is: a 16-bit model's tokens must not
-        # depend on the batch size (no-op in float32)
-        out = jnp.dot(table, hidden.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
-        return out.astype(jnp.float32)
+        """Float32 logits (V, B) of final hidden states (B, E), rounded as `logits` rounds: the head
+        as table x hidden^T. For a float32 model a decode loop with several rows keeps this layout
+        and reduces along the vocabulary axis: XLA:CPU computes a (B > 1, 152k) float32 head with its
+        reductions in this form about 1.2x faster than as hidden x table^T. A 16-bit head is faster
+        row-major (`decode_vocab_axis`)."""
+        table, hidden_axis = self._head_table()
+        out = jax.lax.dot_general(table, hidden, (((hidden_axis,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        return _round_to(out, hidden.dtype)
+
+    def decode_vocab_axis(self, rows: int) -> int:
+        """The vocabulary axis a decode loop of `rows` rows should hold its logits along: 0
+        (`logits_vocab_major`, (V, B)) for several rows of a float32 model, else -1 (`logits`).
+        Measured on XLA:CPU with the sampling reductions (docs/BENCHMARKS.md): at 8 rows float32
+        13.7 ms vocabulary-major against 16.7 ms row-major, bf16 14.5 ms against 11.0 ms."""
+        return 0 if rows > 1 and jnp.dtype(self.dtype).itemsize > 2 else -1
 
     # ---- the decoder ----------------------------------------------------------------------
 
@@ -155,3 +182,12 @@ class QwenVLModel(nnx.Module):
         x = self.embed(input_ids, image_tokens, image_gather)
         hidden, _ = self.decode_hidden(x, positions_3bs, mask, None, None, deepstack, image_gather)
         return self.logits(hidden)
+
+
+def _round_to(x, dtype):
+    """Float32 `x` rounded to `dtype`'s precision, kept float32. `reduce_precision` rather than a
+    round trip through `dtype`: XLA:CPU simplifies a float32 -> bf16 -> float32 convert pair away."""
+    info = jnp.finfo(dtype)
+    if info.bits >= 32:
+        return x
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
