@@ -211,9 +211,9 @@ def test_generate_default_stops_only_at_eos(world_processor, world_token_ids):
     weight = np.zeros(model.norm.weight[...].shape, np.float32)
     weight[0] = 1.0
     model.norm.weight.set_value(weight)
-    kernel = np.zeros(model.lm_head.kernel[...].shape, np.float32)
-    kernel[0, blank[0]], kernel[0, blank[1]] = 1.0, -1.0
-    model.lm_head.kernel.set_value(kernel)
+    head = np.zeros(model.lm_head.weight[...].shape, np.float32)  # (vocab, hidden)
+    head[blank[0], 0], head[blank[1], 0] = 1.0, -1.0
+    model.lm_head.weight.set_value(head)
 
     out = dr.generate(model, world_processor, "How many dots?", max_new_tokens=6)
     assert len(out.token_ids[0]) == 6 and out.finish_reasons[0] == "length"

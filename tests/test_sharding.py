@@ -23,24 +23,24 @@ M = TENSOR_AXIS
 
 
 @pytest.mark.parametrize("names,shape,n,want", [
-    (("layers", "0", "self_attn", "q_proj", "kernel"), (64, 128), 4, P(None, M)),  # widen: by output
+    (("layers", "0", "self_attn", "q_proj", "weight"), (128, 64), 4, P(M)),  # widen: by output
     (("layers", "0", "self_attn", "q_proj", "bias"), (128,), 4, P(M)),
-    (("layers", "0", "self_attn", "o_proj", "kernel"), (128, 64), 4, P(M)),  # narrow: by input
+    (("layers", "0", "self_attn", "o_proj", "weight"), (64, 128), 4, P(None, M)),  # narrow: by input
     (("layers", "0", "mlp", "down_proj", "bias"), (64,), 4, P()),
     (("layers", "0", "mlp", "up_proj", "qweight"), (96, 32), 4, P(M)),  # int4 (out, in/2)
     (("layers", "0", "mlp", "up_proj", "scales"), (96, 2), 4, P(M)),
     (("layers", "0", "mlp", "down_proj", "qweight"), (64, 48), 4, P(None, M)),
     (("layers", "0", "mlp", "down_proj", "zeros"), (64, 3), 4, P()),  # 3 groups over 4: whole
-    (("layers", "0", "self_attn", "k_proj", "kernel"), (64, 30), 4, P()),  # 30 outputs over 4: whole
+    (("layers", "0", "self_attn", "k_proj", "weight"), (30, 64), 4, P()),  # 30 outputs over 4: whole
     (("layers", "0", "input_layernorm", "weight"), (64,), 4, P()),
     (("embed_tokens",), (512, 64), 4, P(M)),
-    (("lm_head", "kernel"), (64, 512), 4, P(None, M)),
-    (("visual", "blocks", "0", "attn", "qkv", "kernel"), (32, 96), 4, P()),
-    (("layers", "0", "self_attn", "q_proj", "kernel"), (64, 128), 1, P()),
+    (("lm_head", "weight"), (512, 64), 4, P(M)),
+    (("visual", "blocks", "0", "attn", "qkv", "weight"), (96, 32), 4, P()),
+    (("layers", "0", "self_attn", "q_proj", "weight"), (128, 64), 1, P()),
     (("layers", "0", "mlp", "experts", "gate_up_proj"), (8, 48, 64), 4, P(M)),  # MoE: whole experts per device
     (("layers", "0", "mlp", "experts", "down_proj"), (8, 64, 24), 2, P(M)),
     (("layers", "0", "mlp", "experts", "down_proj"), (6, 64, 24), 4, P()),  # 6 experts over 4: whole
-    (("layers", "0", "mlp", "gate", "kernel"), (64, 8), 4, P()),  # the router stays whole
+    (("layers", "0", "mlp", "gate", "weight"), (8, 64), 4, P()),  # the router stays whole
 ])
 def test_tensor_parallel_spec(names, shape, n, want):
     assert tensor_parallel_spec(names, shape, n) == want

@@ -267,7 +267,7 @@ def profile_step(model, b: int, cache_len: int, valid_len: int, bw: dict, torch_
         nxt = jnp.argmax(logits, -1)
         return nxt, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[:, None], -1)
 
-    table = model.embed_tokens[...] if model.lm_head is None else model.lm_head.kernel[...].T  # (V, E)
+    table = model.embed_tokens[...] if model.lm_head is None else model.lm_head.weight[...]  # (V, E)
     table_np = np.asarray(table)
     v, e = table_np.shape
     table_ev = jnp.asarray(np.ascontiguousarray(table_np.T))

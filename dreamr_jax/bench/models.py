@@ -121,16 +121,16 @@ def build_spec_model(folder: str, seed: int, hidden: int = 64, layers: int = 2, 
     config = spec_model_config(hidden, layers, experts)
     model = QwenVLModel(QwenVLConfig.from_hf(config), rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
-    kernel = np.array(model.lm_head.kernel[...])  # (hidden, vocab), a writable copy
-    u = rng.standard_normal(kernel.shape[0]).astype(np.float32)
-    kernel[:, DELIMITER] = u
-    model.lm_head.kernel[...] = jnp.asarray(kernel)
-    logits = np.asarray(forward(model, rng.integers(0, 150000, (4, 96)))).reshape(-1, kernel.shape[1])
+    weight = np.array(model.lm_head.weight[...])  # (vocab, hidden), a writable copy
+    u = rng.standard_normal(weight.shape[1]).astype(np.float32)
+    weight[DELIMITER] = u
+    model.lm_head.weight[...] = jnp.asarray(weight)
+    logits = np.asarray(forward(model, rng.integers(0, 150000, (4, 96)))).reshape(-1, weight.shape[0])
     along_u = logits[:, DELIMITER]
     best_other = np.delete(logits, DELIMITER, axis=1).max(-1)
     ratio = np.where(along_u > 0, best_other / np.maximum(along_u, 1e-9), np.inf)
-    kernel[:, DELIMITER] = u * np.quantile(ratio, rate)
-    model.lm_head.kernel[...] = jnp.asarray(kernel)
+    weight[DELIMITER] = u * np.quantile(ratio, rate)
+    model.lm_head.weight[...] = jnp.asarray(weight)
     save_state(model, folder, config)
     write_processor_files(folder, shortest_edge=1024, longest_edge=64 * 64)
     return folder

@@ -167,7 +167,7 @@ def awq_scales(model, token_rows: Sequence[Sequence[int]], group_size: int, *, n
             if producer == "self_attn.v_proj" and cfg.num_key_value_heads != cfg.num_attention_heads:
                 continue  # v's outputs are not o's inputs one to one under grouped-query attention
             x_rows, x_mean = acts[f"layers.{i}.{readers[0]}"]
-            weights = [np.asarray(_module(layer, r).kernel[...], np.float32).T for r in readers]
+            weights = [np.asarray(_module(layer, r).weight[...], np.float32) for r in readers]  # (out, in)
             found = search_scale(x_rows, x_mean, weights, group_size, n_grid)
             stats.append({"layer": i, "group": producer, "ratio": found.ratio, "loss": found.loss,
                                       "rtn_loss": found.rtn_loss})

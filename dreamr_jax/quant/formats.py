@@ -261,7 +261,7 @@ class Int4Tensors:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(in, out): the dense kernel's shape."""
+        """(in, out): the shape of the dense W in y = x @ W."""
         return self.qweight.shape[1] * 2, self.qweight.shape[0]
 
     @property
@@ -269,7 +269,7 @@ class Int4Tensors:
         return self.shape[0] // self.scales.shape[1]
 
     def dequantize(self) -> np.ndarray:
-        """The dense kernel (in, out) float32: (q - z) * s."""
+        """The dense W (in, out) of y = x @ W, float32: (q - z) * s."""
         return dequantize(unpack_nibbles(self.qweight), self.zeros, self.scales).T
 
 

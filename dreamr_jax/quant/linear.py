@@ -78,7 +78,7 @@ class Int4Linear(nnx.Module):
         return self.n_in // self.group_size
 
     def dequantize(self, dtype=jnp.float32):
-        """The dense kernel (in, out), like `Linear.kernel`."""
+        """The dense matrix W (in, out) of y = x @ W (`Linear.weight` holds its transpose)."""
         return self._weight_out_in(dtype).T
 
     def _weight_out_in(self, dtype):

@@ -135,7 +135,7 @@ def sequence_logprobs(model, batch: dict, chunk: int = 128):
     mask = jnp.tril(jnp.ones((s, s), bool))[None] & batch["valid"][:, None, :]
     x = model.embed(ids, tokens, batch["image_gather"])
     hidden, _ = model.decode_hidden(x, batch["positions"], mask, None, None, deepstack, batch["image_gather"])
-    head = model.embed_tokens[...].T if model.lm_head is None else model.lm_head.kernel[...]
+    head = (model.embed_tokens if model.lm_head is None else model.lm_head.weight)[...].T  # (E, V)
     return chunked_token_logprobs(hidden[:, :-1], head, ids[:, 1:], chunk)
 
 

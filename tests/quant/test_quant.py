@@ -280,8 +280,8 @@ def test_int4_memory_at_most_0_3_of_float16(awq_pair):
         layer = d16
         for p in path:
             layer = layer[p] if isinstance(p, int) else getattr(layer, p)
-        assert layer.kernel[...].dtype == jnp.float16
-        f16_bytes += layer.kernel[...].nbytes
+        assert layer.weight[...].dtype == jnp.float16
+        f16_bytes += layer.weight[...].nbytes
     assert int4_bytes == state_bytes(q)["int4"] and f16_bytes == state_bytes(q)["int4_as_float16"]
     ratio = int4_bytes / f16_bytes
     print(f"int4 projections {int4_bytes} B vs float16 {f16_bytes} B: {ratio:.3f}x (group size {GROUP})")
@@ -346,7 +346,7 @@ def test_compressed_tensors_symmetric_with_quantized_head_and_vision(tiny_checkp
     q, d = load_model(ct_folder), load_model(dense_folder)
     assert len(int4_linears(q)) == 3 * len(PROJECTIONS)
     assert q.layers[2].self_attn.q_proj.zeros[...].min() == q.layers[2].self_attn.q_proj.zeros[...].max() == 8
-    np.testing.assert_array_equal(np.asarray(q.lm_head.kernel[...]), np.asarray(d.lm_head.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(q.lm_head.weight[...]), np.asarray(d.lm_head.weight[...]))
     inputs = probe(q)
     assert np.abs(jax_logits(q, *inputs) - jax_logits(d, *inputs)).max() <= LOGITS_TOL
 

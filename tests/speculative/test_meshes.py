@@ -40,7 +40,7 @@ MESH_SCRIPT = textwrap.dedent("""
         "target_devices": [str(d) for d in t_dev],
         "draft_state": where(r.draft.generator.state), "target_state": where(r.target.generator.state),
         "q_proj_shards": {name: [list(s.data.shape) for s in getattr(r, name).generator.state["layers"][0]["self_attn"]
-                                 ["q_proj"]["kernel"].value.addressable_shards] for name in ("draft", "target")},
+                                 ["q_proj"]["weight"].value.addressable_shards] for name in ("draft", "target")},
         "caches": caches, "steps": [s.token_ids for s in trace.steps], "authors": [s.author for s in trace.steps],
         "overlap": overlap_time(trace), "wall": trace.wall_time, "projected": project(trace),
         "draft_busy": trace.busy_time("draft"), "target_busy": trace.busy_time("target"),
@@ -66,9 +66,9 @@ def test_two_disjoint_meshes(spec_pair, loaded, tmp_path):
     assert len(res["devices"]) == 4 and len(res["draft_devices"]) == len(res["target_devices"]) == 2
     assert not set(res["draft_devices"]) & set(res["target_devices"])
     models = {"draft": loaded[0], "target": loaded[1]}
-    for name, shards in res["q_proj_shards"].items():  # (in, out) kernels split by output feature
+    for name, shards in res["q_proj_shards"].items():  # (out, in) weights split by output feature
         t = models[name].cfg.text
-        assert shards == [[t.hidden_size, t.num_attention_heads * t.head_dim // 2]] * 2, (name, shards)
+        assert shards == [[t.num_attention_heads * t.head_dim // 2, t.hidden_size]] * 2, (name, shards)
     assert res["draft_state"] == res["draft_devices"] and res["target_state"] == res["target_devices"]
     assert res["caches"] == {"draft": res["draft_devices"], "target": res["target_devices"]}
     assert res["overlap"] > 0

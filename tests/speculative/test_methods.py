@@ -196,10 +196,10 @@ def test_sd_sampled_first_token_follows_target(spec_pair, loaded):
     and differ (TV > 0.3). Bins: p's and q's top tokens and the rest; chi-square p > 1e-3."""
     proc = loaded[2]
     target, draft = dr.load_model(spec_pair[1]), dr.load_model(spec_pair[1])
-    kernel = np.array(target.lm_head.kernel[...])
-    noise = np.random.default_rng(0).standard_normal(kernel.shape).astype(np.float32) * kernel.std()
-    target.lm_head.kernel[...] = jnp.asarray(kernel * 50)
-    draft.lm_head.kernel[...] = jnp.asarray((kernel + 0.3 * noise) * 50)
+    weight = np.array(target.lm_head.weight[...])  # (vocab, hidden)
+    noise = np.random.default_rng(0).standard_normal(weight.shape[::-1]).astype(np.float32).T * weight.std()
+    target.lm_head.weight[...] = jnp.asarray(weight * 50)
+    draft.lm_head.weight[...] = jnp.asarray((weight + 0.3 * noise) * 50)
     steps = StepConfig(max_step_tokens=2, token_budget=2)
     r = SpeculativeReasoner(draft=draft, target=target, processor=proc, method="sd", steps=steps,
                             target_temperature=1.0, draft_temperature=1.0)

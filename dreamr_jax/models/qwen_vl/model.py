@@ -61,30 +61,27 @@ class QwenVLModel(nnx.Module):
         return x
 
     def _head_table(self):
-        """The output head's weights and their hidden axis: the tied embedding table (V, E), axis 1,
-        or the head's kernel (E, V), axis 0."""
-        if self.lm_head is None:
-            return self.embed_tokens[...], 1
-        return self.lm_head.kernel[...], 0
+        """The output head's weights (V, E): the tied embedding table or the head's own weight."""
+        return self.embed_tokens[...] if self.lm_head is None else self.lm_head.weight[...]
 
     def logits(self, hidden):
         """Float32 logits (..., V) of final hidden states (..., E), accumulated in float32 and rounded
         once to the model's dtype, as a 16-bit head outputs them: a 16-bit model's tokens must not
         depend on how many rows a call holds."""
-        table, hidden_axis = self._head_table()
+        table = self._head_table()
         rows = int(np.prod(hidden.shape[:-1]))
         if rows == 1 or jnp.dtype(hidden.dtype).itemsize > 2:
             # One row: XLA:CPU runs this form as a matrix-vector product that reads a 16-bit table
             # as it is (3.2 ms for 152k x 512 in bf16); the float32-accumulating form below goes to
             # a GEMM library that takes 100 ms for one row. The 16-bit result is widened before it
             # is rounded, so `_round_to` does the rounding either way.
-            out = jnp.dot(hidden, table.T if hidden_axis == 1 else table).astype(jnp.float32)
+            out = jnp.dot(hidden, table.T).astype(jnp.float32)
         else:
             # Several rows of a 16-bit model: XLA:CPU hands this form (no transpose, float32
             # result) to YNNPACK, which reads the bf16 table as it is (7 ms for 8 rows); a 16-bit
             # result or a transposed operand makes XLA widen the whole table to float32 on every
             # call first (95-110 ms). docs/BENCHMARKS.md, issue 19's section.
-            out = jax.lax.dot_general(hidden, table, (((hidden.ndim - 1,), (hidden_axis,)), ((), ())),
+            out = jax.lax.dot_general(hidden, table, (((hidden.ndim - 1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32)
         return _round_to(out, hidden.dtype)
 
@@ -94,8 +91,7 @@ class QwenVLModel(nnx.Module):
         and reduces along the vocabulary axis: XLA:CPU computes a (B > 1, 152k) float32 head with its
         reductions in this form about 1.2x faster than as hidden x table^T. A 16-bit head is faster
         row-major (`decode_vocab_axis`)."""
-        table, hidden_axis = self._head_table()
-        out = jax.lax.dot_general(table, hidden, (((hidden_axis,), (1,)), ((), ())),
+        out = jax.lax.dot_general(self._head_table(), hidden, (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
         return _round_to(out, hidden.dtype)
 

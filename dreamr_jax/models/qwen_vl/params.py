@@ -3,7 +3,7 @@
 Keys are first canonicalised (`model.language_model.*` and the older `model.*` both become
 text keys, `model.visual.*` and `visual.*` vision keys), then matched one-to-one against
 the parameters of an abstract model. Each tensor is read (memory-mapped), transformed
-(linear weights transposed, the Conv3d patch kernel flattened) and placed on its device
+(the Conv3d patch kernel flattened; linear weights are (out, in) in both) and placed on its device
 before the next is read, so the full model never exists twice. Every problem found (missing,
 unexpected, wrong shape) is collected and raised together, naming the keys.
 
@@ -79,25 +79,20 @@ def _hf_key_for(path: tuple) -> tuple[str, str]:
     if parts == ["visual", "pos_embed"]:
         return "visual.pos_embed.weight", "none"
     if parts[:2] == ["visual", "patch_embed"]:
-        return "visual.patch_embed.proj." + ("weight" if parts[-1] == "kernel" else "bias"), (
-            "conv" if parts[-1] == "kernel" else "none")
+        return "visual.patch_embed.proj." + parts[-1], "conv" if parts[-1] == "weight" else "none"
     head = "" if parts[0] in ("visual", "lm_head") else "text."
     if len(parts) > 1 and parts[-2] == "experts":  # stacked MoE experts (E, 2I, H) / (E, H, I)
         return head + ".".join(parts), "experts"
     name = ".".join(parts)
     name = re.sub(r"\bmlp_(\d)\b", r"mlp.\1", name)  # Qwen2.5-VL merger's nn.Sequential indices
-    if name.endswith(".kernel"):
-        return head + name[: -len("kernel")] + "weight", "linear"
     return head + name, "none"
 
 
 def _transform(array: np.ndarray, how: str, shape: tuple | None = None) -> np.ndarray:
     if how == "experts":  # the released (E, H, 2I) / (E, I, H) layout, as transformers' Transpose(1, 2)
         return array if tuple(array.shape) == tuple(shape) else np.swapaxes(array, 1, 2)
-    if how == "linear":
-        return array.T
     if how == "conv":  # Conv3d (out, C, T, p, p) with kernel == stride is a matmul over flat patches
-        return array.reshape(array.shape[0], -1).T
+        return array.reshape(array.shape[0], -1)
     return array
 
 
@@ -187,7 +182,7 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
     int4_wanted: dict[str, dict] = {}  # module key -> {"qweight" | "scales" | "zeros": (path, shape)}
     for path, var in flat:
         if isinstance(var, Int4Weight):
-            module = _hf_key_for(tuple(path[:-1]) + ("kernel",))[0][: -len(".weight")]
+            module = _hf_key_for(tuple(path[:-1]) + ("weight",))[0][: -len(".weight")]
             int4_wanted.setdefault(module, {})[str(path[-1])] = (path, tuple(var.get_value().shape))
             continue
         key, how = _hf_key_for(path)
@@ -224,8 +219,8 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
     if len(expert_errors) > 20:
         expert_errors = expert_errors[:20] + [f"... and {len(expert_errors) - 20} more expert tensors"]
     # Linears the model holds dense but the checkpoint stores quantized: dequantized on load.
-    dequant_dense = {key: key[: -len(".weight")] for key, (_, how, _) in wanted.items()
-                     if how == "linear" and key not in located and key[: -len(".weight")] in quant_located}
+    dequant_dense = {key: key[: -len(".weight")] for key in wanted
+                     if key.endswith(".weight") and key not in located and key[: -len(".weight")] in quant_located}
     errors = expert_errors
     quantized_experts = sorted(m for m in quant_located if ".mlp.experts." in m + ".")
     if quantized_experts:
@@ -255,12 +250,11 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
     for key, (reader, raw_key) in located.items():
         path, how, shape = wanted[key]
         src = reader.shape(raw_key)
-        got = (src[0], int(np.prod(src[1:]))) if how == "conv" else src
-        got = tuple(reversed(got)) if how in ("linear", "conv") else tuple(got)
+        got = (src[0], int(np.prod(src[1:]))) if how == "conv" else tuple(src)
         if how == "experts" and len(got) == 3 and (got[0], got[2], got[1]) == shape:
             continue  # the released layout, transposed on read
         if got != shape:
-            want = list(reversed(shape)) if how == "linear" else list(shape)
+            want = list(shape)
             if how == "conv":
                 v = cfg.vision
                 want = [v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size]
@@ -301,12 +295,12 @@ def load_state(model_abstract: QwenVLModel, files: list[str], *, dtype, sharding
         for name in ("qweight", "scales", "zeros"):
             place(fields[name][0], getattr(t, name))
     for key, module in dequant_dense.items():
-        path, _, (n_in, n_out) = wanted[key]
+        path, _, (n_out, n_in) = wanted[key]
         t = _read_int4(quant, quant_located[module], (n_out, n_in))
         if t.shape != (n_in, n_out):
             raise CheckpointError(f"{checkpoint_key(module)}: quantized weight of shape (in, out) {list(t.shape)}, "
                                   f"the config implies {[n_in, n_out]}")
-        place(path, t.dequantize().astype(dtype))
+        place(path, np.ascontiguousarray(t.dequantize().T).astype(dtype))  # (out, in), as `Linear` holds it
     for path, var in flat:
         var.set_value(values[path])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -351,10 +345,8 @@ def _per_expert_plan(wanted: dict, located: dict, per_expert: dict, unexpected: 
 
 
 def _untransform(array: np.ndarray, how: str, hf_shape_hint=None) -> np.ndarray:
-    if how == "linear":
-        return array.T
     if how == "conv":
-        return array.T.reshape(hf_shape_hint)
+        return array.reshape(hf_shape_hint)
     return array
 
 
@@ -378,7 +370,7 @@ def save_state(model: QwenVLModel, folder: str, config_dict: dict, *, dtype=None
     # Int4Linear layers are written in AutoAWQ gemm format (the config must say so).
     group_sizes = set()
     for path, layer in int4_linears(model):
-        module = checkpoint_key(_hf_key_for(tuple(path) + ("kernel",))[0])[: -len(".weight")]
+        module = checkpoint_key(_hf_key_for(tuple(path) + ("weight",))[0])[: -len(".weight")]
         t = Int4Tensors(*(np.asarray(jax.device_get(getattr(layer, n)[...])) for n in ("qweight", "scales", "zeros")))
         tensors.update({f"{module}.{k}": v for k, v in to_awq(t).items()})
         group_sizes.add(layer.group_size)

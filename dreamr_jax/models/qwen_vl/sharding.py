@@ -49,14 +49,14 @@ def tensor_parallel_spec(names: tuple[str, ...], shape: tuple[int, ...], n: int,
     axis = None  # which array axis to split
     if names[0] == "embed_tokens":
         axis = 0  # (vocab, hidden)
-    elif names[0] == "lm_head" and leaf == "kernel":
-        axis = 1  # (hidden, vocab)
+    elif names[0] == "lm_head" and leaf == "weight":
+        axis = 0  # (vocab, hidden)
     elif owner in _WIDEN:
-        # dense kernel (in, out); bias (out,); int4 qweight (out, in/2), scales / zeros (out, groups)
-        axis = {"kernel": 1, "bias": 0, "qweight": 0, "scales": 0, "zeros": 0}.get(leaf)
+        # dense weight (out, in); bias (out,); int4 qweight (out, in/2), scales / zeros (out, groups)
+        axis = {"weight": 0, "bias": 0, "qweight": 0, "scales": 0, "zeros": 0}.get(leaf)
     elif owner in _NARROW:
-        # dense kernel (in, out); int4 qweight (out, in/2), scales / zeros (out, groups); bias stays whole
-        axis = {"kernel": 0, "qweight": 1, "scales": 1, "zeros": 1}.get(leaf)
+        # dense weight (out, in); int4 qweight (out, in/2), scales / zeros (out, groups); bias stays whole
+        axis = {"weight": 1, "qweight": 1, "scales": 1, "zeros": 1}.get(leaf)
     elif owner == "experts":
         # MoE experts (E, 2I, H) / (E, H, I): expert parallelism, whole experts per device
         axis = 0 if leaf in ("gate_up_proj", "down_proj") else None

@@ -126,7 +126,7 @@ class VisionTower(nnx.Module):
     def __call__(self, vin):
         """vin: dict of VisionInputs arrays. Returns (tokens (P/unit, out), [deepstack tokens])
         in the order the image tokens appear in the prompt."""
-        dtype = self.patch_embed.kernel.dtype
+        dtype = self.patch_embed.weight.dtype
         x = self.patch_embed(vin["pixel_values"].astype(dtype))
         if self.cfg.family == "qwen3_vl":
             table = self.pos_embed[...]
