@@ -289,7 +289,7 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
         step, cache, logits, tokens, logps, n_gen, running, rng, seen, n_steps, in_step, answered = carry
         rng, key = jax.random.split(rng)
         tok = sample(logits, key, params, axis)
-        lp = token_logprob(logits, tok, axis)
+        lp = token_logprob(logits, tok, axis) if params.logprobs else jnp.zeros((b,), jnp.float32)
         tokens = tokens.at[:, step].set(jnp.where(running, tok, 0))
         logps = logps.at[:, step].set(jnp.where(running, lp, 0.0))
         if keep_logits:
@@ -351,7 +351,7 @@ def forward(model: QwenVLModel, input_ids, attention_mask=None, pixel_values=Non
 class GenerationResult:
     texts: list[str]
     token_ids: list[list[int]]
-    logprobs: list[list[float]]  # log p(token) under the model (no temperature / filtering)
+    logprobs: list[list[float]] | None  # log p(token) under the model (no temperature / filtering); None if not asked
     finish_reasons: list[str]  # "stop" (stop token or EOS) or "length"
     prompt_lengths: list[int]
     cache: KVCache | None = None  # prompt + generated tokens except each row's last
@@ -460,7 +460,7 @@ class Generator:
 def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (),
              seed: int = 0, chat: bool = True, system: str | None = None,
-             return_cache: bool = False) -> GenerationResult:
+             return_cache: bool = False, logprobs: bool = True) -> GenerationResult:
     """Generate for a batch of prompts.
 
     prompts: a string or a list; with `chat=True` each is a user message (its images placed
@@ -470,6 +470,7 @@ def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tok
     text contains a `stop` string (none by default; e.g. `stop=("\n\n",)` ends at the first
     blank line, one reasoning step), or after `max_new_tokens`. With `chat=True` the prompt
     text and `system` are user content: special tokens typed in them are read as text.
+    `logprobs=False` leaves `GenerationResult.logprobs` None and spares each step's log-sum-exp.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -489,7 +490,7 @@ def generate(model: QwenVLModel, processor, prompts, images=None, *, max_new_tok
     return generate_from_ids(model, rows, np.concatenate(pix) if pix else None,
                              np.concatenate(grids) if grids else None,
                              processor=processor, max_new_tokens=max_new_tokens,
-                             params=SamplingParams(temperature, top_k, top_p), stop=stop, seed=seed,
+                             params=SamplingParams(temperature, top_k, top_p, logprobs), stop=stop, seed=seed,
                              return_cache=return_cache)
 
 
@@ -515,7 +516,7 @@ def generate_from_ids(model, rows, pixel_values=None, image_grid_thw=None, *, pr
     return GenerationResult(
         texts=[processor.decode(t) if processor is not None else "" for t in token_ids],
         token_ids=token_ids,
-        logprobs=[logps[b, : n_gen[b]].tolist() for b in range(len(rows))],
+        logprobs=[logps[b, : n_gen[b]].tolist() for b in range(len(rows))] if params.logprobs else None,
         finish_reasons=["stop" if t and t[-1] in stop_set else "length" for t in token_ids],
         prompt_lengths=batch.num_tokens.tolist(),
         cache=cache if return_cache else None,

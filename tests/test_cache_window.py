@@ -19,7 +19,7 @@ from flax import nnx
 import dreamr_jax as dr
 from dreamr_jax import compiles
 from dreamr_jax.generation import Generator, prepare_batch
-from dreamr_jax.models.qwen_vl.text import window_buckets
+from dreamr_jax.models.qwen_vl.text import Linear, window_buckets
 
 from helpers.models import IMAGE_TOKEN
 
@@ -153,37 +153,54 @@ def test_one_decode_program_serves_every_length(model):
     assert counts[0] > 0 and sum(counts[1:]) == 0, counts  # the first continuation compiled; no other call
 
 
+def _compiled_decode_text(gen, cache, logits, n):
+    from dreamr_jax import generation
+
+    b = logits.shape[0]
+    args = (gen.structure, gen.leaves, cache, logits, np.int32(0), gen.stop_kind(()), np.full((b,), n, np.int32),
+            np.ones((b,), bool), np.zeros(b, np.int32), np.ones(b, np.int32), np.full((b,), n, np.int32),
+            np.zeros(b, np.int32), np.zeros(b, bool))
+    return generation._decode.lower(*args, params=generation.SamplingParams(), out_len=n).compile().as_text()
+
+
+def _widened_weights(model, hlo_text):
+    """Top-level instructions of a compiled program that widen one of the model's 16-bit decoder or
+    head weights to float32 (fused matrix-vector loops read them narrow; these copy them)."""
+    shapes = {tuple(layer.weight[...].shape) for _, layer in model.iter_modules() if isinstance(layer, Linear)}
+    shapes.add(tuple(model.embed_tokens[...].shape))
+    pattern = "|".join(rf"{a},{b}" for a, b in shapes)
+    return [ln for ln in hlo_text.splitlines() if "fusion(" in ln and re.search(rf"= f32\[({pattern})\]", ln)]
+
+
 def test_bfloat16_cache_is_written_in_place(tiny_checkpoints):
     """A bfloat16 model's cache holds uint16 bits; every write in its compiled decode updates those
     bits (XLA:CPU widened a bfloat16 cache to float32, updated it and narrowed it back on every
-    write, a copy of the whole cache); the window and whole-cache paths decode the same tokens; and
-    the batch > 1 head gives bf16-rounded logits like the batch-1 head."""
-    from dreamr_jax import generation
-
+    write, a copy of the whole cache); the window and whole-cache paths decode the same tokens; the
+    compiled decode never widens a weight, for one row or several; and the head's logits are
+    bf16-rounded whatever form it takes."""
     model = dr.load_model(tiny_checkpoints["qwen3_vl"][0], "bfloat16")
     gen = Generator(model)
     batch = prepare_batch(model, _rows([3, 140], seed=8))
     logits, cache = gen.prefill(batch, CACHE)
     assert cache.keys[0].dtype == jnp.uint16
     b, k, length, d = cache.keys[0].shape
-    args = (gen.structure, gen.leaves, cache, logits, np.int32(0), gen.stop_kind(()), np.full((b,), 8, np.int32),
-            np.ones((b,), bool), np.zeros(b, np.int32), np.ones(b, np.int32), np.full((b,), 8, np.int32),
-            np.zeros(b, np.int32), np.zeros(b, bool))
-    text = generation._decode.lower(*args, params=generation.SamplingParams(), out_len=8).compile().as_text()
+    text = _compiled_decode_text(gen, cache, logits, 8)
     whole_cache = f"[{b},{k},{length},{d}]"
     writes = [ln for ln in text.splitlines()
               if whole_cache in ln and ("dynamic-update-slice(" in ln or "scatter(" in ln)]
     assert writes and all(f"= u16{whole_cache}" in ln for ln in writes), writes[:3]  # never a widened copy
+    # No weight is widened to float32 in the loop: several rows (XLA:CPU widened the head's table
+    # on every step for a transposed operand or a 16-bit result: 0.41x vLLM at batch 8), nor one
+    # row (weights stored (in, out) were widened: a bf16 batch-1 step 7.6 ms against 4.7).
+    one_logits, one_cache = gen.prefill(prepare_batch(model, _rows([5], seed=3)), CACHE)
+    for program in (text, _compiled_decode_text(gen, one_cache, one_logits, 8)):
+        widened = _widened_weights(model, program)
+        assert not widened, widened[:2]
     window = _decode(gen, cache, logits, 8)[0]
     logits, cache = gen.prefill(batch, CACHE)
     full = _decode(gen, cache, logits, 8, attend_len=CACHE)[0]
     assert np.array_equal(window, full)
-    # Several rows of a 16-bit model never widen the head's table to float32 (XLA:CPU did so on
-    # every step for a transposed operand or a 16-bit result: 0.41x vLLM at batch 8).
-    vocab, hidden_size = model.cfg.text.vocab_size, model.cfg.text.hidden_size
-    widened = [ln for ln in text.splitlines() if "fusion(" in ln
-               and re.search(rf"= f32\[({vocab},{hidden_size}|{hidden_size},{vocab})\]", ln)]
-    assert not widened, widened[:2]
+    hidden_size = model.cfg.text.hidden_size
     # The head rounds to bf16 inside compiled code too (XLA:CPU simplifies a float32 -> bf16 ->
     # float32 round trip away), for one row, several, and vocabulary-major: a row's tokens must
     # not depend on the batch size through unrounded float32 logits.

@@ -64,6 +64,11 @@ def test_greedy_matches_transformers_generate(family, tiny_checkpoints, loaded):
     want = np.take_along_axis(logp[:, width - 1 : -1], expected[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.array(ours.logprobs), want, atol=1e-4)
 
+    # Without log-probs (no log-sum-exp in the loop) the tokens are the same, and none are reported.
+    bare = generate_from_ids(model, rows, pix, grids, max_new_tokens=32, stop_ids=(),
+                             params=SamplingParams(logprobs=False))
+    assert bare.token_ids == ours.token_ids and bare.logprobs is None
+
 
 def test_truncate_and_regenerate_equals_from_scratch(loaded):
     model = loaded["qwen3_vl"]

@@ -140,12 +140,14 @@ class VllmWorker:
 class JaxGenerate:
     """dreamr-jax's greedy generate of exactly n tokens, the way the worker times vLLM's: prefill
     plus the decode loop, one wall time to `block_until_ready`. `max_new` fixes the decode
-    program's output bucket, so n = 1 and n = max_new run the same compiled programs."""
+    program's output bucket, so n = 1 and n = max_new run the same compiled programs. No
+    log-probs, as the worker asks vLLM for none."""
 
     def __init__(self, model, max_new: int):
-        from ..generation import Generator
+        from ..generation import Generator, SamplingParams
 
         self.model, self.gen, self.max_new = model, Generator(model), max_new
+        self.params = SamplingParams(logprobs=False)
 
     def __call__(self, rows, n: int):
         import jax
@@ -155,7 +157,8 @@ class JaxGenerate:
         batch = prepare_batch(self.model, [list(r) for r in rows])
         t0 = time.perf_counter()
         logits, cache = self.gen.prefill(batch, batch.input_ids.shape[1] + self.max_new)
-        tokens, _, _, _, _ = self.gen.decode(cache, logits, max_new_tokens=n, stop_ids=(), out_len=self.max_new)
+        tokens, _, _, _, _ = self.gen.decode(cache, logits, max_new_tokens=n, stop_ids=(), out_len=self.max_new,
+                                             params=self.params)
         tokens = np.asarray(jax.block_until_ready(tokens))
         return time.perf_counter() - t0, tokens[:, :n]
 
