@@ -50,6 +50,8 @@ class TrainCheckpointer:
         def abstract(module):
             return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(module))
 
+        for name, module in modules.items():
+            self._check_layout(step, name, abstract(module))
         args = ocp.args.Composite(
             **{name: ocp.args.StandardRestore(abstract(module)) for name, module in modules.items()},
             data=grain.checkpoint.CheckpointRestore(data_iterator),
@@ -60,8 +62,37 @@ class TrainCheckpointer:
             nnx.update(module, restored[name])
         return dict(restored["meta"])
 
+    def _check_layout(self, step: int, name: str, wanted) -> None:
+        """Raise CheckpointLayoutError naming the paths when item `name` of checkpoint `step` holds
+        other parameters or shapes than the live object (orbax would stop at the first, in its
+        own terms). The stored tree is read from the item's metadata, not its arrays."""
+        from etils import epath
+
+        folder = epath.Path(self.directory) / str(step) / name
+        if not folder.exists():
+            return  # orbax names a missing item itself
+        stored = ocp.PyTreeCheckpointHandler().metadata(folder)
+        tree = getattr(stored, "tree", stored)
+        have = {"/".join(map(str, k)): getattr(v, "shape", None) for k, v in ocp.tree.to_flat_dict(tree).items()}
+        want = {"/".join(map(str, k)): v.shape for k, v in ocp.tree.to_flat_dict(wanted).items()}
+        problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
+        problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
+        problems += [f"{k}: stored shape {list(have[k])}, the model's {list(want[k])}"
+                     for k in sorted(want.keys() & have.keys()) if have[k] is not None and tuple(have[k]) != want[k]]
+        if problems:
+            hint = ("; it was written before dense weights became `weight` (out, in) (issue 19): "
+                    "start a new output_dir or convert it" if any(k.endswith("kernel/value") for k in have) else "")
+            raise CheckpointLayoutError(
+                f"checkpoint {os.path.join(self.directory, str(step))} item '{name}' does not match the "
+                f"model ({len(problems)} differences{hint}): " + "; ".join(problems[:6])
+                + (" ..." if len(problems) > 6 else ""))
+
     def close(self) -> None:
         self.manager.close()
+
+
+class CheckpointLayoutError(ValueError):
+    """A training checkpoint whose parameters (paths or shapes) are not the live model's."""
 
 
 def trim_metrics(path: str, last_step: int) -> None:

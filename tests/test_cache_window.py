@@ -165,10 +165,12 @@ def _compiled_decode_text(gen, cache, logits, n):
 
 def _widened_weights(model, hlo_text):
     """Top-level instructions of a compiled program that widen one of the model's 16-bit decoder or
-    head weights to float32 (fused matrix-vector loops read them narrow; these copy them)."""
-    shapes = {tuple(layer.weight[...].shape) for _, layer in model.iter_modules() if isinstance(layer, Linear)}
+    head weights to float32, in either orientation (fused matrix-vector loops read them narrow;
+    these copy them). Only fusion calls: XLA:CPU wraps a lone convert in one ("wrapped_convert"),
+    while the converts inside a fused matrix-vector loop are never materialised."""
+    shapes = {tuple(layer.weight[...].shape) for _, layer in nnx.iter_modules(model) if isinstance(layer, Linear)}
     shapes.add(tuple(model.embed_tokens[...].shape))
-    pattern = "|".join(rf"{a},{b}" for a, b in shapes)
+    pattern = "|".join(rf"{a},{b}|{b},{a}" for a, b in shapes)
     return [ln for ln in hlo_text.splitlines() if "fusion(" in ln and re.search(rf"= f32\[({pattern})\]", ln)]
 
 
@@ -201,6 +203,13 @@ def test_bfloat16_cache_is_written_in_place(tiny_checkpoints):
     full = _decode(gen, cache, logits, 8, attend_len=CACHE)[0]
     assert np.array_equal(window, full)
     hidden_size = model.cfg.text.hidden_size
+    # The head's layout follows the weights' dtype, also for a float32-built model recast to bf16
+    # (SAPO's samplers): the bf16 head is faster row-major, the float32 one vocabulary-major.
+    from dreamr_jax.training.sapo import in_dtype
+
+    f32_model = dr.load_model(tiny_checkpoints["qwen3_vl"][0], "float32")
+    assert (model.decode_vocab_axis(2), f32_model.decode_vocab_axis(2), f32_model.decode_vocab_axis(1)) == (-1, 0, -1)
+    assert in_dtype(f32_model, "bfloat16").decode_vocab_axis(2) == -1
     # The head rounds to bf16 inside compiled code too (XLA:CPU simplifies a float32 -> bf16 ->
     # float32 round trip away), for one row, several, and vocabulary-major: a row's tokens must
     # not depend on the batch size through unrounded float32 logits.

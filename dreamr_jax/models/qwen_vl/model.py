@@ -100,7 +100,9 @@ class QwenVLModel(nnx.Module):
         (`logits_vocab_major`, (V, B)) for several rows of a float32 model, else -1 (`logits`).
         Measured on XLA:CPU with the sampling reductions (docs/BENCHMARKS.md): at 8 rows float32
         13.7 ms vocabulary-major against 16.7 ms row-major, bf16 14.5 ms against 11.0 ms."""
-        return 0 if rows > 1 and jnp.dtype(self.dtype).itemsize > 2 else -1
+        # the head's own dtype, not `self.dtype`: a model recast for compute (SAPO's samplers) keeps
+        # the dtype it was built with
+        return 0 if rows > 1 and jnp.dtype(self._head_table().dtype).itemsize > 2 else -1
 
     # ---- the decoder ----------------------------------------------------------------------
 

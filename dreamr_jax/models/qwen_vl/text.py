@@ -166,7 +166,7 @@ class Linear(nnx.Module):
     (out, in) rather than (in, out) for XLA:CPU: with the input axis contiguous, a one-row product
     on a 16-bit weight runs as one fused matrix-vector loop that reads the weight as it is; stored
     (in, out) XLA widens the whole weight to float32 first on every call (a bf16 decode step of the
-    benchmark model: 7.6 -> 4.6 ms). docs/BENCHMARKS.md, issue 19's section."""
+    benchmark model: 7.6 -> 4.7 ms). docs/BENCHMARKS.md, issue 19's section."""
 
     def __init__(self, n_in: int, n_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         # drawn (in, out) and transposed: the same random model as when it was stored (in, out)
