@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from .kv_cache import KVCache
-from .models.qwen_vl.model import QwenVLModel
+from .kernels import cpu_bf16_head
+from .models.qwen_vl.model import QwenVLModel, round_to_dtype
 from .models.qwen_vl.rope_index import get_rope_index, image_token_counts, prepare_vision_inputs
 from .sampling import SamplingParams, sample, speculative_verify, token_logprob
 
@@ -239,7 +240,8 @@ def _extend_verify(structure, leaves, cache, input_ids, num_new, prev_logits, n_
                    donate_argnames=("cache",))
 def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, first_tokens, max_steps, max_step_len,
             in_step0, answered0,
-            params: SamplingParams, out_len: int, feed_first: bool = False, attend_len=None, keep_logits: bool = False):
+            params: SamplingParams, out_len: int, feed_first: bool = False, attend_len=None, keep_logits: bool = False,
+            packed_head=None):
     """The whole decode as one while_loop.
 
     Each iteration samples one token per row from `logits`, records it and its log-prob, and,
@@ -266,6 +268,9 @@ def _decode(structure, leaves, cache, logits, seed, stop_kind, max_new, active, 
     vocab_major = not keep_logits and model.decode_vocab_axis(b) == 0
     axis = 0 if vocab_major else -1
     head = model.logits_vocab_major if vocab_major else model.logits
+    if packed_head is not None:  # the table packed for `kernels.cpu_bf16_head` (a bf16 model, 2-8 rows)
+        n_vocab = model.head_table().shape[0]
+        head = lambda h: round_to_dtype(cpu_bf16_head.head(h, packed_head, n_vocab), h.dtype)  # noqa: E731
     if feed_first:
         hidden, cache = model.extend(cache, first_tokens[:, None], active.astype(jnp.int32), attend_len=attend_len)
         logits = head(hidden[:, 0])
@@ -372,6 +377,18 @@ class Generator:
     def refresh(self):
         self.graphdef, state = nnx.split(self.model)
         self.state = state
+        self._packed_head = None  # the head table packed for `kernels.cpu_bf16_head`, built on first use
+
+    def packed_head(self, rows: int):
+        """The head table packed for the CPU bf16 head kernel when a decode of `rows` rows can use
+        it (`cpu_bf16_head.applies`), else None. Packed once per `refresh`: a copy of the table
+        (155 MB for a 152k x 512 bf16 model) held while this Generator lives."""
+        table = self.model.head_table()
+        if not cpu_bf16_head.applies(table, rows):
+            return None
+        if self._packed_head is None:
+            self._packed_head = cpu_bf16_head.pack(table)
+        return self._packed_head
 
     @property
     def state(self):
@@ -440,7 +457,8 @@ class Generator:
                        max_new, active, first, steps, step_len, np.broadcast_to(_i32(in_step), (b,)),
                        np.broadcast_to(np.asarray(answered, bool), (b,)), params=params,
                        out_len=out_len, feed_first=feed_first,
-                       attend_len=attend_len, keep_logits=keep_logits)
+                       attend_len=attend_len, keep_logits=keep_logits,
+                       packed_head=None if keep_logits else self.packed_head(b))
 
     def stop_kind(self, stop_ids, end_ids=(), answer_ids=()) -> jax.Array:
         """(V,) int8: 1 at `stop_ids`, 2 at `end_ids`, 3 at `answer_ids` that are neither, else 0;

@@ -60,7 +60,7 @@ class QwenVLModel(nnx.Module):
             x = jnp.where(image_gather[..., None] >= 0, picked, x)
         return x
 
-    def _head_table(self):
+    def head_table(self):
         """The output head's weights (V, E): the tied embedding table or the head's own weight."""
         return self.embed_tokens[...] if self.lm_head is None else self.lm_head.weight[...]
 
@@ -68,13 +68,13 @@ class QwenVLModel(nnx.Module):
         """Float32 logits (..., V) of final hidden states (..., E), accumulated in float32 and rounded
         once to the model's dtype, as a 16-bit head outputs them: a 16-bit model's tokens must not
         depend on how many rows a call holds."""
-        table = self._head_table()
+        table = self.head_table()
         rows = int(np.prod(hidden.shape[:-1]))
         if rows == 1 or jnp.dtype(hidden.dtype).itemsize > 2:
             # One row: XLA:CPU runs this form as a matrix-vector product that reads a 16-bit table
             # as it is (3.2 ms for 152k x 512 in bf16); the float32-accumulating form below goes to
             # a GEMM library that takes 100 ms for one row. The 16-bit result is widened before it
-            # is rounded, so `_round_to` does the rounding either way.
+            # is rounded, so `round_to_dtype` does the rounding either way.
             out = jnp.dot(hidden, table.T).astype(jnp.float32)
         else:
             # Several rows of a 16-bit model: XLA:CPU hands this form (no transpose, float32
@@ -83,7 +83,7 @@ class QwenVLModel(nnx.Module):
             # call first (95-110 ms). docs/BENCHMARKS.md, issue 19's section.
             out = jax.lax.dot_general(hidden, table, (((hidden.ndim - 1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32)
-        return _round_to(out, hidden.dtype)
+        return round_to_dtype(out, hidden.dtype)
 
     def logits_vocab_major(self, hidden):
         """Float32 logits (V, B) of final hidden states (B, E), rounded as `logits` rounds: the head
@@ -91,9 +91,9 @@ class QwenVLModel(nnx.Module):
         and reduces along the vocabulary axis: XLA:CPU computes a (B > 1, 152k) float32 head with its
         reductions in this form about 1.2x faster than as hidden x table^T. A 16-bit head is faster
         row-major (`decode_vocab_axis`)."""
-        out = jax.lax.dot_general(self._head_table(), hidden, (((1,), (1,)), ((), ())),
+        out = jax.lax.dot_general(self.head_table(), hidden, (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
-        return _round_to(out, hidden.dtype)
+        return round_to_dtype(out, hidden.dtype)
 
     def decode_vocab_axis(self, rows: int) -> int:
         """The vocabulary axis a decode loop of `rows` rows should hold its logits along: 0
@@ -102,7 +102,7 @@ class QwenVLModel(nnx.Module):
         13.7 ms vocabulary-major against 16.7 ms row-major, bf16 14.5 ms against 11.0 ms."""
         # the head's own dtype, not `self.dtype`: a model recast for compute (SAPO's samplers) keeps
         # the dtype it was built with
-        return 0 if rows > 1 and jnp.dtype(self._head_table().dtype).itemsize > 2 else -1
+        return 0 if rows > 1 and jnp.dtype(self.head_table().dtype).itemsize > 2 else -1
 
     # ---- the decoder ----------------------------------------------------------------------
 
@@ -182,7 +182,7 @@ class QwenVLModel(nnx.Module):
         return self.logits(hidden)
 
 
-def _round_to(x, dtype):
+def round_to_dtype(x, dtype):
     """Float32 `x` rounded to `dtype`'s precision, kept float32. `reduce_precision` rather than a
     round trip through `dtype`: XLA:CPU simplifies a float32 -> bf16 -> float32 convert pair away."""
     info = jnp.finfo(dtype)
