@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,11 @@ def available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(_build())
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Bf16Head), platform="cpu")
-    except (OSError, subprocess.SubprocessError, AttributeError):
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        # this CPU could run the kernel, so say why it does not (XLA's slower head runs instead)
+        detail = getattr(e, "stderr", b"") or b""
+        warnings.warn(f"dreamr_jax: the CPU bf16 head kernel could not be built or loaded ({e}; "
+                      f"{detail.decode(errors='replace')[-400:]}); using XLA's head", RuntimeWarning, stacklevel=2)
         return False
     return True
 
