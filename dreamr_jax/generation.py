@@ -377,18 +377,18 @@ class Generator:
     def refresh(self):
         self.graphdef, state = nnx.split(self.model)
         self.state = state
-        self._packed_head = None  # the head table packed for `kernels.cpu_bf16_head`, built on first use
 
     def packed_head(self, rows: int):
         """The head table packed for the CPU bf16 head kernel when a decode of `rows` rows can use
-        it (`cpu_bf16_head.applies`), else None. Packed once per `refresh`: a copy of the table
-        (155 MB for a 152k x 512 bf16 model) held while this Generator lives."""
-        table = self.model.head_table()
-        if not cpu_bf16_head.applies(table, rows):
+        it (`cpu_bf16_head.applies`), else None. Made once per state (a copy of the table, 155 MB
+        for a 152k x 512 bf16 model) from the state's own table, so on the devices the state was
+        placed on; setting `state` drops it."""
+        if not 2 <= rows <= cpu_bf16_head.MAX_ROWS:
             return None
-        if self._packed_head is None:
-            self._packed_head = cpu_bf16_head.pack(table)
-        return self._packed_head
+        if self._packed_head is None:  # False: this state's table cannot use the kernel
+            table = _merge(self.structure, self.leaves).head_table()
+            self._packed_head = cpu_bf16_head.pack(table) if cpu_bf16_head.applies(table, rows) else False
+        return self._packed_head if self._packed_head is not False else None
 
     @property
     def state(self):
@@ -399,6 +399,7 @@ class Generator:
         leaves, self._treedef = jax.tree.flatten(state)
         self.leaves = tuple(leaves)
         self.structure = ModelStructure(self.graphdef, self._treedef)
+        self._packed_head = None  # new weights or placement: packed again on first use
 
     def prefill(self, batch: PreparedBatch, cache_len: int):
         if cache_len < batch.input_ids.shape[1]:

@@ -63,3 +63,17 @@ def test_bf16_decode_with_the_kernel_equals_without(tiny_checkpoints):
     assert np.array_equal(xk, xk.astype(jnp.bfloat16).astype(np.float32))  # rounded to bf16 like the XLA head
     np.testing.assert_allclose(xk, xx, rtol=2**-7, atol=1e-6)
     jax.clear_caches()
+
+
+@needs_kernel
+def test_packed_table_follows_the_generators_state(tiny_checkpoints):
+    """The packed copy is made from the Generator's own state (the arrays a role placed on its
+    devices), and new weights set through `state` are packed again."""
+    model = dr.load_model(tiny_checkpoints["qwen3_vl"][0], "bfloat16")
+    gen = Generator(model)
+    assert gen.packed_head(1) is None and gen.packed_head(9) is None
+    first = np.asarray(gen.packed_head(2))
+    assert gen.packed_head(4) is not None and np.array_equal(np.asarray(gen.packed_head(4)), first)
+    gen.state = jax.tree.map(lambda x: x * 2 if jnp.issubdtype(x.dtype, jnp.floating) else x, gen.state)
+    doubled = np.asarray(gen.packed_head(2)).view(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(doubled, first.view(jnp.bfloat16).astype(np.float32) * 2)
