@@ -40,6 +40,8 @@ static void run_blocks(const uint16_t* x, const uint16_t* packed, float* y, int 
 static ffi::Error HeadImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U16> packed, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto pd = packed.dimensions();
+  if (xd.size() != 2 || pd.size() != 4 || pd[1] * 2 != xd[1] || pd[2] != 16 || pd[3] != 2)
+    return ffi::Error::InvalidArgument("bf16 head: x (M, K) and a packed table (blocks, K / 2, 16, 2)");
   int M = xd[0], K = xd[1], blocks = pd[0], N = blocks * 16;
   if (M > 8 || K % 2 || blocks % 2) return ffi::Error::InvalidArgument("bf16 head: rows <= 8, even hidden, even blocks");
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.typed_data());
